@@ -1,0 +1,244 @@
+//! One direction of a sync: enumerating what the other side lacks, in bounded batches, and
+//! applying a batch on the receiving side.
+//!
+//! The receiver sends its knowledge; the sender lists every current version whose dot the
+//! receiver has not seen, ordered by writer and tick, cut into batches by count and bytes. Each
+//! batch says what the receiver knows once it has applied it: the batch's own dots, and on the
+//! last batch the sender's whole knowledge. So a sync cut off between batches keeps what it
+//! applied and resumes with exactly the rest.
+
+use std::collections::BTreeSet;
+
+use crate::ids::{Dot, ItemId};
+use crate::item::{ItemState, MergeOutcome, Version};
+use crate::knowledge::Knowledge;
+use crate::vector::VersionVector;
+
+/// How large one batch may be; each side states its own and the smaller wins.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct BatchLimits {
+    /// Most versions in one batch.
+    pub max_items: usize,
+    /// Most content bytes in one batch (a single larger item still travels, alone).
+    pub max_bytes: u64,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits {
+            max_items: 2_000,
+            max_bytes: 64 << 20,
+        }
+    }
+}
+
+impl BatchLimits {
+    /// The limits both sides accept.
+    pub fn negotiate(self, other: BatchLimits) -> BatchLimits {
+        BatchLimits {
+            max_items: self.max_items.min(other.max_items).max(1),
+            max_bytes: self.max_bytes.min(other.max_bytes).max(1),
+        }
+    }
+}
+
+/// What a sender says about itself before sending batches.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct SyncOffer {
+    /// Everything the sender has seen.
+    pub knowledge: Knowledge,
+    /// A vector covering every tombstone the sender has forgotten.
+    pub forgotten: VersionVector,
+}
+
+impl SyncOffer {
+    /// Whether a receiver holding `knowledge` must run a recovery compare before trusting
+    /// the batches: it has not seen some deletion the sender has since forgotten, so it may
+    /// hold versions the sender knows to be dead.
+    pub fn needs_recovery(&self, receiver: &Knowledge) -> bool {
+        !receiver.covers(&self.forgotten)
+    }
+}
+
+/// A run of versions and what applying them teaches the receiver.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Batch {
+    /// Versions, in writer-then-tick order.
+    pub versions: Vec<(ItemId, Version)>,
+    /// What the receiver knows after applying every version of this batch.
+    pub learned: Knowledge,
+    /// Whether this is the final batch of the enumeration.
+    pub last: bool,
+}
+
+/// Every current version in `items` that `receiver` has not seen, in canonical order.
+pub fn missing_versions<'a>(
+    items: impl IntoIterator<Item = (&'a ItemId, &'a ItemState)>,
+    receiver: &Knowledge,
+) -> Vec<(ItemId, Version)> {
+    items
+        .into_iter()
+        .flat_map(|(id, state)| state.versions().iter().map(move |v| (*id, v)))
+        .filter(|(_, v)| !receiver.contains(&v.dot))
+        .map(|(id, v)| (id, v.clone()))
+        .collect()
+}
+
+/// Cuts the versions the receiver lacks into batches. `sender` is the sender's knowledge at
+/// the moment `missing` was enumerated.
+pub fn plan_batches(
+    mut missing: Vec<(ItemId, Version)>,
+    sender: &Knowledge,
+    limits: BatchLimits,
+) -> Vec<Batch> {
+    missing.sort_by_key(|(_, v)| v.dot);
+    let mut batches = Vec::new();
+    let mut current: Vec<(ItemId, Version)> = Vec::new();
+    let mut bytes = 0u64;
+    for entry in missing {
+        let weight = entry_weight(&entry.1);
+        if !current.is_empty()
+            && (current.len() >= limits.max_items || bytes + weight > limits.max_bytes)
+        {
+            batches.push(partial_batch(std::mem::take(&mut current)));
+            bytes = 0;
+        }
+        bytes += weight;
+        current.push(entry);
+    }
+    batches.push(Batch {
+        versions: current,
+        learned: sender.clone(),
+        last: true,
+    });
+    batches
+}
+
+fn partial_batch(versions: Vec<(ItemId, Version)>) -> Batch {
+    let mut learned = Knowledge::new();
+    for (_, version) in &versions {
+        learned.add(version.dot);
+    }
+    Batch {
+        versions,
+        learned,
+        last: false,
+    }
+}
+
+/// The bytes a version costs in a batch: content plus a fixed allowance for metadata.
+pub fn entry_weight(version: &Version) -> u64 {
+    version.entry.size + 128 + version.entry.name.len() as u64
+}
+
+/// Access to a replica's item states while a batch is applied (inside one transaction).
+pub trait ItemAccess {
+    /// Failure of the underlying storage.
+    type Error;
+    /// The current state of an item, if held.
+    fn get(&mut self, id: &ItemId) -> Result<Option<ItemState>, Self::Error>;
+    /// Replaces an item's state.
+    fn put(&mut self, id: ItemId, state: &ItemState) -> Result<(), Self::Error>;
+}
+
+/// What applying one batch did.
+#[derive(Clone, Default, PartialEq, Eq, Debug)]
+pub struct ApplyReport {
+    /// Items whose state changed (applied or now in conflict).
+    pub changed: Vec<ItemId>,
+    /// Items that are now in conflict.
+    pub conflicts: Vec<ItemId>,
+    /// Versions skipped because their content could not be fetched.
+    pub failed: Vec<Dot>,
+}
+
+/// The receiving side of one enumeration, batch after batch.
+///
+/// The last batch teaches the sender's whole knowledge, which is true only if every earlier
+/// batch of the same enumeration was applied in full; once any version failed, the receiver
+/// learns only the dots it applied, so the failed versions are offered again next time.
+#[derive(Clone, Default, Debug)]
+pub struct Receiving {
+    failed_before: bool,
+}
+
+impl Receiving {
+    /// A new enumeration.
+    pub fn new() -> Receiving {
+        Receiving::default()
+    }
+
+    /// Applies the next batch of the enumeration (see [`apply_batch`]).
+    pub fn apply<A: ItemAccess>(
+        &mut self,
+        access: &mut A,
+        knowledge: &mut Knowledge,
+        batch: &Batch,
+        arrived: impl Fn(&ItemId, &Version) -> bool,
+    ) -> Result<ApplyReport, A::Error> {
+        let report = apply_batch(access, knowledge, batch, self.failed_before, arrived)?;
+        self.failed_before |= !report.failed.is_empty();
+        Ok(report)
+    }
+}
+
+/// Applies one batch: merges each version whose content arrived and adds what it teaches to
+/// `knowledge`. `failed_before` says an earlier batch of the same enumeration had failures;
+/// callers normally go through [`Receiving`].
+pub fn apply_batch<A: ItemAccess>(
+    access: &mut A,
+    knowledge: &mut Knowledge,
+    batch: &Batch,
+    failed_before: bool,
+    arrived: impl Fn(&ItemId, &Version) -> bool,
+) -> Result<ApplyReport, A::Error> {
+    let mut report = ApplyReport::default();
+    let mut applied = Knowledge::new();
+    for (id, version) in &batch.versions {
+        if !arrived(id, version) {
+            report.failed.push(version.dot);
+            continue;
+        }
+        applied.add(version.dot);
+        if knowledge.contains(&version.dot) {
+            continue;
+        }
+        let (outcome, state) = match access.get(id)? {
+            Some(mut state) => (state.merge(version.clone()), state),
+            None => (MergeOutcome::Applied, ItemState::new(version.clone())),
+        };
+        match outcome {
+            MergeOutcome::Stale => {}
+            MergeOutcome::Applied => {
+                access.put(*id, &state)?;
+                report.changed.push(*id);
+            }
+            MergeOutcome::Conflict => {
+                access.put(*id, &state)?;
+                report.changed.push(*id);
+                report.conflicts.push(*id);
+            }
+        }
+    }
+    if report.failed.is_empty() && !(batch.last && failed_before) {
+        knowledge.merge(&batch.learned);
+    } else {
+        knowledge.merge(&applied);
+    }
+    Ok(report)
+}
+
+/// Recovery after a forgotten deletion: the versions of `held` that the sender has seen
+/// (`sender_knowledge`) but whose item it no longer holds at all are dead, superseded by a
+/// tombstone that was forgotten.
+pub fn dead_versions<'a>(
+    held: impl IntoIterator<Item = (&'a ItemId, &'a ItemState)>,
+    sender_items: &BTreeSet<ItemId>,
+    sender_knowledge: &Knowledge,
+) -> Vec<(ItemId, Dot)> {
+    held.into_iter()
+        .filter(|(id, _)| !sender_items.contains(id))
+        .flat_map(|(id, state)| state.versions().iter().map(move |v| (*id, v.dot)))
+        .filter(|(_, dot)| sender_knowledge.contains(dot))
+        .collect()
+}
