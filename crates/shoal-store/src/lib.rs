@@ -1,1 +1,14 @@
-//! placeholder
+//! A shoal replica's durable state.
+//!
+//! Metadata lives in SQLite (bundled, WAL, synchronous commits; one transaction per applied
+//! batch). Content is cut into BLAKE3-named chunks by content-defined chunking; a
+//! [`ChunkStore`] keeps each chunk once on disk for replicas that hold content themselves.
+
+mod chunks;
+mod db;
+
+pub use chunks::{
+    CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkError, ChunkRef, ChunkStore, ChunkedContent, chunk_bytes,
+    chunk_reader,
+};
+pub use db::{Identity, LocalFile, Store, StoreError, Transaction};

@@ -1,0 +1,676 @@
+//! The metadata store: one SQLite database per replica.
+//!
+//! It holds the replica's identity and counters, its knowledge, every current version of
+//! every item, the chunk lists of contents, and (for replicas that live in a folder) the record
+//! of what was last seen on disk. Changes go through a [`Transaction`]; a batch of remote
+//! changes is applied in exactly one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use shoal_core::{
+    ContentHash, DecodeError, Dot, Entry, Epoch, ItemAccess, ItemId, ItemKind, ItemState,
+    Knowledge, ReplicaId, Role, Version, VersionVector, WriterId,
+};
+
+use crate::chunks::ChunkedContent;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// SQLite reported an error.
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value could not be decoded (corruption or a newer format).
+    #[error("stored data is unreadable: {0}")]
+    Decode(#[from] DecodeError),
+    /// The database was written by a newer shoal.
+    #[error("the database has schema version {found}; this shoal understands up to {known}")]
+    TooNew {
+        /// Version found on disk.
+        found: i64,
+        /// Newest version this build knows.
+        known: i64,
+    },
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Numbered migrations; the database's `user_version` says how many have run.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE versions (
+    w_replica BLOB NOT NULL, w_epoch INTEGER NOT NULL, tick INTEGER NOT NULL,
+    item BLOB NOT NULL, body BLOB NOT NULL,
+    PRIMARY KEY (w_replica, w_epoch, tick)
+) WITHOUT ROWID;
+CREATE INDEX versions_by_item ON versions (item);
+CREATE TABLE contents (hash BLOB PRIMARY KEY, size INTEGER NOT NULL, chunks BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE local_files (
+    path TEXT PRIMARY KEY, item BLOB NOT NULL, role INTEGER NOT NULL, dot BLOB NOT NULL, history BLOB NOT NULL,
+    kind INTEGER NOT NULL, content BLOB, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, inode INTEGER NOT NULL,
+    executable INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE partners (replica BLOB PRIMARY KEY, knowledge BLOB NOT NULL, synced_at INTEGER NOT NULL) WITHOUT ROWID;
+"#];
+
+/// Who a replica is.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Identity {
+    /// The replica id, drawn at random when the store was created.
+    pub replica: ReplicaId,
+    /// The current epoch.
+    pub epoch: Epoch,
+    /// The device name written into versions.
+    pub device: String,
+}
+
+impl Identity {
+    /// The writer id of new versions.
+    pub fn writer(&self) -> WriterId {
+        WriterId {
+            replica: self.replica,
+            epoch: self.epoch,
+        }
+    }
+}
+
+/// What a folder replica last saw (or wrote) at one path.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct LocalFile {
+    /// Slash-separated path relative to the folder root.
+    pub path: String,
+    /// The item shown there.
+    pub item: ItemId,
+    /// Winner or conflict copy.
+    pub role: Role,
+    /// The version whose content is on disk.
+    pub dot: Dot,
+    /// That version's history: what a local edit of this file follows.
+    pub history: Knowledge,
+    /// File or directory.
+    pub kind: ItemKind,
+    /// Content hash, for files.
+    pub content: Option<ContentHash>,
+    /// Size on disk.
+    pub size: u64,
+    /// Modification time on disk, nanoseconds.
+    pub mtime_ns: i64,
+    /// Inode number, to recognise renames.
+    pub inode: u64,
+    /// Executable bit.
+    pub executable: bool,
+}
+
+/// One replica's metadata database.
+pub struct Store {
+    conn: Connection,
+    identity: Identity,
+}
+
+fn dot_bytes(dot: &Dot) -> Vec<u8> {
+    let mut out = shoal_core::Encoder::new();
+    out.dot(dot);
+    out.into_bytes()
+}
+
+fn dot_from(bytes: &[u8]) -> Result<Dot> {
+    let mut input = shoal_core::Decoder::new(bytes);
+    let dot = input.dot()?;
+    input.finish()?;
+    Ok(dot)
+}
+
+fn item_from(bytes: Vec<u8>) -> Result<ItemId> {
+    let array: [u8; 16] = bytes
+        .try_into()
+        .map_err(|_| DecodeError::Invalid("item id is not 16 bytes"))?;
+    Ok(ItemId(array))
+}
+
+fn hash_from(bytes: Vec<u8>) -> Result<ContentHash> {
+    let array: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| DecodeError::Invalid("hash is not 32 bytes"))?;
+    Ok(ContentHash(array))
+}
+
+fn vector_bytes(vector: &VersionVector) -> Vec<u8> {
+    let mut knowledge = Knowledge::new();
+    knowledge.add_vector(vector);
+    knowledge.to_bytes()
+}
+
+impl Store {
+    /// Opens the database at `path`, creating it (with a new random replica id) if needed.
+    pub fn open(path: &Path, device: &str) -> Result<Store> {
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // WAL with synchronous=FULL: a committed batch survives power loss.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        migrate(&mut conn)?;
+        let existing: Option<Vec<u8>> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'replica'", [], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        let replica = match existing {
+            Some(bytes) => ReplicaId(
+                bytes
+                    .try_into()
+                    .map_err(|_| DecodeError::Invalid("replica id is not 16 bytes"))?,
+            ),
+            None => {
+                let replica = ReplicaId(rand::random());
+                let tx = conn.transaction()?;
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('replica', ?1)",
+                    params![replica.0.to_vec()],
+                )?;
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('epoch', 0), ('tick', 0)",
+                    [],
+                )?;
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('knowledge', ?1)",
+                    params![Knowledge::new().to_bytes()],
+                )?;
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('forgotten', ?1)",
+                    params![Knowledge::new().to_bytes()],
+                )?;
+                tx.commit()?;
+                replica
+            }
+        };
+        let epoch: i64 =
+            conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |row| {
+                row.get(0)
+            })?;
+        let epoch =
+            Epoch::try_from(epoch).map_err(|_| DecodeError::Invalid("epoch out of range"))?;
+        Ok(Store {
+            conn,
+            identity: Identity {
+                replica,
+                epoch,
+                device: device.to_owned(),
+            },
+        })
+    }
+
+    /// Who this replica is.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Everything this replica has seen.
+    pub fn knowledge(&self) -> Result<Knowledge> {
+        let bytes: Vec<u8> =
+            self.conn
+                .query_row("SELECT value FROM meta WHERE key = 'knowledge'", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(Knowledge::from_bytes(&bytes)?)
+    }
+
+    /// A vector covering every tombstone this replica has forgotten.
+    pub fn forgotten(&self) -> Result<VersionVector> {
+        let bytes: Vec<u8> =
+            self.conn
+                .query_row("SELECT value FROM meta WHERE key = 'forgotten'", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(Knowledge::from_bytes(&bytes)?.prefix())
+    }
+
+    /// The last tick handed out in the current epoch.
+    pub fn tick(&self) -> Result<u64> {
+        let tick: i64 =
+            self.conn
+                .query_row("SELECT value FROM meta WHERE key = 'tick'", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(tick as u64)
+    }
+
+    /// Every item with its current versions.
+    pub fn load_items(&self) -> Result<BTreeMap<ItemId, ItemState>> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT item, body FROM versions ORDER BY item")?;
+        let mut rows = statement.query([])?;
+        let mut grouped: BTreeMap<ItemId, Vec<Version>> = BTreeMap::new();
+        while let Some(row) = rows.next()? {
+            let item = item_from(row.get(0)?)?;
+            let body: Vec<u8> = row.get(1)?;
+            grouped
+                .entry(item)
+                .or_default()
+                .push(Version::from_bytes(&body)?);
+        }
+        Ok(grouped
+            .into_iter()
+            .filter_map(|(id, versions)| Some((id, ItemState::from_versions(versions)?)))
+            .collect())
+    }
+
+    /// One item's current versions.
+    pub fn item(&self, id: &ItemId) -> Result<Option<ItemState>> {
+        read_item(&self.conn, id)
+    }
+
+    /// Ids of every item held (for a recovery compare).
+    pub fn item_ids(&self) -> Result<BTreeSet<ItemId>> {
+        let mut statement = self.conn.prepare("SELECT DISTINCT item FROM versions")?;
+        let ids = statement.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
+        ids.map(|bytes| item_from(bytes?)).collect()
+    }
+
+    /// Every current version a receiver holding `receiver` has not seen. Costs work in
+    /// proportion to what is missing: per writer, an index range above the receiver's count.
+    pub fn missing_for(&self, receiver: &Knowledge) -> Result<Vec<(ItemId, Version)>> {
+        let mut writers = Vec::new();
+        {
+            let mut statement = self
+                .conn
+                .prepare("SELECT DISTINCT w_replica, w_epoch FROM versions")?;
+            let mut rows = statement.query([])?;
+            while let Some(row) = rows.next()? {
+                let replica: Vec<u8> = row.get(0)?;
+                let epoch: i64 = row.get(1)?;
+                let replica = ReplicaId(
+                    replica
+                        .try_into()
+                        .map_err(|_| DecodeError::Invalid("writer id"))?,
+                );
+                writers.push(WriterId {
+                    replica,
+                    epoch: epoch as Epoch,
+                });
+            }
+        }
+        let prefix = receiver.prefix();
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT item, body, tick FROM versions WHERE w_replica = ?1 AND w_epoch = ?2 AND tick > ?3")?;
+        let mut missing = Vec::new();
+        for writer in writers {
+            let from = prefix.get(&writer) as i64;
+            let mut rows =
+                statement.query(params![writer.replica.0.to_vec(), writer.epoch, from])?;
+            while let Some(row) = rows.next()? {
+                let tick: i64 = row.get(2)?;
+                if receiver.contains(&Dot {
+                    writer,
+                    tick: tick as u64,
+                }) {
+                    continue;
+                }
+                let body: Vec<u8> = row.get(1)?;
+                missing.push((item_from(row.get(0)?)?, Version::from_bytes(&body)?));
+            }
+        }
+        Ok(missing)
+    }
+
+    /// The chunk list of a content, if known.
+    pub fn content(&self, hash: &ContentHash) -> Result<Option<ChunkedContent>> {
+        let chunks: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT chunks FROM contents WHERE hash = ?1",
+                params![hash.0.to_vec()],
+                |row| row.get(0),
+            )
+            .optional()?;
+        match chunks {
+            None => Ok(None),
+            Some(bytes) => ChunkedContent::decode_chunks(*hash, &bytes)
+                .map(Some)
+                .ok_or(StoreError::Decode(DecodeError::Invalid("chunk list"))),
+        }
+    }
+
+    /// What was last recorded on disk, by path.
+    pub fn local_files(&self) -> Result<BTreeMap<String, LocalFile>> {
+        let mut statement = self.conn.prepare(
+            "SELECT path, item, role, dot, history, kind, content, size, mtime_ns, inode, executable FROM local_files",
+        )?;
+        let mut rows = statement.query([])?;
+        let mut files = BTreeMap::new();
+        while let Some(row) = rows.next()? {
+            let path: String = row.get(0)?;
+            let dot: Vec<u8> = row.get(3)?;
+            let history: Vec<u8> = row.get(4)?;
+            let content: Option<Vec<u8>> = row.get(6)?;
+            let file = LocalFile {
+                path: path.clone(),
+                item: item_from(row.get(1)?)?,
+                role: if row.get::<_, i64>(2)? == 0 {
+                    Role::Main
+                } else {
+                    Role::ConflictCopy
+                },
+                dot: dot_from(&dot)?,
+                history: Knowledge::from_bytes(&history)?,
+                kind: if row.get::<_, i64>(5)? == 0 {
+                    ItemKind::Directory
+                } else {
+                    ItemKind::File
+                },
+                content: content.map(hash_from).transpose()?,
+                size: row.get::<_, i64>(7)? as u64,
+                mtime_ns: row.get(8)?,
+                inode: row.get::<_, i64>(9)? as u64,
+                executable: row.get::<_, i64>(10)? != 0,
+            };
+            files.insert(path, file);
+        }
+        Ok(files)
+    }
+
+    /// The knowledge each partner had when we last synced with it.
+    pub fn partners(&self) -> Result<BTreeMap<ReplicaId, Knowledge>> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT replica, knowledge FROM partners")?;
+        let mut rows = statement.query([])?;
+        let mut partners = BTreeMap::new();
+        while let Some(row) = rows.next()? {
+            let replica: Vec<u8> = row.get(0)?;
+            let knowledge: Vec<u8> = row.get(1)?;
+            let replica = ReplicaId(
+                replica
+                    .try_into()
+                    .map_err(|_| DecodeError::Invalid("partner id"))?,
+            );
+            partners.insert(replica, Knowledge::from_bytes(&knowledge)?);
+        }
+        Ok(partners)
+    }
+
+    /// Starts a transaction: every change to the replica goes through one.
+    pub fn begin(&mut self) -> Result<Transaction<'_>> {
+        let knowledge = self.knowledge()?;
+        let tick = self.tick()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        Ok(Transaction {
+            tx,
+            identity: &mut self.identity,
+            knowledge,
+            tick,
+            knowledge_dirty: false,
+        })
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let current: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if current > known {
+        return Err(StoreError::TooNew {
+            found: current,
+            known,
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn read_item(conn: &Connection, id: &ItemId) -> Result<Option<ItemState>> {
+    let mut statement = conn.prepare_cached("SELECT body FROM versions WHERE item = ?1")?;
+    let bodies = statement.query_map(params![id.0.to_vec()], |row| row.get::<_, Vec<u8>>(0))?;
+    let mut versions = Vec::new();
+    for body in bodies {
+        versions.push(Version::from_bytes(&body?)?);
+    }
+    Ok(ItemState::from_versions(versions))
+}
+
+/// Changes to one replica, applied all together by [`Transaction::commit`] or not at all.
+pub struct Transaction<'a> {
+    tx: rusqlite::Transaction<'a>,
+    identity: &'a mut Identity,
+    knowledge: Knowledge,
+    tick: u64,
+    knowledge_dirty: bool,
+}
+
+impl Transaction<'_> {
+    /// Who this replica is.
+    pub fn identity(&self) -> &Identity {
+        self.identity
+    }
+
+    /// The knowledge as changed so far in this transaction.
+    pub fn knowledge(&self) -> &Knowledge {
+        &self.knowledge
+    }
+
+    /// Changes the knowledge (applying a batch teaches it).
+    pub fn knowledge_mut(&mut self) -> &mut Knowledge {
+        self.knowledge_dirty = true;
+        &mut self.knowledge
+    }
+
+    /// The last tick handed out.
+    pub fn tick(&self) -> u64 {
+        self.tick
+    }
+
+    /// Starts a new epoch: after a restore, new writes must not reuse dots handed out before.
+    pub fn new_epoch(&mut self) -> Result<()> {
+        self.identity.epoch += 1;
+        self.tick = 0;
+        self.tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'epoch'",
+            params![self.identity.epoch],
+        )?;
+        Ok(())
+    }
+
+    /// Records a local write of `item` following `context`; returns the new version.
+    pub fn write_local(
+        &mut self,
+        item: ItemId,
+        entry: Entry,
+        context: Knowledge,
+        now: i64,
+    ) -> Result<Version> {
+        self.tick += 1;
+        let dot = Dot {
+            writer: self.identity.writer(),
+            tick: self.tick,
+        };
+        let version = Version {
+            dot,
+            context,
+            entry,
+            written_at: now,
+            device: self.identity.device.clone(),
+        };
+        let state = match read_item(&self.tx, &item)? {
+            Some(mut state) => {
+                state.merge(version.clone());
+                state
+            }
+            None => ItemState::new(version.clone()),
+        };
+        self.put_state(item, &state)?;
+        self.knowledge_mut().add(dot);
+        Ok(version)
+    }
+
+    fn put_state(&mut self, item: ItemId, state: &ItemState) -> Result<()> {
+        self.tx
+            .prepare_cached("DELETE FROM versions WHERE item = ?1")?
+            .execute(params![item.0.to_vec()])?;
+        let mut insert = self
+            .tx
+            .prepare_cached("INSERT INTO versions (w_replica, w_epoch, tick, item, body) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+        for version in state.versions() {
+            insert.execute(params![
+                version.dot.writer.replica.0.to_vec(),
+                version.dot.writer.epoch,
+                version.dot.tick as i64,
+                item.0.to_vec(),
+                version.to_bytes()
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Removes one item entirely (a recovery compare found it dead, or a tombstone is forgotten).
+    pub fn remove_versions(&mut self, item: &ItemId, dead: &[Dot]) -> Result<()> {
+        if let Some(state) = read_item(&self.tx, item)? {
+            match state.without(|v| dead.contains(&v.dot)) {
+                Some(kept) => self.put_state(*item, &kept)?,
+                None => {
+                    self.tx.execute(
+                        "DELETE FROM versions WHERE item = ?1",
+                        params![item.0.to_vec()],
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets every tombstone inside `watermark`; returns how many.
+    pub fn forget(&mut self, watermark: &VersionVector) -> Result<usize> {
+        let mut tombstones = Vec::new();
+        {
+            let mut statement = self.tx.prepare("SELECT item, body FROM versions")?;
+            let mut rows = statement.query([])?;
+            while let Some(row) = rows.next()? {
+                let body: Vec<u8> = row.get(1)?;
+                let version = Version::from_bytes(&body)?;
+                if version.entry.deleted && watermark.contains(&version.dot) {
+                    tombstones.push((item_from(row.get(0)?)?, version.dot));
+                }
+            }
+        }
+        if tombstones.is_empty() {
+            return Ok(0);
+        }
+        let bytes: Vec<u8> =
+            self.tx
+                .query_row("SELECT value FROM meta WHERE key = 'forgotten'", [], |r| {
+                    r.get(0)
+                })?;
+        let mut forgotten = Knowledge::from_bytes(&bytes)?.prefix();
+        for (item, dot) in &tombstones {
+            self.remove_versions(item, &[*dot])?;
+            forgotten.add(*dot);
+        }
+        self.tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'forgotten'",
+            params![vector_bytes(&forgotten)],
+        )?;
+        Ok(tombstones.len())
+    }
+
+    /// Records the chunk list of a content.
+    pub fn put_content(&mut self, content: &ChunkedContent) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO contents (hash, size, chunks) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![
+                content.hash.0.to_vec(),
+                content.size as i64,
+                content.encode_chunks()
+            ])?;
+        Ok(())
+    }
+
+    /// Records what is on disk at one path.
+    pub fn put_local_file(&mut self, file: &LocalFile) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO local_files
+                 (path, item, role, dot, history, kind, content, size, mtime_ns, inode, executable)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?
+            .execute(params![
+                file.path,
+                file.item.0.to_vec(),
+                i64::from(file.role == Role::ConflictCopy),
+                dot_bytes(&file.dot),
+                file.history.to_bytes(),
+                i64::from(file.kind == ItemKind::File),
+                file.content.map(|c| c.0.to_vec()),
+                file.size as i64,
+                file.mtime_ns,
+                file.inode as i64,
+                i64::from(file.executable),
+            ])?;
+        Ok(())
+    }
+
+    /// Forgets the record of one path.
+    pub fn remove_local_file(&mut self, path: &str) -> Result<()> {
+        self.tx
+            .prepare_cached("DELETE FROM local_files WHERE path = ?1")?
+            .execute(params![path])?;
+        Ok(())
+    }
+
+    /// Remembers a partner's knowledge after a sync (for the forgetting watermark).
+    pub fn set_partner(
+        &mut self,
+        replica: ReplicaId,
+        knowledge: &Knowledge,
+        now: i64,
+    ) -> Result<()> {
+        self.tx.execute(
+            "INSERT OR REPLACE INTO partners (replica, knowledge, synced_at) VALUES (?1, ?2, ?3)",
+            params![replica.0.to_vec(), knowledge.to_bytes(), now],
+        )?;
+        Ok(())
+    }
+
+    /// Makes every change durable at once.
+    pub fn commit(self) -> Result<()> {
+        let Transaction {
+            tx,
+            knowledge,
+            tick,
+            knowledge_dirty,
+            ..
+        } = self;
+        if knowledge_dirty {
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'knowledge'",
+                params![knowledge.to_bytes()],
+            )?;
+        }
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'tick'",
+            params![tick as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+impl ItemAccess for Transaction<'_> {
+    type Error = StoreError;
+    fn get(&mut self, id: &ItemId) -> Result<Option<ItemState>> {
+        read_item(&self.tx, id)
+    }
+    fn put(&mut self, id: ItemId, state: &ItemState) -> Result<()> {
+        self.put_state(id, state)
+    }
+}
