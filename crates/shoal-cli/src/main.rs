@@ -1,1 +1,187 @@
-fn main() {}
+//! The `shoal` command: parses arguments and calls the library crates. No sync logic here.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use shoal_folder::{MirrorOptions, MirrorReport, Progress, SideReport};
+
+#[derive(Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "Local-first sync of folders, lists and conversations"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Two-way sync of two local folders (state kept in each folder's .shoal/).
+    Mirror {
+        /// The first folder.
+        dir_a: PathBuf,
+        /// The second folder.
+        dir_b: PathBuf,
+        /// Print a JSON summary on standard output.
+        #[arg(long)]
+        json: bool,
+        /// Sync even if a folder that held files is now empty (it really was emptied).
+        #[arg(long)]
+        allow_empty: bool,
+    },
+}
+
+/// A progress bar on a terminal, log lines otherwise.
+struct Reporter {
+    bar: Option<ProgressBar>,
+}
+
+impl Reporter {
+    fn new() -> Reporter {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{msg:>9} [{bar:30}] {bytes}/{total_bytes} {elapsed}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar
+        });
+        Reporter { bar }
+    }
+}
+
+impl Progress for Reporter {
+    fn start(&self, phase: &str, total: u64) {
+        match &self.bar {
+            Some(bar) => {
+                bar.reset();
+                bar.set_length(total);
+                bar.set_message(phase.to_owned());
+            }
+            None => tracing::info!(phase, total, "started"),
+        }
+    }
+    fn advance(&self, units: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(units);
+        }
+    }
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn side_json(side: &SideReport) -> serde_json::Value {
+    serde_json::json!({
+        "path": side.path,
+        "local_changes": {
+            "created": side.scan.created,
+            "modified": side.scan.modified,
+            "moved": side.scan.moved,
+            "deleted": side.scan.deleted,
+            "resolved": side.scan.resolved,
+            "hashed_bytes": side.scan.hashed_bytes,
+        },
+        "received": side.received,
+        "conflicts": side.conflicts,
+        "failed": side.failed,
+        "written": side.materialize.written,
+        "renamed": side.materialize.renamed,
+        "deleted": side.materialize.deleted,
+        "folders_created": side.materialize.folders,
+        "bytes_written": side.materialize.bytes,
+        "skipped": side.scan.skipped.iter().chain(&side.materialize.skipped)
+            .map(|s| serde_json::json!({"path": s.path, "reason": s.reason})).collect::<Vec<_>>(),
+    })
+}
+
+fn print_mirror(report: &MirrorReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        let value = serde_json::json!({
+            "a_to_b": report.b.received,
+            "b_to_a": report.a.received,
+            "conflicts": report.a.conflicts + report.b.conflicts,
+            "bytes": report.a.materialize.bytes + report.b.materialize.bytes,
+            "new_epoch": report.new_epoch,
+            "a": side_json(&report.a),
+            "b": side_json(&report.b),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    for (label, side) in [("a", &report.a), ("b", &report.b)] {
+        println!(
+            "{label}: {} — received {} change(s), {} conflict(s), wrote {} file(s) ({} bytes), renamed {}, deleted {}",
+            side.path.display(),
+            side.received,
+            side.conflicts,
+            side.materialize.written,
+            side.materialize.bytes,
+            side.materialize.renamed,
+            side.materialize.deleted
+        );
+        for skipped in side.scan.skipped.iter().chain(&side.materialize.skipped) {
+            println!("  not synced: {} ({})", skipped.path, skipped.reason);
+        }
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Mirror {
+            dir_a,
+            dir_b,
+            json,
+            allow_empty,
+        } => {
+            let options = MirrorOptions {
+                allow_empty,
+                ..MirrorOptions::default()
+            };
+            let reporter = Reporter::new();
+            let report =
+                shoal_folder::mirror(&dir_a, &dir_b, &options, &reporter).with_context(|| {
+                    format!("mirroring {} and {}", dir_a.display(), dir_b.display())
+                })?;
+            print_mirror(&report, json)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("shoal: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,1 +1,121 @@
-//! placeholder
+//! A folder replica: a directory on disk seen as shoal items.
+//!
+//! Scanning turns what changed on disk since the last scan into new versions; materializing
+//! turns the replica's current layout back into files, atomically and never over a file the
+//! user changed in the meantime. [`mirror`] syncs two folders with each other.
+
+mod apply;
+mod mirror;
+mod progress;
+mod scan;
+
+use std::path::{Path, PathBuf};
+
+use shoal_core::{NameError, STATE_DIR_NAME};
+use shoal_store::{Store, StoreError};
+
+pub use apply::{ContentSource, MaterializeReport};
+pub use mirror::{MirrorOptions, MirrorReport, SideReport, mirror};
+pub use progress::{NoProgress, Progress};
+pub use scan::{ScanOptions, ScanReport, Skipped};
+
+/// Why a folder operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FolderError {
+    /// The folder does not exist (an unmounted disk, a typo): nothing is synced.
+    #[error("{0} does not exist or is not a directory; not syncing it")]
+    RootMissing(PathBuf),
+    /// The folder suddenly looks empty although files were synced before.
+    #[error(
+        "{path} is empty but held {recorded} synced entries at the last run; refusing to delete them everywhere (if you really emptied it, run again with --allow-empty)"
+    )]
+    LooksEmpty {
+        /// The folder.
+        path: PathBuf,
+        /// How many entries were recorded.
+        recorded: usize,
+    },
+    /// The metadata store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A file-system operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A name from another replica cannot be written here.
+    #[error("refused name: {0}")]
+    Name(#[from] NameError),
+}
+
+pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> FolderError + '_ {
+    move |source| FolderError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One folder and its replica state in `<folder>/.shoal/`.
+pub struct FolderReplica {
+    root: PathBuf,
+    store: Store,
+}
+
+impl FolderReplica {
+    /// Opens the folder's replica, creating its state on first use.
+    pub fn open(root: &Path, device: &str) -> Result<FolderReplica, FolderError> {
+        if !root.is_dir() {
+            return Err(FolderError::RootMissing(root.to_path_buf()));
+        }
+        let root = root.canonicalize().map_err(io_error(root))?;
+        let state = root.join(STATE_DIR_NAME);
+        std::fs::create_dir_all(state.join("tmp")).map_err(io_error(&state))?;
+        let store = Store::open(&state.join("state.db"), device)?;
+        Ok(FolderReplica { root, store })
+    }
+
+    /// The folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The replica's metadata.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The replica's metadata, for changes.
+    pub fn store_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+
+    pub(crate) fn staging_dir(&self) -> PathBuf {
+        self.root.join(STATE_DIR_NAME).join("tmp")
+    }
+
+    /// The absolute path of a slash-separated relative path inside the folder.
+    pub(crate) fn absolute(&self, relative: &str) -> PathBuf {
+        absolute(&self.root, relative)
+    }
+}
+
+/// `root` joined with a slash-separated relative path.
+pub(crate) fn absolute(root: &Path, relative: &str) -> PathBuf {
+    let mut path = root.to_path_buf();
+    if !relative.is_empty() {
+        path.extend(relative.split('/'));
+    }
+    path
+}
+
+/// Wall-clock time in nanoseconds since the Unix epoch (the core takes time as a value).
+pub(crate) fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,491 @@
+//! Materializing: bringing the disk in line with the replica's layout.
+//!
+//! Content for incoming versions is first staged under `.shoal/tmp` and flushed, before the
+//! batch is committed to the database; then files are written to temporary names beside their
+//! targets, the file system is flushed once for all of them, and each is renamed into place
+//! only if the target is still as it was last recorded. A crash at any point leaves either the
+//! old file or the complete new one, and the next scan adopts what was already put in place.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use shoal_core::{ContentHash, ItemId, ItemKind, Placement, Role, TEMP_PREFIX, Version, layout};
+use shoal_store::LocalFile;
+
+use crate::scan::stat;
+use crate::{FolderError, FolderReplica, Progress, Skipped, io_error};
+
+/// Where content for a hash can be read from, besides the replica itself.
+pub trait ContentSource: Sync {
+    /// Copies the content named `hash` into `dest`, returning false if it is not available
+    /// (or changed while being copied).
+    fn copy_to(&self, hash: &ContentHash, dest: &Path) -> bool;
+}
+
+/// What materializing did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MaterializeReport {
+    /// Files written (new or updated).
+    pub written: usize,
+    /// Files and folders renamed or moved in place, without copying content.
+    pub renamed: usize,
+    /// Files and folders removed.
+    pub deleted: usize,
+    /// Folders created.
+    pub folders: usize,
+    /// Content bytes written.
+    pub bytes: u64,
+    /// Paths left as they are, and why (usually: changed by the user since the last scan).
+    pub skipped: Vec<Skipped>,
+}
+
+fn flush_filesystem(root: &Path) -> Result<(), FolderError> {
+    let dir = fs::File::open(root).map_err(io_error(root))?;
+    rustix::fs::syncfs(&dir).map_err(|e| io_error(root)(e.into()))
+}
+
+fn temp_name(dir: &Path) -> PathBuf {
+    dir.join(format!("{TEMP_PREFIX}{:016x}.tmp", rand::random::<u64>()))
+}
+
+fn stat_matches(path: &Path, recorded: &LocalFile) -> bool {
+    match stat(path) {
+        Ok(Some((kind, size, mtime, inode, executable))) => {
+            kind == recorded.kind
+                && (kind == ItemKind::Directory
+                    || size == recorded.size
+                        && mtime == recorded.mtime_ns
+                        && inode == recorded.inode
+                        && executable == recorded.executable)
+        }
+        _ => false,
+    }
+}
+
+fn parent_path(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(parent, _)| parent)
+}
+
+impl FolderReplica {
+    fn staged(&self, hash: &ContentHash) -> PathBuf {
+        self.staging_dir().join(hash.to_string())
+    }
+
+    /// Whether content for `hash` is at hand: staged, or in a recorded file.
+    pub(crate) fn local_sources(&self) -> Result<HashMap<ContentHash, LocalFile>, FolderError> {
+        Ok(self
+            .store
+            .local_files()?
+            .into_values()
+            .filter_map(|f| Some((f.content?, f)))
+            .collect())
+    }
+
+    /// Fetches the content of `versions` that is not at hand from `source` into the staging
+    /// area and flushes it. Returns the hashes now available.
+    pub(crate) fn stage(
+        &self,
+        versions: &[(ItemId, Version)],
+        source: &dyn ContentSource,
+        progress: &dyn Progress,
+    ) -> Result<std::collections::HashSet<ContentHash>, FolderError> {
+        let local = self.local_sources()?;
+        let mut wanted: BTreeMap<ContentHash, u64> = BTreeMap::new();
+        let mut available = std::collections::HashSet::new();
+        for (_, version) in versions {
+            let Some(hash) = version.entry.content.filter(|_| !version.entry.deleted) else {
+                continue;
+            };
+            if local.contains_key(&hash) || self.staged(&hash).is_file() {
+                available.insert(hash);
+            } else {
+                wanted.insert(hash, version.entry.size);
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(available);
+        }
+        progress.start("transfer", wanted.values().sum());
+        let staging = self.staging_dir();
+        let fetched: Vec<ContentHash> = wanted
+            .par_iter()
+            .filter_map(|(hash, size)| {
+                let part = temp_name(&staging);
+                let ok = source.copy_to(hash, &part)
+                    && fs::rename(&part, staging.join(hash.to_string())).is_ok();
+                if !ok {
+                    let _ = fs::remove_file(&part);
+                }
+                progress.advance(*size);
+                ok.then_some(*hash)
+            })
+            .collect();
+        progress.finish();
+        flush_filesystem(&self.root)?;
+        available.extend(fetched);
+        Ok(available)
+    }
+
+    /// Brings the disk in line with the layout. Never touches a path that changed since it was
+    /// last recorded; those are picked up by the next scan as local changes.
+    pub fn materialize(
+        &mut self,
+        progress: &dyn Progress,
+    ) -> Result<MaterializeReport, FolderError> {
+        let mut report = MaterializeReport::default();
+        let items = self.store.load_items()?;
+        let tree = layout(&items);
+        let desired: BTreeMap<String, Placement> = tree
+            .placements
+            .into_iter()
+            .map(|p| (p.path.clone(), p))
+            .collect();
+        let mut recorded = self.store.local_files()?;
+        let mut new_records: Vec<LocalFile> = Vec::new();
+        let mut removed_records: Vec<String> = Vec::new();
+
+        let matches = |want: &Placement, have: &LocalFile| {
+            want.item == have.item
+                && want.role == have.role
+                && want.version.entry.kind == have.kind
+                && (have.kind == ItemKind::Directory
+                    || want.version.entry.content == have.content
+                        && want.version.entry.executable == have.executable)
+        };
+        let main_path: HashMap<(ItemId, Role), &String> = desired
+            .iter()
+            .filter(|(_, p)| p.role == Role::Main)
+            .map(|(path, p)| ((p.item, p.role), path))
+            .collect();
+
+        // Records whose version changed but whose content did not: bookkeeping only.
+        for (path, want) in &desired {
+            if let Some(have) = recorded.get_mut(path) {
+                if matches(want, have) && have.dot != want.version.dot {
+                    have.dot = want.version.dot;
+                    have.history = want.version.history();
+                    new_records.push(have.clone());
+                }
+            }
+        }
+
+        // 1. Folder moves, shallowest first: one rename moves everything inside.
+        let mut folder_moves: Vec<(String, String)> = recorded
+            .values()
+            .filter(|have| have.kind == ItemKind::Directory && have.role == Role::Main)
+            .filter(|have| {
+                !desired
+                    .get(&have.path)
+                    .is_some_and(|want| matches(want, have))
+            })
+            .filter_map(|have| {
+                Some((
+                    have.path.clone(),
+                    (*main_path.get(&(have.item, Role::Main))?).clone(),
+                ))
+            })
+            .collect();
+        folder_moves.sort_by_key(|(from, _)| from.matches('/').count());
+        for (from, to) in folder_moves {
+            let (from_abs, to_abs) = (self.absolute(&from), self.absolute(&to));
+            let parent_ok = self.absolute(parent_path(&to)).is_dir();
+            if !recorded.contains_key(&from)
+                || to.starts_with(&format!("{from}/"))
+                || !parent_ok
+                || stat(&to_abs)?.is_some()
+                || !from_abs.is_dir()
+            {
+                continue;
+            }
+            fs::rename(&from_abs, &to_abs).map_err(io_error(&from_abs))?;
+            report.renamed += 1;
+            let prefix = format!("{from}/");
+            let moved: Vec<String> = recorded
+                .keys()
+                .filter(|p| **p == from || p.starts_with(&prefix))
+                .cloned()
+                .collect();
+            for old in moved {
+                if let Some(mut file) = recorded.remove(&old) {
+                    let new_path = format!("{to}{}", &old[from.len()..]);
+                    removed_records.push(old);
+                    file.path = new_path.clone();
+                    new_records.push(file.clone());
+                    recorded.insert(new_path, file);
+                }
+            }
+        }
+
+        // 2. New folders, parents first.
+        for (path, want) in &desired {
+            if want.version.entry.kind != ItemKind::Directory
+                || recorded.get(path).is_some_and(|h| matches(want, h))
+            {
+                continue;
+            }
+            let absolute = self.absolute(path);
+            match stat(&absolute)? {
+                None => {
+                    if !self.absolute(parent_path(path)).is_dir() {
+                        continue;
+                    }
+                    fs::create_dir(&absolute).map_err(io_error(&absolute))?;
+                    report.folders += 1;
+                }
+                Some((ItemKind::Directory, ..)) => {}
+                Some(_) => {
+                    report.skipped.push(Skipped {
+                        path: path.clone(),
+                        reason: "a file is in the way of a folder".into(),
+                    });
+                    continue;
+                }
+            }
+            if let Some((kind, size, mtime_ns, inode, executable)) = stat(&absolute)? {
+                let file = LocalFile {
+                    path: path.clone(),
+                    item: want.item,
+                    role: want.role,
+                    dot: want.version.dot,
+                    history: want.version.history(),
+                    kind,
+                    content: None,
+                    size,
+                    mtime_ns,
+                    inode,
+                    executable,
+                };
+                recorded.insert(path.clone(), file.clone());
+                new_records.push(file);
+            }
+        }
+
+        // 3. Files: renames where the content is already here under another path, otherwise
+        //    a temporary copy beside the target.
+        let wanted_files: Vec<(&String, &Placement)> = desired
+            .iter()
+            .filter(|(path, want)| {
+                want.version.entry.kind == ItemKind::File
+                    && !recorded.get(*path).is_some_and(|h| matches(want, h))
+            })
+            .collect();
+        let mut by_hash: HashMap<ContentHash, Vec<String>> = HashMap::new();
+        for file in recorded.values() {
+            if let Some(hash) = file.content {
+                by_hash.entry(hash).or_default().push(file.path.clone());
+            }
+        }
+        let mut ready: Vec<(String, PathBuf, Placement)> = Vec::new();
+        progress.start(
+            "write",
+            wanted_files.iter().map(|(_, w)| w.version.entry.size).sum(),
+        );
+        for (path, want) in &wanted_files {
+            let target = self.absolute(path);
+            let Some(hash) = want.version.entry.content else {
+                continue;
+            };
+            let dir = self.absolute(parent_path(path));
+            if !dir.is_dir() {
+                report.skipped.push(Skipped {
+                    path: (*path).clone(),
+                    reason: "its folder could not be created".into(),
+                });
+                continue;
+            }
+            // Same item and content recorded elsewhere, and that path is no longer wanted: a
+            // rename or move.
+            let old = recorded.values().find(|have| {
+                have.item == want.item
+                    && have.role == want.role
+                    && have.content == Some(hash)
+                    && have.path != **path
+                    && !desired.get(&have.path).is_some_and(|w| matches(w, have))
+            });
+            if let Some(old) = old.cloned() {
+                let from = self.absolute(&old.path);
+                if stat(&target)?.is_none() && stat_matches(&from, &old) {
+                    fs::rename(&from, &target).map_err(io_error(&from))?;
+                    report.renamed += 1;
+                    recorded.remove(&old.path);
+                    removed_records.push(old.path.clone());
+                    if let Some(paths) = by_hash.get_mut(&hash) {
+                        paths.retain(|p| *p != old.path);
+                    }
+                    new_records.push(self.record_for(path, want)?);
+                    continue;
+                }
+            }
+            let temp = temp_name(&dir);
+            let staged = self.staged(&hash);
+            let copied = if staged.is_file() {
+                fs::rename(&staged, &temp).is_ok()
+            } else {
+                by_hash.get(&hash).into_iter().flatten().any(|source| {
+                    let Some(have) = recorded.get(source) else {
+                        return false;
+                    };
+                    let from = self.absolute(source);
+                    stat_matches(&from, have)
+                        && fs::copy(&from, &temp).is_ok()
+                        && stat_matches(&from, have)
+                }) || ready.iter().any(|(_, earlier, p)| {
+                    p.version.entry.content == Some(hash) && fs::copy(earlier, &temp).is_ok()
+                })
+            };
+            if !copied {
+                let _ = fs::remove_file(&temp);
+                report.skipped.push(Skipped {
+                    path: (*path).clone(),
+                    reason: "content not available yet".into(),
+                });
+                continue;
+            }
+            let file = fs::File::options()
+                .write(true)
+                .open(&temp)
+                .map_err(io_error(&temp))?;
+            let mtime = std::time::UNIX_EPOCH
+                + std::time::Duration::from_nanos(want.version.entry.mtime_ns.max(0) as u64);
+            file.set_modified(mtime).map_err(io_error(&temp))?;
+            let mode = if want.version.entry.executable {
+                0o755
+            } else {
+                0o644
+            };
+            file.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(io_error(&temp))?;
+            progress.advance(want.version.entry.size);
+            ready.push(((*path).clone(), temp, (*want).clone()));
+        }
+        progress.finish();
+        flush_filesystem(&self.root)?;
+
+        // 4. Removals: what is recorded but no longer wanted, files first, deepest first.
+        let mut unwanted: Vec<LocalFile> = recorded
+            .values()
+            .filter(|have| {
+                !desired
+                    .get(&have.path)
+                    .is_some_and(|want| matches(want, have))
+            })
+            .filter(|have| !ready.iter().any(|(path, ..)| *path == have.path))
+            .cloned()
+            .collect();
+        unwanted.sort_by_key(|f| {
+            (
+                f.kind == ItemKind::Directory,
+                std::cmp::Reverse(f.path.matches('/').count()),
+            )
+        });
+        for have in unwanted {
+            let absolute = self.absolute(&have.path);
+            if !stat_matches(&absolute, &have) {
+                if stat(&absolute)?.is_none() {
+                    removed_records.push(have.path.clone());
+                } else {
+                    report.skipped.push(Skipped {
+                        path: have.path.clone(),
+                        reason: "changed since the last scan; kept".into(),
+                    });
+                }
+                continue;
+            }
+            let removed = if have.kind == ItemKind::Directory {
+                fs::remove_dir(&absolute)
+            } else {
+                fs::remove_file(&absolute)
+            };
+            match removed {
+                Ok(()) => {
+                    report.deleted += 1;
+                    removed_records.push(have.path.clone());
+                }
+                Err(_) => report.skipped.push(Skipped {
+                    path: have.path.clone(),
+                    reason: "not empty or in use; kept".into(),
+                }),
+            }
+        }
+
+        // 5. Rename the new files into place, if their targets are as recorded.
+        for (path, temp, want) in ready {
+            let target = self.absolute(&path);
+            let target_ok = match recorded.get(&path) {
+                Some(have) if !removed_records.contains(&path) => stat_matches(&target, have),
+                _ => stat(&target)?.is_none(),
+            };
+            if !target_ok {
+                let _ = fs::remove_file(&temp);
+                report.skipped.push(Skipped {
+                    path,
+                    reason: "changed since the last scan; not overwritten".into(),
+                });
+                continue;
+            }
+            fs::rename(&temp, &target).map_err(io_error(&temp))?;
+            report.written += 1;
+            report.bytes += want.version.entry.size;
+            new_records.push(self.record_for(&path, &want)?);
+        }
+        flush_filesystem(&self.root)?;
+
+        let mut tx = self.store.begin()?;
+        for path in &removed_records {
+            tx.remove_local_file(path)?;
+        }
+        for file in &new_records {
+            tx.put_local_file(file)?;
+        }
+        tx.commit()?;
+        self.clear_staging(&desired)?;
+        Ok(report)
+    }
+
+    fn record_for(&self, path: &str, want: &Placement) -> Result<LocalFile, FolderError> {
+        let absolute = self.absolute(path);
+        let (kind, size, mtime_ns, inode, executable) = stat(&absolute)?
+            .ok_or_else(|| io_error(&absolute)(std::io::ErrorKind::NotFound.into()))?;
+        Ok(LocalFile {
+            path: path.to_owned(),
+            item: want.item,
+            role: want.role,
+            dot: want.version.dot,
+            history: want.version.history(),
+            kind,
+            content: want.version.entry.content,
+            size,
+            mtime_ns,
+            inode,
+            executable,
+        })
+    }
+
+    /// Removes staged content no placement still waits for, and stray temporary files.
+    fn clear_staging(&self, desired: &BTreeMap<String, Placement>) -> Result<(), FolderError> {
+        let dir = self.staging_dir();
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        let recorded = self.store.local_files()?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let waiting = desired.values().any(|p| {
+                p.version
+                    .entry
+                    .content
+                    .is_some_and(|h| h.to_string() == name)
+                    && !recorded
+                        .get(&p.path)
+                        .is_some_and(|r| r.content == p.version.entry.content)
+            });
+            if !waiting {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,206 @@
+//! Two-way sync of two local folders, the job Unison does.
+//!
+//! Each folder is a replica with its own state in `.shoal/`. A run scans both, sends each the
+//! versions it lacks (batch by batch, content staged before each batch commits), then brings
+//! both folders in line with their layouts. Running it again with nothing changed reads two
+//! directory trees and exchanges two knowledge values.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use shoal_core::{BatchLimits, ContentHash, Receiving, SyncOffer, dead_versions, plan_batches};
+use shoal_store::LocalFile;
+
+use crate::apply::ContentSource;
+use crate::scan::stat;
+use crate::{
+    FolderError, FolderReplica, MaterializeReport, Progress, ScanOptions, ScanReport, now_ns,
+};
+
+/// How to mirror.
+#[derive(Clone, Debug, Default)]
+pub struct MirrorOptions {
+    /// Accept a folder that became empty.
+    pub allow_empty: bool,
+    /// Batch limits (defaults when `None`).
+    pub limits: Option<BatchLimits>,
+}
+
+/// What happened on one side.
+#[derive(Clone, Debug, Default)]
+pub struct SideReport {
+    /// The folder.
+    pub path: PathBuf,
+    /// Local changes found by the scan.
+    pub scan: ScanReport,
+    /// Versions received from the other side.
+    pub received: usize,
+    /// Versions received that are now in conflict.
+    pub conflicts: usize,
+    /// Versions whose content could not be fetched (retried next run).
+    pub failed: usize,
+    /// Disk changes made.
+    pub materialize: MaterializeReport,
+}
+
+/// What a mirror run did, per side.
+#[derive(Clone, Debug, Default)]
+pub struct MirrorReport {
+    /// The first folder.
+    pub a: SideReport,
+    /// The second folder.
+    pub b: SideReport,
+    /// Whether either side had to start a new epoch (its state was restored from an old copy).
+    pub new_epoch: bool,
+}
+
+/// Reads content from the other folder's files, checking they did not change since its scan.
+struct PeerFolder {
+    root: PathBuf,
+    by_hash: HashMap<ContentHash, LocalFile>,
+}
+
+impl ContentSource for PeerFolder {
+    fn copy_to(&self, hash: &ContentHash, dest: &Path) -> bool {
+        let Some(file) = self.by_hash.get(hash) else {
+            return false;
+        };
+        let mut source = self.root.clone();
+        source.extend(file.path.split('/'));
+        let unchanged = || matches!(stat(&source), Ok(Some((_, size, mtime, inode, _))) if size == file.size && mtime == file.mtime_ns && inode == file.inode);
+        unchanged() && fs::copy(&source, dest).is_ok() && unchanged()
+    }
+}
+
+fn device_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "root".into())
+}
+
+/// Syncs folders `a` and `b` both ways.
+pub fn mirror(
+    a: &Path,
+    b: &Path,
+    options: &MirrorOptions,
+    progress: &dyn Progress,
+) -> Result<MirrorReport, FolderError> {
+    let mut side_a = FolderReplica::open(a, &device_name(a))?;
+    let mut side_b = FolderReplica::open(b, &device_name(b))?;
+    if side_a.root() == side_b.root() {
+        return Err(FolderError::Io {
+            path: side_a.root().to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "both sides are the same folder",
+            ),
+        });
+    }
+    let mut report = MirrorReport::default();
+    report.a.path = side_a.root().to_path_buf();
+    report.b.path = side_b.root().to_path_buf();
+
+    // A side whose state was restored from an old copy must not reuse dots it handed out.
+    let (knowledge_a, knowledge_b) = (side_a.store().knowledge()?, side_b.store().knowledge()?);
+    report.new_epoch |= observe(&mut side_a, &knowledge_b)?;
+    report.new_epoch |= observe(&mut side_b, &knowledge_a)?;
+
+    let scan = ScanOptions {
+        allow_empty: options.allow_empty,
+    };
+    report.a.scan = side_a.scan(&scan, progress)?;
+    report.b.scan = side_b.scan(&scan, progress)?;
+
+    let limits = options.limits.unwrap_or_default();
+    send(&side_a, &mut side_b, limits, &mut report.b, progress)?;
+    send(&side_b, &mut side_a, limits, &mut report.a, progress)?;
+
+    report.b.materialize = side_b.materialize(progress)?;
+    report.a.materialize = side_a.materialize(progress)?;
+
+    remember_partner(&mut side_a, &side_b)?;
+    remember_partner(&mut side_b, &side_a)?;
+    Ok(report)
+}
+
+fn observe(side: &mut FolderReplica, other: &shoal_core::Knowledge) -> Result<bool, FolderError> {
+    let writer = side.store().identity().writer();
+    let tick = side.store().tick()?;
+    if other.highest(&writer) > tick {
+        let mut tx = side.store_mut().begin()?;
+        tx.new_epoch()?;
+        tx.commit()?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// One direction: every version `to` lacks, batch by batch.
+fn send(
+    from: &FolderReplica,
+    to: &mut FolderReplica,
+    limits: BatchLimits,
+    report: &mut SideReport,
+    progress: &dyn Progress,
+) -> Result<(), FolderError> {
+    let offer = SyncOffer {
+        knowledge: from.store().knowledge()?,
+        forgotten: from.store().forgotten()?,
+    };
+    let receiver = to.store().knowledge()?;
+    if offer.needs_recovery(&receiver) {
+        let held: BTreeSet<_> = from.store().item_ids()?;
+        let items = to.store().load_items()?;
+        let dead = dead_versions(&items, &held, &offer.knowledge);
+        if !dead.is_empty() {
+            let mut tx = to.store_mut().begin()?;
+            for (item, dot) in dead {
+                tx.remove_versions(&item, &[dot])?;
+            }
+            tx.commit()?;
+        }
+    }
+    let missing = from.store().missing_for(&receiver)?;
+    if missing.is_empty() && receiver.covers_knowledge(&offer.knowledge) {
+        return Ok(());
+    }
+    let source = PeerFolder {
+        root: from.root().to_path_buf(),
+        by_hash: from.local_sources()?,
+    };
+    let mut session = Receiving::new();
+    for batch in plan_batches(missing, &offer.knowledge, limits) {
+        let available = to.stage(&batch.versions, &source, progress)?;
+        let mut tx = to.store_mut().begin()?;
+        let mut knowledge = tx.knowledge().clone();
+        for (_, version) in &batch.versions {
+            if let Some(content) = version
+                .entry
+                .content
+                .and_then(|h| from.store().content(&h).transpose())
+            {
+                tx.put_content(&content?)?;
+            }
+        }
+        let applied = session.apply(&mut tx, &mut knowledge, &batch, |_, v| {
+            v.entry.deleted || v.entry.content.is_none_or(|h| available.contains(&h))
+        })?;
+        *tx.knowledge_mut() = knowledge;
+        tx.commit()?;
+        report.received += applied.changed.len();
+        report.conflicts += applied.conflicts.len();
+        report.failed += applied.failed.len();
+    }
+    Ok(())
+}
+
+fn remember_partner(side: &mut FolderReplica, partner: &FolderReplica) -> Result<(), FolderError> {
+    let knowledge = partner.store().knowledge()?;
+    let replica = partner.store().identity().replica;
+    let mut tx = side.store_mut().begin()?;
+    tx.set_partner(replica, &knowledge, now_ns())?;
+    tx.commit()?;
+    Ok(())
+}
