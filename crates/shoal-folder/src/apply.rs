@@ -130,9 +130,11 @@ impl FolderReplica {
     }
 
     /// Brings the disk in line with the layout. Never touches a path that changed since it was
-    /// last recorded; those are picked up by the next scan as local changes.
+    /// last recorded; those are picked up by the next scan as local changes. Content not at
+    /// hand locally is copied from `fallback` when given.
     pub fn materialize(
         &mut self,
+        fallback: Option<&dyn ContentSource>,
         progress: &dyn Progress,
     ) -> Result<MaterializeReport, FolderError> {
         let mut report = MaterializeReport::default();
@@ -321,8 +323,10 @@ impl FolderReplica {
             }
             let temp = temp_name(&dir);
             let staged = self.staged(&hash);
+            // A hard link keeps the staged copy until the new file is recorded: a crash before
+            // that must not lose the only local copy of the content.
             let copied = if staged.is_file() {
-                fs::rename(&staged, &temp).is_ok()
+                fs::hard_link(&staged, &temp).is_ok()
             } else {
                 by_hash.get(&hash).into_iter().flatten().any(|source| {
                     let Some(have) = recorded.get(source) else {
@@ -334,7 +338,7 @@ impl FolderReplica {
                         && stat_matches(&from, have)
                 }) || ready.iter().any(|(_, earlier, p)| {
                     p.version.entry.content == Some(hash) && fs::copy(earlier, &temp).is_ok()
-                })
+                }) || fallback.is_some_and(|source| source.copy_to(&hash, &temp))
             };
             if !copied {
                 let _ = fs::remove_file(&temp);

@@ -117,8 +117,16 @@ pub fn mirror(
     send(&side_a, &mut side_b, limits, &mut report.b, progress)?;
     send(&side_b, &mut side_a, limits, &mut report.a, progress)?;
 
-    report.b.materialize = side_b.materialize(progress)?;
-    report.a.materialize = side_a.materialize(progress)?;
+    let source_a = PeerFolder {
+        root: side_a.root().to_path_buf(),
+        by_hash: side_a.local_sources()?,
+    };
+    report.b.materialize = side_b.materialize(Some(&source_a), progress)?;
+    let source_b = PeerFolder {
+        root: side_b.root().to_path_buf(),
+        by_hash: side_b.local_sources()?,
+    };
+    report.a.materialize = side_a.materialize(Some(&source_b), progress)?;
 
     remember_partner(&mut side_a, &side_b)?;
     remember_partner(&mut side_b, &side_a)?;
