@@ -91,6 +91,19 @@ impl Version {
         history
     }
 
+    /// Whether this is a tombstone that may be forgotten: every replica has seen it and
+    /// everything it superseded (`watermark` covers its whole history). Requiring the history,
+    /// not only the dot, means any replica that still holds a superseded version (say, one
+    /// restored from a backup) meets a sender that knows that version's dot, and so learns in a
+    /// recovery compare that it is dead.
+    pub fn is_forgettable(&self, watermark: &VersionVector) -> bool {
+        self.entry.deleted
+            && self
+                .history()
+                .writers()
+                .all(|w| watermark.get(w) >= self.history().highest(w))
+    }
+
     /// Whether this version causally follows `other`.
     pub fn supersedes(&self, other: &Version) -> bool {
         self.context.contains(&other.dot)
@@ -310,14 +323,14 @@ impl ItemState {
         history
     }
 
-    /// Drops tombstones every replica has seen (their dots are inside `watermark`); a
+    /// Drops tombstones every replica has seen (see [`Version::is_forgettable`]); a
     /// tombstone carries no data, so nothing a user wrote goes with it. Returns the dots
     /// dropped, and `None` for the state when nothing is left of the item.
     pub fn forget_tombstones(self, watermark: &VersionVector) -> (Option<ItemState>, Vec<Dot>) {
         let (forgotten, kept): (Vec<Version>, Vec<Version>) = self
             .versions
             .into_iter()
-            .partition(|v| v.entry.deleted && watermark.contains(&v.dot));
+            .partition(|v| v.is_forgettable(watermark));
         let dots = forgotten.iter().map(|v| v.dot).collect();
         (
             (!kept.is_empty()).then_some(ItemState { versions: kept }),

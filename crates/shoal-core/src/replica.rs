@@ -4,7 +4,7 @@
 //! this one exists so the model can be exercised exhaustively (property tests, simulations)
 //! without a disk.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::ids::{Dot, Epoch, ItemId, ReplicaId, WriterId};
 use crate::item::{Entry, ItemState, Version};
@@ -128,7 +128,7 @@ impl MemReplica {
     pub fn batches_for(&self, receiver: &Knowledge, limits: BatchLimits) -> Vec<Batch> {
         plan_batches(
             missing_versions(&self.items, receiver),
-            &self.knowledge,
+            &self.offer(),
             limits,
         )
     }
@@ -140,10 +140,14 @@ impl MemReplica {
         batch: &Batch,
         arrived: impl Fn(&ItemId, &Version) -> bool,
     ) -> ApplyReport {
-        match session.apply(&mut self.items, &mut self.knowledge, batch, arrived) {
+        let report = match session.apply(&mut self.items, &mut self.knowledge, batch, arrived) {
             Ok(report) => report,
             Err(never) => match never {},
+        };
+        if let Some(forgotten) = &report.learned_forgotten {
+            self.forgotten.merge(forgotten);
         }
+        report
     }
 
     /// Before syncing from a sender: notices that the sender has seen writes of ours that we
@@ -163,20 +167,27 @@ impl MemReplica {
         self.tick = 0;
     }
 
-    /// Drops versions a sender showed to be dead (see [`SyncOffer::needs_recovery`]).
-    pub fn recover(
-        &mut self,
-        sender_items: &BTreeSet<ItemId>,
-        sender_knowledge: &Knowledge,
-    ) -> usize {
-        let dead = dead_versions(&self.items, sender_items, sender_knowledge);
+    /// Drops versions a sender showed to be dead (see [`SyncOffer::needs_recovery`]), and
+    /// adopts the sender's forgotten tombstones.
+    pub fn recover(&mut self, sender: &MemReplica) -> usize {
+        let dead = dead_versions(&self.items, &sender.knowledge, |id, dot| {
+            sender
+                .items
+                .get(id)
+                .is_some_and(|state| state.has_seen(dot))
+        });
         for (id, dot) in &dead {
-            if let Some(state) = self.items.remove(id) {
-                if let Some(kept) = state.without(|v| v.dot == *dot) {
-                    self.items.insert(*id, kept);
-                }
+            if let Some(kept) = self
+                .items
+                .remove(id)
+                .and_then(|state| state.without(|v| v.dot == *dot))
+            {
+                self.items.insert(*id, kept);
             }
         }
+        // The versions just dropped were superseded by tombstones the sender forgot: from now
+        // on this replica must also tell others those deletions happened.
+        self.forgotten.merge(&sender.forgotten);
         dead.len()
     }
 
@@ -217,8 +228,7 @@ pub fn sync_once(
     receiver.observe(&sender.knowledge);
     let offer = sender.offer();
     if offer.needs_recovery(&receiver.knowledge) {
-        let held: BTreeSet<ItemId> = sender.items.keys().copied().collect();
-        receiver.recover(&held, &offer.knowledge);
+        receiver.recover(sender);
     }
     let batches = sender.batches_for(&receiver.knowledge, limits);
     let mut applied = 0;

@@ -7,8 +7,6 @@
 //! last batch the sender's whole knowledge. So a sync cut off between batches keeps what it
 //! applied and resumes with exactly the rest.
 
-use std::collections::BTreeSet;
-
 use crate::ids::{Dot, ItemId};
 use crate::item::{ItemState, MergeOutcome, Version};
 use crate::knowledge::Knowledge;
@@ -69,6 +67,9 @@ pub struct Batch {
     pub learned: Knowledge,
     /// Whether this is the final batch of the enumeration.
     pub last: bool,
+    /// On the final batch, the sender's forgotten tombstones: whoever learns the sender's
+    /// knowledge learns that those deletions happened, and must pass that on.
+    pub forgotten: VersionVector,
 }
 
 /// Every current version in `items` that `receiver` has not seen, in canonical order.
@@ -84,11 +85,11 @@ pub fn missing_versions<'a>(
         .collect()
 }
 
-/// Cuts the versions the receiver lacks into batches. `sender` is the sender's knowledge at
+/// Cuts the versions the receiver lacks into batches. `sender` is what the sender offered at
 /// the moment `missing` was enumerated.
 pub fn plan_batches(
     mut missing: Vec<(ItemId, Version)>,
-    sender: &Knowledge,
+    sender: &SyncOffer,
     limits: BatchLimits,
 ) -> Vec<Batch> {
     missing.sort_by_key(|(_, v)| v.dot);
@@ -108,8 +109,9 @@ pub fn plan_batches(
     }
     batches.push(Batch {
         versions: current,
-        learned: sender.clone(),
+        learned: sender.knowledge.clone(),
         last: true,
+        forgotten: sender.forgotten.clone(),
     });
     batches
 }
@@ -123,6 +125,7 @@ fn partial_batch(versions: Vec<(ItemId, Version)>) -> Batch {
         versions,
         learned,
         last: false,
+        forgotten: VersionVector::new(),
     }
 }
 
@@ -150,6 +153,8 @@ pub struct ApplyReport {
     pub conflicts: Vec<ItemId>,
     /// Versions skipped because their content could not be fetched.
     pub failed: Vec<Dot>,
+    /// Forgotten tombstones the receiver must now record as its own (see [`Batch::forgotten`]).
+    pub learned_forgotten: Option<VersionVector>,
 }
 
 /// The receiving side of one enumeration, batch after batch.
@@ -222,23 +227,30 @@ pub fn apply_batch<A: ItemAccess>(
     }
     if report.failed.is_empty() && !(batch.last && failed_before) {
         knowledge.merge(&batch.learned);
+        if batch.last {
+            report.learned_forgotten = Some(batch.forgotten.clone());
+        }
     } else {
         knowledge.merge(&applied);
     }
     Ok(report)
 }
 
-/// Recovery after a forgotten deletion: the versions of `held` that the sender has seen
-/// (`sender_knowledge`) but whose item it no longer holds at all are dead, superseded by a
-/// tombstone that was forgotten.
+/// Recovery after a forgotten deletion: a version the receiver holds is dead when the sender
+/// has seen it (`sender_knowledge`) yet the sender's state of the item neither holds it nor
+/// supersedes it (`sender_has_seen`): whatever superseded it there was a tombstone, since
+/// forgotten. Ordinary merging cannot remove such a version, as nothing left supersedes it.
+/// Only live versions are dead in this sense: a tombstone the receiver still holds is kept, so
+/// that it goes on superseding what it deleted wherever it travels next.
 pub fn dead_versions<'a>(
     held: impl IntoIterator<Item = (&'a ItemId, &'a ItemState)>,
-    sender_items: &BTreeSet<ItemId>,
     sender_knowledge: &Knowledge,
+    sender_has_seen: impl Fn(&ItemId, &Dot) -> bool,
 ) -> Vec<(ItemId, Dot)> {
     held.into_iter()
-        .filter(|(id, _)| !sender_items.contains(id))
-        .flat_map(|(id, state)| state.versions().iter().map(move |v| (*id, v.dot)))
-        .filter(|(_, dot)| sender_knowledge.contains(dot))
+        .flat_map(|(id, state)| state.versions().iter().map(move |v| (*id, v)))
+        .filter(|(_, v)| !v.entry.deleted)
+        .map(|(id, v)| (id, v.dot))
+        .filter(|(id, dot)| sender_knowledge.contains(dot) && !sender_has_seen(id, dot))
         .collect()
 }

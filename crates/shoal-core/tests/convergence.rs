@@ -175,14 +175,15 @@ impl World {
                 self.record(item, v);
             }
             Op::Edit { replica, item } => {
-                if let Some((id, mut entry)) = self.pick(replica, item) {
-                    if entry.kind == ItemKind::File {
-                        let now = self.tick();
-                        entry.content = Some(ContentHash::of(&(now, replica).0.to_le_bytes()));
-                        entry.mtime_ns = now;
-                        let v = self.replicas[replica].edit(id, entry, now);
-                        self.record(id, v);
-                    }
+                if let Some((id, mut entry)) = self
+                    .pick(replica, item)
+                    .filter(|(_, e)| e.kind == ItemKind::File)
+                {
+                    let now = self.tick();
+                    entry.content = Some(ContentHash::of(&now.to_le_bytes()));
+                    entry.mtime_ns = now;
+                    let v = self.replicas[replica].edit(id, entry, now);
+                    self.record(id, v);
                 }
             }
             Op::Rename {
@@ -279,7 +280,7 @@ impl World {
                 self.replicas[replica].forget(&watermark);
                 for (id, state) in before {
                     for v in state.versions() {
-                        if v.entry.deleted && watermark.contains(&v.dot) {
+                        if v.is_forgettable(&watermark) {
                             self.forgotten_tombstones.push((id, v.history()));
                         }
                     }
@@ -310,6 +311,26 @@ impl World {
     }
 
     fn exchange_everything(&mut self) {
+        if std::env::var("TRACE").is_ok() {
+            for r in &self.replicas {
+                eprintln!(
+                    "{:?} k={:?} f={:?} items={:?}",
+                    r.id,
+                    r.knowledge,
+                    r.forgotten,
+                    r.items
+                        .iter()
+                        .map(|(i, s)| (
+                            i,
+                            s.versions()
+                                .iter()
+                                .map(|v| (v.dot, v.entry.deleted))
+                                .collect::<Vec<_>>()
+                        ))
+                        .collect::<Vec<_>>()
+                );
+            }
+        }
         for _ in 0..2 {
             for from in 0..REPLICAS {
                 for to in 0..REPLICAS {
@@ -471,5 +492,162 @@ proptest! {
     #[test]
     fn replicas_converge_and_lose_nothing(ops in proptest::collection::vec(op(), 1..200)) {
         check(&ops)?;
+    }
+}
+
+/// Cases the property test once found, kept so they run on every build.
+#[test]
+fn regression_restore_after_forgotten_delete() {
+    use Op::*;
+    let mut ops: Vec<Op> = (0..6)
+        .map(|_| Create {
+            replica: 0,
+            parent: 0,
+            name: 0,
+            directory: false,
+        })
+        .collect();
+    ops.extend([
+        Snapshot { replica: 0 },
+        Create {
+            replica: 0,
+            parent: 0,
+            name: 0,
+            directory: false,
+        },
+        Restore { replica: 0 },
+        Delete {
+            replica: 0,
+            item: 220484793300543657,
+        },
+        Sync {
+            from: 0,
+            to: 1,
+            cut: None,
+            fail_mod: 2,
+        },
+        Sync {
+            from: 0,
+            to: 2,
+            cut: None,
+            fail_mod: 2,
+        },
+        Sync {
+            from: 0,
+            to: 3,
+            cut: None,
+            fail_mod: 2,
+        },
+        Forget { replica: 1 },
+        Restore { replica: 0 },
+    ]);
+    if let Err(error) = check(&ops) {
+        panic!("{error}");
+    }
+}
+
+#[test]
+fn regression_forget_then_two_restores() {
+    use Op::*;
+    let c = |replica| Create {
+        replica,
+        parent: 0,
+        name: 0,
+        directory: false,
+    };
+    let ops = vec![
+        Snapshot { replica: 0 },
+        c(2),
+        c(0),
+        c(0),
+        c(0),
+        Restore { replica: 0 },
+        c(0),
+        Sync {
+            from: 2,
+            to: 1,
+            cut: None,
+            fail_mod: 2,
+        },
+        Delete {
+            replica: 1,
+            item: 0,
+        },
+        c(1),
+        c(0),
+        Move {
+            replica: 1,
+            item: 0,
+            parent: 0,
+        },
+        Sync {
+            from: 1,
+            to: 2,
+            cut: None,
+            fail_mod: 2,
+        },
+        Rename {
+            replica: 3,
+            item: 0,
+            name: 0,
+        },
+        Sync {
+            from: 1,
+            to: 0,
+            cut: None,
+            fail_mod: 0,
+        },
+        c(0),
+        c(0),
+        c(0),
+        Sync {
+            from: 0,
+            to: 3,
+            cut: None,
+            fail_mod: 0,
+        },
+        Delete {
+            replica: 2,
+            item: 0,
+        },
+        Snapshot { replica: 3 },
+        Sync {
+            from: 2,
+            to: 0,
+            cut: None,
+            fail_mod: 0,
+        },
+        Sync {
+            from: 0,
+            to: 3,
+            cut: None,
+            fail_mod: 0,
+        },
+        Sync {
+            from: 2,
+            to: 1,
+            cut: None,
+            fail_mod: 0,
+        },
+        c(0),
+        c(0),
+        Forget { replica: 3 },
+        Restore { replica: 0 },
+        Sync {
+            from: 1,
+            to: 0,
+            cut: None,
+            fail_mod: 1,
+        },
+        Sync {
+            from: 3,
+            to: 0,
+            cut: None,
+            fail_mod: 1,
+        },
+        Restore { replica: 3 },
+    ];
+    if let Err(error) = check(&ops) {
+        panic!("{error}");
     }
 }

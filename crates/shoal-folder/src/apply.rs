@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use shoal_core::{ContentHash, ItemId, ItemKind, Placement, Role, TEMP_PREFIX, Version, layout};
 use shoal_store::LocalFile;
 
-use crate::scan::stat;
+use crate::scan::{same_stat, stat};
 use crate::{FolderError, FolderReplica, Progress, Skipped, io_error};
 
 /// Where content for a hash can be read from, besides the replica itself.
@@ -52,17 +52,7 @@ fn temp_name(dir: &Path) -> PathBuf {
 }
 
 fn stat_matches(path: &Path, recorded: &LocalFile) -> bool {
-    match stat(path) {
-        Ok(Some((kind, size, mtime, inode, executable))) => {
-            kind == recorded.kind
-                && (kind == ItemKind::Directory
-                    || size == recorded.size
-                        && mtime == recorded.mtime_ns
-                        && inode == recorded.inode
-                        && executable == recorded.executable)
-        }
-        _ => false,
-    }
+    matches!(stat(path), Ok(Some(found)) if same_stat(&found, recorded))
 }
 
 fn parent_path(path: &str) -> &str {
@@ -165,12 +155,13 @@ impl FolderReplica {
 
         // Records whose version changed but whose content did not: bookkeeping only.
         for (path, want) in &desired {
-            if let Some(have) = recorded.get_mut(path) {
-                if matches(want, have) && have.dot != want.version.dot {
-                    have.dot = want.version.dot;
-                    have.history = want.version.history();
-                    new_records.push(have.clone());
-                }
+            if let Some(have) = recorded
+                .get_mut(path)
+                .filter(|have| matches(want, have) && have.dot != want.version.dot)
+            {
+                have.dot = want.version.dot;
+                have.history = want.version.history();
+                new_records.push(have.clone());
             }
         }
 
@@ -237,7 +228,7 @@ impl FolderReplica {
                     fs::create_dir(&absolute).map_err(io_error(&absolute))?;
                     report.folders += 1;
                 }
-                Some((ItemKind::Directory, ..)) => {}
+                Some(found) if found.kind == ItemKind::Directory => {}
                 Some(_) => {
                     report.skipped.push(Skipped {
                         path: path.clone(),
@@ -246,19 +237,19 @@ impl FolderReplica {
                     continue;
                 }
             }
-            if let Some((kind, size, mtime_ns, inode, executable)) = stat(&absolute)? {
+            if let Some(found) = stat(&absolute)? {
                 let file = LocalFile {
                     path: path.clone(),
                     item: want.item,
                     role: want.role,
                     dot: want.version.dot,
                     history: want.version.history(),
-                    kind,
+                    kind: found.kind,
                     content: None,
-                    size,
-                    mtime_ns,
-                    inode,
-                    executable,
+                    size: found.size,
+                    mtime_ns: found.mtime_ns,
+                    inode: found.inode,
+                    executable: found.executable,
                 };
                 recorded.insert(path.clone(), file.clone());
                 new_records.push(file);
@@ -451,7 +442,7 @@ impl FolderReplica {
 
     fn record_for(&self, path: &str, want: &Placement) -> Result<LocalFile, FolderError> {
         let absolute = self.absolute(path);
-        let (kind, size, mtime_ns, inode, executable) = stat(&absolute)?
+        let found = stat(&absolute)?
             .ok_or_else(|| io_error(&absolute)(std::io::ErrorKind::NotFound.into()))?;
         Ok(LocalFile {
             path: path.to_owned(),
@@ -459,12 +450,12 @@ impl FolderReplica {
             role: want.role,
             dot: want.version.dot,
             history: want.version.history(),
-            kind,
+            kind: found.kind,
             content: want.version.entry.content,
-            size,
-            mtime_ns,
-            inode,
-            executable,
+            size: found.size,
+            mtime_ns: found.mtime_ns,
+            inode: found.inode,
+            executable: found.executable,
         })
     }
 
@@ -475,18 +466,17 @@ impl FolderReplica {
             return Ok(());
         };
         let recorded = self.store.local_files()?;
+        let waiting: std::collections::HashSet<String> = desired
+            .values()
+            .filter(|p| {
+                recorded
+                    .get(&p.path)
+                    .is_none_or(|r| r.content != p.version.entry.content)
+            })
+            .filter_map(|p| p.version.entry.content.map(|h| h.to_string()))
+            .collect();
         for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let waiting = desired.values().any(|p| {
-                p.version
-                    .entry
-                    .content
-                    .is_some_and(|h| h.to_string() == name)
-                    && !recorded
-                        .get(&p.path)
-                        .is_some_and(|r| r.content == p.version.entry.content)
-            });
-            if !waiting {
+            if !waiting.contains(&*entry.file_name().to_string_lossy()) {
                 let _ = fs::remove_file(entry.path());
             }
         }

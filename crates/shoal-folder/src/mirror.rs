@@ -5,7 +5,7 @@
 //! both folders in line with their layouts. Running it again with nothing changed reads two
 //! directory trees and exchanges two knowledge values.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -13,7 +13,7 @@ use shoal_core::{BatchLimits, ContentHash, Receiving, SyncOffer, dead_versions, 
 use shoal_store::LocalFile;
 
 use crate::apply::ContentSource;
-use crate::scan::stat;
+use crate::scan::{same_stat, stat};
 use crate::{
     FolderError, FolderReplica, MaterializeReport, Progress, ScanOptions, ScanReport, now_ns,
 };
@@ -68,7 +68,7 @@ impl ContentSource for PeerFolder {
         };
         let mut source = self.root.clone();
         source.extend(file.path.split('/'));
-        let unchanged = || matches!(stat(&source), Ok(Some((_, size, mtime, inode, _))) if size == file.size && mtime == file.mtime_ns && inode == file.inode);
+        let unchanged = || matches!(stat(&source), Ok(Some(found)) if same_stat(&found, file));
         unchanged() && fs::copy(&source, dest).is_ok() && unchanged()
     }
 }
@@ -159,16 +159,22 @@ fn send(
     };
     let receiver = to.store().knowledge()?;
     if offer.needs_recovery(&receiver) {
-        let held: BTreeSet<_> = from.store().item_ids()?;
         let items = to.store().load_items()?;
-        let dead = dead_versions(&items, &held, &offer.knowledge);
-        if !dead.is_empty() {
-            let mut tx = to.store_mut().begin()?;
-            for (item, dot) in dead {
-                tx.remove_versions(&item, &[dot])?;
+        let candidates = dead_versions(&items, &offer.knowledge, |_, _| false);
+        let mut dead = Vec::new();
+        for (item, dot) in candidates {
+            if !from.store().has_seen(&item, &dot)? {
+                dead.push((item, dot));
             }
-            tx.commit()?;
         }
+        // Drop the dead versions and adopt the sender's forgotten tombstones, so this replica
+        // passes the news of those deletions on.
+        let mut tx = to.store_mut().begin()?;
+        for (item, dot) in dead {
+            tx.remove_versions(&item, &[dot])?;
+        }
+        tx.add_forgotten(&offer.forgotten)?;
+        tx.commit()?;
     }
     let missing = from.store().missing_for(&receiver)?;
     if missing.is_empty() && receiver.covers_knowledge(&offer.knowledge) {
@@ -179,7 +185,7 @@ fn send(
         by_hash: from.local_sources()?,
     };
     let mut session = Receiving::new();
-    for batch in plan_batches(missing, &offer.knowledge, limits) {
+    for batch in plan_batches(missing, &offer, limits) {
         let available = to.stage(&batch.versions, &source, progress)?;
         let mut tx = to.store_mut().begin()?;
         let mut knowledge = tx.knowledge().clone();
@@ -196,6 +202,9 @@ fn send(
             v.entry.deleted || v.entry.content.is_none_or(|h| available.contains(&h))
         })?;
         *tx.knowledge_mut() = knowledge;
+        if let Some(forgotten) = &applied.learned_forgotten {
+            tx.add_forgotten(forgotten)?;
+        }
         tx.commit()?;
         report.received += applied.changed.len();
         report.conflicts += applied.conflicts.len();

@@ -63,13 +63,14 @@ impl ScanReport {
     }
 }
 
+/// What a file system entry looks like, for change detection.
 #[derive(Clone, Debug)]
-struct Found {
-    kind: ItemKind,
-    size: u64,
-    mtime_ns: i64,
-    inode: u64,
-    executable: bool,
+pub(crate) struct Found {
+    pub(crate) kind: ItemKind,
+    pub(crate) size: u64,
+    pub(crate) mtime_ns: i64,
+    pub(crate) inode: u64,
+    pub(crate) executable: bool,
 }
 
 fn found_from(metadata: &fs::Metadata) -> Option<Found> {
@@ -93,7 +94,7 @@ fn found_from(metadata: &fs::Metadata) -> Option<Found> {
     })
 }
 
-fn same_stat(found: &Found, recorded: &LocalFile) -> bool {
+pub(crate) fn same_stat(found: &Found, recorded: &LocalFile) -> bool {
     found.kind == recorded.kind
         && (found.kind == ItemKind::Directory
             || found.size == recorded.size
@@ -531,11 +532,10 @@ impl FolderReplica {
     }
 }
 
-pub(crate) fn stat(path: &Path) -> Result<Option<(ItemKind, u64, i64, u64, bool)>, FolderError> {
+/// The entry at `path`, if it is a file or directory.
+pub(crate) fn stat(path: &Path) -> Result<Option<Found>, FolderError> {
     match fs::symlink_metadata(path) {
-        Ok(metadata) => {
-            Ok(found_from(&metadata).map(|f| (f.kind, f.size, f.mtime_ns, f.inode, f.executable)))
-        }
+        Ok(metadata) => Ok(found_from(&metadata)),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(error) => Err(io_error(path)(error)),
     }

@@ -97,7 +97,7 @@ impl ChunkedContent {
 
     /// Rebuilds a chunk list from [`ChunkedContent::encode_chunks`].
     pub fn decode_chunks(hash: ContentHash, bytes: &[u8]) -> Option<ChunkedContent> {
-        if bytes.len() % 36 != 0 {
+        if !bytes.len().is_multiple_of(36) {
             return None;
         }
         let mut offset = 0u64;

@@ -5,7 +5,7 @@
 //! of what was last seen on disk. Changes go through a [`Transaction`]; a batch of remote
 //! changes is applied in exactly one.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -263,11 +263,10 @@ impl Store {
         read_item(&self.conn, id)
     }
 
-    /// Ids of every item held (for a recovery compare).
-    pub fn item_ids(&self) -> Result<BTreeSet<ItemId>> {
-        let mut statement = self.conn.prepare("SELECT DISTINCT item FROM versions")?;
-        let ids = statement.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
-        ids.map(|bytes| item_from(bytes?)).collect()
+    /// Whether this replica's state of `item` holds or supersedes `dot` (for a recovery
+    /// compare).
+    pub fn has_seen(&self, item: &ItemId, dot: &Dot) -> Result<bool> {
+        Ok(self.item(item)?.is_some_and(|state| state.has_seen(dot)))
     }
 
     /// Every current version a receiver holding `receiver` has not seen. Costs work in
@@ -556,7 +555,7 @@ impl Transaction<'_> {
             while let Some(row) = rows.next()? {
                 let body: Vec<u8> = row.get(1)?;
                 let version = Version::from_bytes(&body)?;
-                if version.entry.deleted && watermark.contains(&version.dot) {
+                if version.is_forgettable(watermark) {
                     tombstones.push((item_from(row.get(0)?)?, version.dot));
                 }
             }
@@ -579,6 +578,25 @@ impl Transaction<'_> {
             params![vector_bytes(&forgotten)],
         )?;
         Ok(tombstones.len())
+    }
+
+    /// Records tombstones forgotten elsewhere whose deletions this replica now knows of.
+    pub fn add_forgotten(&mut self, forgotten: &VersionVector) -> Result<()> {
+        if forgotten.is_empty() {
+            return Ok(());
+        }
+        let bytes: Vec<u8> =
+            self.tx
+                .query_row("SELECT value FROM meta WHERE key = 'forgotten'", [], |r| {
+                    r.get(0)
+                })?;
+        let mut known = Knowledge::from_bytes(&bytes)?.prefix();
+        known.merge(forgotten);
+        self.tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'forgotten'",
+            params![vector_bytes(&known)],
+        )?;
+        Ok(())
     }
 
     /// Records the chunk list of a content.
