@@ -357,7 +357,9 @@ impl FolderReplica {
             ready.push(((*path).clone(), temp, (*want).clone()));
         }
         progress.finish();
-        flush_filesystem(&self.root)?;
+        if !ready.is_empty() {
+            flush_filesystem(&self.root)?;
+        }
 
         // 4. Removals: what is recorded but no longer wanted, files first, deepest first.
         let mut unwanted: Vec<LocalFile> = recorded
@@ -426,7 +428,9 @@ impl FolderReplica {
             report.bytes += want.version.entry.size;
             new_records.push(self.record_for(&path, &want)?);
         }
-        flush_filesystem(&self.root)?;
+        if report.written + report.renamed + report.deleted + report.folders > 0 {
+            flush_filesystem(&self.root)?;
+        }
 
         let mut tx = self.store.begin()?;
         for path in &removed_records {
@@ -435,6 +439,8 @@ impl FolderReplica {
         for file in &new_records {
             tx.put_local_file(file)?;
         }
+        // Anything left undone (content missing, a path in the way) is retried next run.
+        tx.set_needs_materialize(!report.skipped.is_empty())?;
         tx.commit()?;
         self.clear_staging(&desired)?;
         Ok(report)

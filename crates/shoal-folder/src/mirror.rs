@@ -107,29 +107,44 @@ pub fn mirror(
     report.new_epoch |= observe(&mut side_a, &knowledge_b)?;
     report.new_epoch |= observe(&mut side_b, &knowledge_a)?;
 
+    let started = std::time::Instant::now();
+    let phase = |name: &str| {
+        tracing::debug!(
+            phase = name,
+            elapsed_ms = started.elapsed().as_millis() as u64
+        )
+    };
     let scan = ScanOptions {
         allow_empty: options.allow_empty,
     };
     report.a.scan = side_a.scan(&scan, progress)?;
     report.b.scan = side_b.scan(&scan, progress)?;
+    phase("scanned");
 
     let limits = options.limits.unwrap_or_default();
     send(&side_a, &mut side_b, limits, &mut report.b, progress)?;
     send(&side_b, &mut side_a, limits, &mut report.a, progress)?;
+    phase("exchanged");
 
-    let source_a = PeerFolder {
-        root: side_a.root().to_path_buf(),
-        by_hash: side_a.local_sources()?,
-    };
-    report.b.materialize = side_b.materialize(Some(&source_a), progress)?;
-    let source_b = PeerFolder {
-        root: side_b.root().to_path_buf(),
-        by_hash: side_b.local_sources()?,
-    };
-    report.a.materialize = side_a.materialize(Some(&source_b), progress)?;
+    if side_b.store().needs_materialize()? {
+        let source_a = PeerFolder {
+            root: side_a.root().to_path_buf(),
+            by_hash: side_a.local_sources()?,
+        };
+        report.b.materialize = side_b.materialize(Some(&source_a), progress)?;
+    }
+    if side_a.store().needs_materialize()? {
+        let source_b = PeerFolder {
+            root: side_b.root().to_path_buf(),
+            by_hash: side_b.local_sources()?,
+        };
+        report.a.materialize = side_a.materialize(Some(&source_b), progress)?;
+    }
+    phase("materialized");
 
     remember_partner(&mut side_a, &side_b)?;
     remember_partner(&mut side_b, &side_a)?;
+    phase("done");
     Ok(report)
 }
 
@@ -174,6 +189,7 @@ fn send(
             tx.remove_versions(&item, &[dot])?;
         }
         tx.add_forgotten(&offer.forgotten)?;
+        tx.set_needs_materialize(true)?;
         tx.commit()?;
     }
     let missing = from.store().missing_for(&receiver)?;
@@ -202,6 +218,9 @@ fn send(
             v.entry.deleted || v.entry.content.is_none_or(|h| available.contains(&h))
         })?;
         *tx.knowledge_mut() = knowledge;
+        if !applied.changed.is_empty() {
+            tx.set_needs_materialize(true)?;
+        }
         if let Some(forgotten) = &applied.learned_forgotten {
             tx.add_forgotten(forgotten)?;
         }
@@ -216,6 +235,9 @@ fn send(
 fn remember_partner(side: &mut FolderReplica, partner: &FolderReplica) -> Result<(), FolderError> {
     let knowledge = partner.store().knowledge()?;
     let replica = partner.store().identity().replica;
+    if side.store().partners()?.get(&replica) == Some(&knowledge) {
+        return Ok(());
+    }
     let mut tx = side.store_mut().begin()?;
     tx.set_partner(replica, &knowledge, now_ns())?;
     tx.commit()?;

@@ -225,12 +225,23 @@ impl FolderReplica {
         }
         progress.start("scan", 0);
         let skipped = Mutex::new(Vec::new());
+        let started = std::time::Instant::now();
         let found = walk(&self.root, &skipped);
+        tracing::debug!(
+            entries = found.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "walked"
+        );
         let mut report = ScanReport {
             skipped: skipped.into_inner().unwrap_or_default(),
             ..ScanReport::default()
         };
         let recorded = self.store.local_files()?;
+        tracing::debug!(
+            records = recorded.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "loaded records"
+        );
         if found.is_empty() && !recorded.is_empty() && !options.allow_empty {
             return Err(FolderError::LooksEmpty {
                 path: self.root.clone(),
@@ -496,6 +507,9 @@ impl FolderReplica {
         let now = now_ns();
         let mut tx = self.store.begin()?;
         let writer = tx.identity().writer();
+        if !pending.is_empty() {
+            tx.set_needs_materialize(true)?;
+        }
         for (item, change) in pending {
             let mut base = change.base;
             // Follow the deletions the shown version beat, and every settled conflict.

@@ -237,6 +237,18 @@ impl Store {
         Ok(tick as u64)
     }
 
+    /// Whether item states changed since the folder last matched its layout (a batch was
+    /// applied, or local changes were recorded), so the disk may need changes.
+    pub fn needs_materialize(&self) -> Result<bool> {
+        let flag: Option<i64> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'dirty'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(flag.unwrap_or(1) != 0)
+    }
+
     /// Every item with its current versions.
     pub fn load_items(&self) -> Result<BTreeMap<ItemId, ItemState>> {
         let mut statement = self
@@ -595,6 +607,15 @@ impl Transaction<'_> {
         self.tx.execute(
             "UPDATE meta SET value = ?1 WHERE key = 'forgotten'",
             params![vector_bytes(&known)],
+        )?;
+        Ok(())
+    }
+
+    /// Marks whether the disk may lag behind the item states (see [`Store::needs_materialize`]).
+    pub fn set_needs_materialize(&mut self, dirty: bool) -> Result<()> {
+        self.tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('dirty', ?1)",
+            params![i64::from(dirty)],
         )?;
         Ok(())
     }
