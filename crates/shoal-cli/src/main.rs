@@ -91,15 +91,15 @@ fn side_json(side: &SideReport) -> serde_json::Value {
             "resolved": side.scan.resolved,
             "hashed_bytes": side.scan.hashed_bytes,
         },
-        "received": side.received,
-        "conflicts": side.conflicts,
-        "failed": side.failed,
+        "received": side.received.received,
+        "conflicts": side.received.conflicts,
+        "failed": side.received.failed,
         "written": side.materialize.written,
         "renamed": side.materialize.renamed,
         "deleted": side.materialize.deleted,
         "folders_created": side.materialize.folders,
         "bytes_written": side.materialize.bytes,
-        "skipped": side.scan.skipped.iter().chain(&side.materialize.skipped)
+        "skipped": side.scan.skipped.iter().chain(&side.materialize.skipped).chain(&side.materialize.refused)
             .map(|s| serde_json::json!({"path": s.path, "reason": s.reason})).collect::<Vec<_>>(),
     })
 }
@@ -107,9 +107,9 @@ fn side_json(side: &SideReport) -> serde_json::Value {
 fn print_mirror(report: &MirrorReport, json: bool) -> anyhow::Result<()> {
     if json {
         let value = serde_json::json!({
-            "a_to_b": report.b.received,
-            "b_to_a": report.a.received,
-            "conflicts": report.a.conflicts + report.b.conflicts,
+            "a_to_b": report.b.received.received,
+            "b_to_a": report.a.received.received,
+            "conflicts": report.a.received.conflicts + report.b.received.conflicts,
             "bytes": report.a.materialize.bytes + report.b.materialize.bytes,
             "new_epoch": report.new_epoch,
             "a": side_json(&report.a),
@@ -122,14 +122,20 @@ fn print_mirror(report: &MirrorReport, json: bool) -> anyhow::Result<()> {
         println!(
             "{label}: {} — received {} change(s), {} conflict(s), wrote {} file(s) ({} bytes), renamed {}, deleted {}",
             side.path.display(),
-            side.received,
-            side.conflicts,
+            side.received.received,
+            side.received.conflicts,
             side.materialize.written,
             side.materialize.bytes,
             side.materialize.renamed,
             side.materialize.deleted
         );
-        for skipped in side.scan.skipped.iter().chain(&side.materialize.skipped) {
+        for skipped in side
+            .scan
+            .skipped
+            .iter()
+            .chain(&side.materialize.skipped)
+            .chain(&side.materialize.refused)
+        {
             println!("  not synced: {} ({})", skipped.path, skipped.reason);
         }
     }

@@ -38,8 +38,11 @@ pub struct MaterializeReport {
     pub folders: usize,
     /// Content bytes written.
     pub bytes: u64,
-    /// Paths left as they are, and why (usually: changed by the user since the last scan).
+    /// Paths left as they are for now, and why (usually: changed by the user since the last
+    /// scan); retried next run.
     pub skipped: Vec<Skipped>,
+    /// Items never written here because their names cannot be stored safely.
+    pub refused: Vec<Skipped>,
 }
 
 fn flush_filesystem(root: &Path) -> Result<(), FolderError> {
@@ -130,6 +133,14 @@ impl FolderReplica {
         let mut report = MaterializeReport::default();
         let items = self.store.load_items()?;
         let tree = layout(&items);
+        for note in &tree.notes {
+            if let shoal_core::LayoutNote::BadName { item, error } = note {
+                report.refused.push(Skipped {
+                    path: format!("(item {item})"),
+                    reason: format!("refused from another replica: {error}"),
+                });
+            }
+        }
         let desired: BTreeMap<String, Placement> = tree
             .placements
             .into_iter()

@@ -11,11 +11,12 @@ mod scan;
 
 use std::path::{Path, PathBuf};
 
+pub use shoal_core::BatchLimits;
 use shoal_core::{NameError, STATE_DIR_NAME};
 use shoal_store::{Store, StoreError};
 
 pub use apply::{ContentSource, MaterializeReport};
-pub use mirror::{MirrorOptions, MirrorReport, SideReport, mirror};
+pub use mirror::{FolderSource, MirrorOptions, MirrorReport, ReceiveReport, SideReport, mirror};
 pub use progress::{NoProgress, Progress};
 pub use scan::{ScanOptions, ScanReport, Skipped};
 

@@ -34,12 +34,8 @@ pub struct SideReport {
     pub path: PathBuf,
     /// Local changes found by the scan.
     pub scan: ScanReport,
-    /// Versions received from the other side.
-    pub received: usize,
-    /// Versions received that are now in conflict.
-    pub conflicts: usize,
-    /// Versions whose content could not be fetched (retried next run).
-    pub failed: usize,
+    /// What was received from the other side.
+    pub received: ReceiveReport,
     /// Disk changes made.
     pub materialize: MaterializeReport,
 }
@@ -55,13 +51,49 @@ pub struct MirrorReport {
     pub new_epoch: bool,
 }
 
-/// Reads content from the other folder's files, checking they did not change since its scan.
-struct PeerFolder {
+/// Reads content from a folder replica's files, checking each did not change since it was
+/// recorded.
+pub struct FolderSource {
     root: PathBuf,
     by_hash: HashMap<ContentHash, LocalFile>,
 }
 
-impl ContentSource for PeerFolder {
+impl FolderReplica {
+    /// This folder as a source of content for another replica.
+    pub fn content_source(&self) -> Result<FolderSource, FolderError> {
+        Ok(FolderSource {
+            root: self.root().to_path_buf(),
+            by_hash: self.local_sources()?,
+        })
+    }
+
+    /// Receives every version `from` has and this replica lacks, batch by batch: content is
+    /// staged first, then each batch commits in one transaction. The disk is not touched
+    /// until [`FolderReplica::materialize`].
+    pub fn receive_from(
+        &mut self,
+        from: &FolderReplica,
+        limits: BatchLimits,
+        progress: &dyn Progress,
+    ) -> Result<ReceiveReport, FolderError> {
+        let mut report = ReceiveReport::default();
+        send(from, self, limits, &mut report, progress)?;
+        Ok(report)
+    }
+}
+
+/// What receiving from another replica did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReceiveReport {
+    /// Items whose state changed.
+    pub received: usize,
+    /// Items now in conflict.
+    pub conflicts: usize,
+    /// Versions whose content could not be fetched (offered again next time).
+    pub failed: usize,
+}
+
+impl ContentSource for FolderSource {
     fn copy_to(&self, hash: &ContentHash, dest: &Path) -> bool {
         let Some(file) = self.by_hash.get(hash) else {
             return false;
@@ -122,22 +154,16 @@ pub fn mirror(
     phase("scanned");
 
     let limits = options.limits.unwrap_or_default();
-    send(&side_a, &mut side_b, limits, &mut report.b, progress)?;
-    send(&side_b, &mut side_a, limits, &mut report.a, progress)?;
+    report.b.received = side_b.receive_from(&side_a, limits, progress)?;
+    report.a.received = side_a.receive_from(&side_b, limits, progress)?;
     phase("exchanged");
 
     if side_b.store().needs_materialize()? {
-        let source_a = PeerFolder {
-            root: side_a.root().to_path_buf(),
-            by_hash: side_a.local_sources()?,
-        };
+        let source_a = side_a.content_source()?;
         report.b.materialize = side_b.materialize(Some(&source_a), progress)?;
     }
     if side_a.store().needs_materialize()? {
-        let source_b = PeerFolder {
-            root: side_b.root().to_path_buf(),
-            by_hash: side_b.local_sources()?,
-        };
+        let source_b = side_b.content_source()?;
         report.a.materialize = side_a.materialize(Some(&source_b), progress)?;
     }
     phase("materialized");
@@ -165,7 +191,7 @@ fn send(
     from: &FolderReplica,
     to: &mut FolderReplica,
     limits: BatchLimits,
-    report: &mut SideReport,
+    report: &mut ReceiveReport,
     progress: &dyn Progress,
 ) -> Result<(), FolderError> {
     let offer = SyncOffer {
@@ -196,7 +222,7 @@ fn send(
     if missing.is_empty() && receiver.covers_knowledge(&offer.knowledge) {
         return Ok(());
     }
-    let source = PeerFolder {
+    let source = FolderSource {
         root: from.root().to_path_buf(),
         by_hash: from.local_sources()?,
     };

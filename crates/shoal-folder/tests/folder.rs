@@ -1,0 +1,82 @@
+//! Folder-replica behaviour that needs a hand inside a sync: a user editing a file between the
+//! scan and the apply, and a hostile name arriving from another replica.
+
+use std::fs;
+
+use shoal_core::{Entry, ItemId, ItemKind, Knowledge};
+use shoal_folder::{BatchLimits, FolderReplica, MirrorOptions, NoProgress, ScanOptions, mirror};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+#[test]
+fn a_file_changed_after_the_scan_is_never_overwritten() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    fs::create_dir_all(&a)?;
+    fs::create_dir_all(&b)?;
+    fs::write(a.join("doc.txt"), "v1")?;
+    mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
+
+    fs::write(a.join("doc.txt"), "edited on a")?;
+    let mut side_a = FolderReplica::open(&a, "a")?;
+    let mut side_b = FolderReplica::open(&b, "b")?;
+    side_a.scan(&ScanOptions::default(), &NoProgress)?;
+    side_b.scan(&ScanOptions::default(), &NoProgress)?;
+    side_b.receive_from(&side_a, BatchLimits::default(), &NoProgress)?;
+    // The user saves on b after b's scan, before the incoming change lands.
+    fs::write(b.join("doc.txt"), "edited on b, late")?;
+    let source = side_a.content_source()?;
+    let report = side_b.materialize(Some(&source), &NoProgress)?;
+    assert_eq!(fs::read_to_string(b.join("doc.txt"))?, "edited on b, late");
+    assert!(report.skipped.iter().any(|s| s.path == "doc.txt"), "{report:?}");
+    drop((side_a, side_b));
+
+    // The next run sees the late edit as a concurrent change: both versions survive.
+    mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
+    let mut contents: Vec<String> = fs::read_dir(&b)?
+        .flatten()
+        .filter(|e| e.file_name() != ".shoal")
+        .map(|e| fs::read_to_string(e.path()))
+        .collect::<Result<_, _>>()?;
+    contents.sort();
+    assert_eq!(contents, ["edited on a", "edited on b, late"]);
+    Ok(())
+}
+
+#[test]
+fn a_hostile_name_from_another_replica_is_refused_and_nothing_is_written() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    fs::create_dir_all(&a)?;
+    fs::create_dir_all(&b)?;
+    fs::write(a.join("fine.txt"), "ok")?;
+    mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
+
+    // A misbehaving replica writes versions whose names try to escape or hide.
+    {
+        let mut side_a = FolderReplica::open(&a, "a")?;
+        let mut tx = side_a.store_mut().begin()?;
+        for (n, name) in ["..", "../escape.txt", "a/b", ".~shoal.fake.tmp", "nul\0byte"].iter().enumerate() {
+            let entry = Entry {
+                parent: ItemId::ROOT,
+                name: (*name).to_owned(),
+                kind: ItemKind::Directory,
+                deleted: false,
+                content: None,
+                size: 0,
+                mtime_ns: 0,
+                executable: false,
+            };
+            tx.write_local(ItemId([n as u8 + 1; 16]), entry, Knowledge::new(), 1)?;
+        }
+        tx.commit()?;
+    }
+    let report = mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
+    assert_eq!(report.b.materialize.refused.len(), 5, "{:?}", report.b.materialize);
+    let mut names: Vec<String> =
+        fs::read_dir(&b)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, [".shoal", "fine.txt"]);
+    assert!(!dir.path().join("escape.txt").exists());
+    Ok(())
+}
