@@ -94,6 +94,7 @@ fn side_json(side: &SideReport) -> serde_json::Value {
         "received": side.received.received,
         "conflicts": side.received.conflicts,
         "failed": side.received.failed,
+        "recovered": side.received.recovered,
         "written": side.materialize.written,
         "renamed": side.materialize.renamed,
         "deleted": side.materialize.deleted,
@@ -112,6 +113,7 @@ fn print_mirror(report: &MirrorReport, json: bool) -> anyhow::Result<()> {
             "conflicts": report.a.received.conflicts + report.b.received.conflicts,
             "bytes": report.a.materialize.bytes + report.b.materialize.bytes,
             "new_epoch": report.new_epoch,
+            "tombstones_forgotten": report.forgotten,
             "a": side_json(&report.a),
             "b": side_json(&report.b),
         });

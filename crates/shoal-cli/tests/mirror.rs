@@ -315,3 +315,78 @@ fn usage_errors_exit_with_2_and_help_works() -> TestResult {
     assert!(String::from_utf8_lossy(&help.stdout).contains("--json"));
     Ok(())
 }
+
+fn mirror_dirs(a: &Path, b: &Path) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let output = shoal().args(["mirror", "--json"]).arg(a).arg(b).output()?;
+    if !output.status.success() {
+        return Err(format!("mirror failed: {}", String::from_utf8_lossy(&output.stderr)).into());
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_folder_restored_from_an_old_backup_converges_without_resurrecting_deletions() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let [a, b, c] = ["a", "b", "c"].map(|n| dir.path().join(n));
+    for folder in [&a, &b, &c] {
+        fs::create_dir(folder)?;
+    }
+    for i in 0..5 {
+        write(a.join(format!("f{i}.txt")), &format!("first {i}"))?;
+    }
+    mirror_dirs(&a, &b)?;
+    mirror_dirs(&b, &c)?;
+    copy_tree(&c, &dir.path().join("c-backup"))?;
+
+    fs::remove_file(a.join("f1.txt"))?;
+    write(a.join("f2.txt"), "second 2")?;
+    write(c.join("f3.txt"), "c wrote this after its backup")?;
+    let mut forgotten = 0;
+    for (x, y) in [(&a, &b), (&b, &c), (&a, &c), (&a, &b)] {
+        forgotten += mirror_dirs(x, y)?["tombstones_forgotten"]
+            .as_u64()
+            .unwrap_or(0);
+    }
+    // Every side has seen the deletion: its tombstone is forgotten.
+    assert!(forgotten > 0);
+
+    // c is restored from the old backup: its files and its state go back in time.
+    fs::remove_dir_all(&c)?;
+    copy_tree(&dir.path().join("c-backup"), &c)?;
+    let mut recovered = 0;
+    for (x, y) in [(&a, &c), (&b, &c), (&a, &b), (&a, &c)] {
+        let summary = mirror_dirs(x, y)?;
+        recovered += summary["b"]["recovered"].as_u64().unwrap_or(0)
+            + summary["a"]["recovered"].as_u64().unwrap_or(0);
+    }
+    // The restored folder found, by a recovery compare, that its old f1.txt was deleted.
+    assert!(recovered > 0);
+    let trees = [tree(&a), tree(&b), tree(&c)];
+    assert_eq!(trees[0], trees[1]);
+    assert_eq!(trees[0], trees[2]);
+    assert!(
+        !trees[0].contains_key("f1.txt"),
+        "a deleted file came back: {:?}",
+        trees[0]
+    );
+    assert_eq!(trees[0].get("f2.txt"), Some(&Some("second 2".into())));
+    assert_eq!(
+        trees[0].get("f3.txt"),
+        Some(&Some("c wrote this after its backup".into()))
+    );
+    Ok(())
+}

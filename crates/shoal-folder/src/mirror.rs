@@ -49,6 +49,8 @@ pub struct MirrorReport {
     pub b: SideReport,
     /// Whether either side had to start a new epoch (its state was restored from an old copy).
     pub new_epoch: bool,
+    /// Tombstones forgotten on both sides because every known replica has seen them.
+    pub forgotten: usize,
 }
 
 /// Reads content from a folder replica's files, checking each did not change since it was
@@ -91,6 +93,9 @@ pub struct ReceiveReport {
     pub conflicts: usize,
     /// Versions whose content could not be fetched (offered again next time).
     pub failed: usize,
+    /// Versions dropped by a recovery compare: deleted elsewhere, with the deletion since
+    /// forgotten (this replica had come back from behind the watermark).
+    pub recovered: usize,
 }
 
 impl ContentSource for FolderSource {
@@ -170,6 +175,11 @@ pub fn mirror(
 
     remember_partner(&mut side_a, &side_b)?;
     remember_partner(&mut side_b, &side_a)?;
+    for side in [&mut side_a, &mut side_b] {
+        let mut tx = side.store_mut().begin()?;
+        report.forgotten += tx.forget_behind_watermark()?;
+        tx.commit()?;
+    }
     phase("done");
     Ok(report)
 }
@@ -210,6 +220,7 @@ fn send(
         }
         // Drop the dead versions and adopt the sender's forgotten tombstones, so this replica
         // passes the news of those deletions on.
+        report.recovered += dead.len();
         let mut tx = to.store_mut().begin()?;
         for (item, dot) in dead {
             tx.remove_versions(&item, &[dot])?;

@@ -28,7 +28,10 @@ fn a_file_changed_after_the_scan_is_never_overwritten() -> TestResult {
     let source = side_a.content_source()?;
     let report = side_b.materialize(Some(&source), &NoProgress)?;
     assert_eq!(fs::read_to_string(b.join("doc.txt"))?, "edited on b, late");
-    assert!(report.skipped.iter().any(|s| s.path == "doc.txt"), "{report:?}");
+    assert!(
+        report.skipped.iter().any(|s| s.path == "doc.txt"),
+        "{report:?}"
+    );
     drop((side_a, side_b));
 
     // The next run sees the late edit as a concurrent change: both versions survive.
@@ -56,7 +59,16 @@ fn a_hostile_name_from_another_replica_is_refused_and_nothing_is_written() -> Te
     {
         let mut side_a = FolderReplica::open(&a, "a")?;
         let mut tx = side_a.store_mut().begin()?;
-        for (n, name) in ["..", "../escape.txt", "a/b", ".~shoal.fake.tmp", "nul\0byte"].iter().enumerate() {
+        for (n, name) in [
+            "..",
+            "../escape.txt",
+            "a/b",
+            ".~shoal.fake.tmp",
+            "nul\0byte",
+        ]
+        .iter()
+        .enumerate()
+        {
             let entry = Entry {
                 parent: ItemId::ROOT,
                 name: (*name).to_owned(),
@@ -72,9 +84,16 @@ fn a_hostile_name_from_another_replica_is_refused_and_nothing_is_written() -> Te
         tx.commit()?;
     }
     let report = mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
-    assert_eq!(report.b.materialize.refused.len(), 5, "{:?}", report.b.materialize);
-    let mut names: Vec<String> =
-        fs::read_dir(&b)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(
+        report.b.materialize.refused.len(),
+        5,
+        "{:?}",
+        report.b.materialize
+    );
+    let mut names: Vec<String> = fs::read_dir(&b)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     assert_eq!(names, [".shoal", "fine.txt"]);
     assert!(!dir.path().join("escape.txt").exists());

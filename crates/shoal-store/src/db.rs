@@ -43,10 +43,11 @@ const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE versions (
     w_replica BLOB NOT NULL, w_epoch INTEGER NOT NULL, tick INTEGER NOT NULL,
-    item BLOB NOT NULL, body BLOB NOT NULL,
+    item BLOB NOT NULL, body BLOB NOT NULL, deleted INTEGER NOT NULL,
     PRIMARY KEY (w_replica, w_epoch, tick)
 ) WITHOUT ROWID;
 CREATE INDEX versions_by_item ON versions (item);
+CREATE INDEX tombstones ON versions (deleted) WHERE deleted = 1;
 CREATE TABLE contents (hash BLOB PRIMARY KEY, size INTEGER NOT NULL, chunks BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE local_files (
     path TEXT PRIMARY KEY, item BLOB NOT NULL, role INTEGER NOT NULL, dot BLOB NOT NULL, history BLOB NOT NULL,
@@ -529,14 +530,15 @@ impl Transaction<'_> {
             .execute(params![item.0.to_vec()])?;
         let mut insert = self
             .tx
-            .prepare_cached("INSERT INTO versions (w_replica, w_epoch, tick, item, body) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+            .prepare_cached("INSERT INTO versions (w_replica, w_epoch, tick, item, body, deleted) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
         for version in state.versions() {
             insert.execute(params![
                 version.dot.writer.replica.0.to_vec(),
                 version.dot.writer.epoch,
                 version.dot.tick as i64,
                 item.0.to_vec(),
-                version.to_bytes()
+                version.to_bytes(),
+                i64::from(version.entry.deleted),
             ])?;
         }
         Ok(())
@@ -562,7 +564,9 @@ impl Transaction<'_> {
     pub fn forget(&mut self, watermark: &VersionVector) -> Result<usize> {
         let mut tombstones = Vec::new();
         {
-            let mut statement = self.tx.prepare("SELECT item, body FROM versions")?;
+            let mut statement = self
+                .tx
+                .prepare("SELECT item, body FROM versions WHERE deleted = 1")?;
             let mut rows = statement.query([])?;
             while let Some(row) = rows.next()? {
                 let body: Vec<u8> = row.get(1)?;
@@ -664,6 +668,21 @@ impl Transaction<'_> {
             .prepare_cached("DELETE FROM local_files WHERE path = ?1")?
             .execute(params![path])?;
         Ok(())
+    }
+
+    /// Forgets tombstones behind the watermark: what this replica and every partner it has
+    /// synced with have all seen. Returns how many were forgotten.
+    pub fn forget_behind_watermark(&mut self) -> Result<usize> {
+        let mut watermark = self.knowledge.prefix();
+        let mut statement = self.tx.prepare("SELECT knowledge FROM partners")?;
+        let partners: Vec<Vec<u8>> = statement
+            .query_map([], |row| row.get(0))?
+            .collect::<std::result::Result<_, _>>()?;
+        drop(statement);
+        for bytes in partners {
+            watermark = watermark.meet(&Knowledge::from_bytes(&bytes)?.prefix());
+        }
+        self.forget(&watermark)
     }
 
     /// Remembers a partner's knowledge after a sync (for the forgetting watermark).
