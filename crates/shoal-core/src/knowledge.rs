@@ -5,31 +5,33 @@
 //! counters; those are the exceptions, and they fold back into the counters as soon as the
 //! gaps fill.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use crate::codec::{DecodeError, Decoder, Encoder};
 use crate::ids::{Dot, WriterId};
 use crate::vector::VersionVector;
 
+/// The ticks of one writer that were seen. Sorted vectors, not trees: a knowledge is small,
+/// copied and decoded often (every stored version carries one as its context).
 #[derive(Clone, Default, PartialEq, Eq, Hash, Debug)]
 struct Seen {
     /// Every tick in `1..=upto` has been seen.
     upto: u64,
-    /// Ticks above `upto + 1` seen out of order.
-    extra: BTreeSet<u64>,
+    /// Ticks above `upto + 1` seen out of order, ascending.
+    extra: Vec<u64>,
 }
 
 impl Seen {
     fn contains(&self, tick: u64) -> bool {
-        tick <= self.upto || self.extra.contains(&tick)
+        tick <= self.upto || self.extra.binary_search(&tick).is_ok()
     }
 
     fn add(&mut self, tick: u64) {
         if tick <= self.upto {
             return;
         }
-        self.extra.insert(tick);
-        self.normalize();
+        if let Err(position) = self.extra.binary_search(&tick) {
+            self.extra.insert(position, tick);
+            self.normalize();
+        }
     }
 
     fn add_upto(&mut self, upto: u64) {
@@ -41,11 +43,14 @@ impl Seen {
 
     fn normalize(&mut self) {
         let upto = self.upto;
-        self.extra.retain(|tick| *tick > upto);
-        while self.extra.first() == Some(&(self.upto + 1)) {
+        let below = self.extra.partition_point(|tick| *tick <= upto);
+        self.extra.drain(..below);
+        let mut folded = 0;
+        while self.extra.get(folded) == Some(&(self.upto + 1)) {
             self.upto += 1;
-            self.extra.pop_first();
+            folded += 1;
         }
+        self.extra.drain(..folded);
     }
 
     fn highest(&self) -> u64 {
@@ -56,7 +61,8 @@ impl Seen {
 /// What a replica has seen: for each writer, a prefix of ticks and exceptions above it.
 #[derive(Clone, Default, PartialEq, Eq, Hash, Debug)]
 pub struct Knowledge {
-    writers: BTreeMap<WriterId, Seen>,
+    /// Sorted by writer.
+    writers: Vec<(WriterId, Seen)>,
 }
 
 impl Knowledge {
@@ -65,31 +71,50 @@ impl Knowledge {
         Self::default()
     }
 
+    fn seen(&self, writer: &WriterId) -> Option<&Seen> {
+        self.writers
+            .binary_search_by(|(w, _)| w.cmp(writer))
+            .ok()
+            .map(|index| &self.writers[index].1)
+    }
+
+    fn seen_mut(&mut self, writer: WriterId) -> &mut Seen {
+        let index = match self.writers.binary_search_by(|(w, _)| w.cmp(&writer)) {
+            Ok(index) => index,
+            Err(index) => {
+                self.writers.insert(index, (writer, Seen::default()));
+                index
+            }
+        };
+        &mut self.writers[index].1
+    }
+
     /// Whether the write `dot` has been seen.
     pub fn contains(&self, dot: &Dot) -> bool {
-        self.writers
-            .get(&dot.writer)
+        self.seen(&dot.writer)
             .is_some_and(|seen| seen.contains(dot.tick))
     }
 
     /// Records one write as seen.
     pub fn add(&mut self, dot: Dot) {
         if dot.tick > 0 {
-            self.writers.entry(dot.writer).or_default().add(dot.tick);
+            self.seen_mut(dot.writer).add(dot.tick);
         }
     }
 
     /// Records every write covered by a vector as seen.
     pub fn add_vector(&mut self, vector: &VersionVector) {
         for (writer, tick) in vector.iter() {
-            self.writers.entry(*writer).or_default().add_upto(*tick);
+            if *tick > 0 {
+                self.seen_mut(*writer).add_upto(*tick);
+            }
         }
     }
 
     /// Union: afterwards `self` has seen what either side had.
     pub fn merge(&mut self, other: &Knowledge) {
         for (writer, seen) in &other.writers {
-            let mine = self.writers.entry(*writer).or_default();
+            let mine = self.seen_mut(*writer);
             mine.add_upto(seen.upto);
             for tick in &seen.extra {
                 mine.add(*tick);
@@ -97,34 +122,23 @@ impl Knowledge {
         }
     }
 
-    /// Whether every write in `vector` has been seen.
+    /// Whether every write in `vector` has been seen. (Exceptions never start right above the
+    /// prefix, so "all ticks up to n" means "the prefix reaches n".)
     pub fn covers(&self, vector: &VersionVector) -> bool {
-        vector.iter().all(|(writer, tick)| {
-            self.writers
-                .get(writer)
-                .is_some_and(|seen| seen.upto >= *tick)
-                || (1..=*tick).all(|t| {
-                    self.contains(&Dot {
-                        writer: *writer,
-                        tick: t,
-                    })
-                })
-        })
+        vector
+            .iter()
+            .all(|(writer, tick)| self.seen(writer).map_or(0, |seen| seen.upto) >= *tick)
     }
 
     /// Whether `self` has seen everything `other` has.
     pub fn covers_knowledge(&self, other: &Knowledge) -> bool {
         other.writers.iter().all(|(writer, seen)| {
-            let dot = |tick| Dot {
-                writer: *writer,
-                tick,
-            };
-            let prefix = self
-                .writers
-                .get(writer)
-                .is_some_and(|mine| mine.upto >= seen.upto)
-                || (1..=seen.upto).all(|t| self.contains(&dot(t)));
-            prefix && seen.extra.iter().all(|t| self.contains(&dot(*t)))
+            let mine = self.seen(writer);
+            mine.map_or(0, |m| m.upto) >= seen.upto
+                && seen
+                    .extra
+                    .iter()
+                    .all(|tick| mine.is_some_and(|m| m.contains(*tick)))
         })
     }
 
@@ -141,12 +155,12 @@ impl Knowledge {
 
     /// The highest tick seen of `writer`, counting exceptions.
     pub fn highest(&self, writer: &WriterId) -> u64 {
-        self.writers.get(writer).map_or(0, Seen::highest)
+        self.seen(writer).map_or(0, Seen::highest)
     }
 
     /// The ticks of `writer` that are seen, at or below `upto`, as ranges `(first, last)`.
     pub fn ranges(&self, writer: &WriterId) -> Vec<(u64, u64)> {
-        let Some(seen) = self.writers.get(writer) else {
+        let Some(seen) = self.seen(writer) else {
             return Vec::new();
         };
         let mut ranges = Vec::new();
@@ -164,12 +178,12 @@ impl Knowledge {
 
     /// Writers with at least one seen tick, in canonical order.
     pub fn writers(&self) -> impl Iterator<Item = &WriterId> {
-        self.writers.keys()
+        self.writers.iter().map(|(writer, _)| writer)
     }
 
     /// Number of exception ticks (zero after every completed sync).
     pub fn exception_count(&self) -> usize {
-        self.writers.values().map(|seen| seen.extra.len()).sum()
+        self.writers.iter().map(|(_, seen)| seen.extra.len()).sum()
     }
 
     /// The canonical encoding: equal knowledge always encodes to equal bytes.
@@ -200,9 +214,10 @@ impl Knowledge {
             let writer = input.writer()?;
             let mut seen = Seen {
                 upto: input.uvarint()?,
-                extra: BTreeSet::new(),
+                extra: Vec::new(),
             };
             let extras = input.length()?;
+            seen.extra.reserve(extras);
             let mut previous = seen.upto;
             for _ in 0..extras {
                 let delta = input.uvarint()?;
@@ -212,10 +227,19 @@ impl Knowledge {
                 previous = previous
                     .checked_add(delta)
                     .ok_or(DecodeError::Invalid("tick overflow"))?;
-                seen.extra.insert(previous);
+                seen.extra.push(previous);
             }
             seen.normalize();
-            knowledge.writers.insert(writer, seen);
+            if knowledge
+                .writers
+                .last()
+                .is_some_and(|(last, _)| *last >= writer)
+            {
+                return Err(DecodeError::Invalid("knowledge writers out of order"));
+            }
+            if seen.upto > 0 || !seen.extra.is_empty() {
+                knowledge.writers.push((writer, seen));
+            }
         }
         Ok(knowledge)
     }

@@ -6,7 +6,7 @@
 //! states, so every replica that holds the same states shows the same tree, and no version is
 //! hidden from the user: conflict losers of files appear as conflict copies beside the winner.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 
 use crate::ids::ItemId;
 use crate::item::{ItemKind, ItemState, Version};
@@ -80,121 +80,198 @@ pub struct Layout {
     pub notes: Vec<LayoutNote>,
 }
 
+/// Where an item hangs, by index into the sorted item list.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Visibility {
-    Hidden,
-    Shown,
+enum Parent {
+    Root,
+    Item(usize),
+    /// The item's own name is refused: it is not shown, nor anything inside it.
+    Refused,
 }
 
+const UNDECIDED: u8 = 0;
+const HIDDEN: u8 = 1;
+const SHOWN: u8 = 2;
+
 /// Computes the tree for a set of item states.
+///
+/// Items are addressed by dense indices after one hash lookup each, so the whole layout is a
+/// few passes over arrays: it runs on every sync that changes anything.
 pub fn layout<'a>(items: impl IntoIterator<Item = (&'a ItemId, &'a ItemState)>) -> Layout {
-    let items: BTreeMap<ItemId, &ItemState> =
-        items.into_iter().map(|(id, state)| (*id, state)).collect();
+    let mut list: Vec<(ItemId, &ItemState)> = items.into_iter().map(|(id, s)| (*id, s)).collect();
+    list.sort_by_key(|(id, _)| *id);
+    list.dedup_by_key(|(id, _)| *id);
+    let count = list.len();
+    let index_of: HashMap<ItemId, usize> = list
+        .iter()
+        .enumerate()
+        .map(|(index, (id, _))| (*id, index))
+        .collect();
+    let winner = |index: usize| list[index].1.winner();
     let mut notes = Vec::new();
 
-    // 1. Which items are shown, and under which parent.
-    let mut visible: HashMap<ItemId, Visibility> = HashMap::new();
-    let mut parent_of: HashMap<ItemId, ItemId> = HashMap::new();
-    for (id, state) in &items {
-        let winner = state.winner();
-        if let Err(error) = validate_name(&winner.entry.name) {
+    // 1. Parents. A parent not held here (not received yet, or a forgotten deletion) puts the
+    //    item at the root rather than hiding it: a person still sees it.
+    let mut parent: Vec<Parent> = Vec::with_capacity(count);
+    for (index, (id, state)) in list.iter().enumerate() {
+        let entry = &state.winner().entry;
+        if let Err(error) = validate_name(&entry.name) {
             notes.push(LayoutNote::BadName { item: *id, error });
-            visible.insert(*id, Visibility::Hidden);
-            continue;
-        }
-        parent_of.insert(*id, winner.entry.parent);
-    }
-    // A parent not held here (not received yet, or a forgotten deletion) puts the item at the
-    // root rather than hiding it: a person still sees it.
-    for (id, parent) in parent_of.iter_mut() {
-        if *parent != ItemId::ROOT && !items.contains_key(parent) {
-            *parent = ItemId::ROOT;
-            if !items[id].winner().entry.deleted {
+            parent.push(Parent::Refused);
+        } else if entry.parent == ItemId::ROOT {
+            parent.push(Parent::Root);
+        } else if let Some(&up) = index_of.get(&entry.parent).filter(|up| **up != index) {
+            parent.push(Parent::Item(up));
+        } else {
+            if !entry.deleted {
                 notes.push(LayoutNote::Orphan { item: *id });
             }
+            parent.push(Parent::Root);
         }
     }
-    notes.sort_by_key(note_item);
-    let mut resurrected = BTreeSet::new();
-    for (id, state) in &items {
-        if !state.winner().entry.deleted {
-            make_visible(*id, &items, &parent_of, &mut visible, &mut resurrected);
+
+    // 2. Visibility: live items, and the deleted folders above them, which come back.
+    let mut visibility = vec![UNDECIDED; count];
+    for (index, p) in parent.iter().enumerate() {
+        if *p == Parent::Refused {
+            visibility[index] = HIDDEN;
         }
     }
-    notes.extend(
-        resurrected
-            .into_iter()
-            .map(|item| LayoutNote::Resurrected { item }),
-    );
-    let shown: BTreeSet<ItemId> = visible
-        .iter()
-        .filter(|(_, v)| **v == Visibility::Shown)
-        .map(|(id, _)| *id)
-        .collect();
+    let mut resurrected = Vec::new();
+    let mut on_chain = vec![usize::MAX; count];
+    let mut chain = Vec::new();
+    for start in 0..count {
+        if winner(start).entry.deleted || visibility[start] != UNDECIDED {
+            continue;
+        }
+        chain.clear();
+        let mut current = start;
+        let outcome = loop {
+            if visibility[current] != UNDECIDED {
+                break visibility[current];
+            }
+            if on_chain[current] == start {
+                break SHOWN; // a cycle: shown here, broken below
+            }
+            on_chain[current] = start;
+            chain.push(current);
+            match parent[current] {
+                Parent::Root => break SHOWN,
+                Parent::Refused => break HIDDEN,
+                Parent::Item(up) if winner(up).entry.kind == ItemKind::Directory => current = up,
+                Parent::Item(_) => break HIDDEN,
+            }
+        };
+        for &index in &chain {
+            if outcome == SHOWN && winner(index).entry.deleted {
+                resurrected.push(index);
+            }
+            visibility[index] = outcome;
+        }
+    }
+    resurrected.sort_unstable();
+    notes.extend(resurrected.iter().map(|index| LayoutNote::Resurrected {
+        item: list[*index].0,
+    }));
 
-    // 2. Break move cycles: the most recently ranked move in each cycle goes to the root.
-    for item in break_cycles(&shown, &items, &mut parent_of) {
-        notes.push(LayoutNote::CycleBroken { item });
+    // 3. Break move cycles: in each, the item whose winning version ranks highest (the most
+    //    recent move) goes to the root.
+    let mut settled = vec![false; count];
+    let mut path_mark = vec![usize::MAX; count];
+    for start in (0..count).filter(|i| visibility[*i] == SHOWN) {
+        chain.clear();
+        let mut current = start;
+        loop {
+            if settled[current] {
+                break;
+            }
+            if path_mark[current] == start {
+                let position = chain.iter().position(|i| *i == current).unwrap_or(0);
+                let chosen = chain[position..]
+                    .iter()
+                    .copied()
+                    .max_by(|a, b| winner(*a).rank_cmp(winner(*b)));
+                if let Some(chosen) = chosen {
+                    parent[chosen] = Parent::Root;
+                    notes.push(LayoutNote::CycleBroken {
+                        item: list[chosen].0,
+                    });
+                }
+                break;
+            }
+            path_mark[current] = start;
+            chain.push(current);
+            match parent[current] {
+                Parent::Item(up) => current = up,
+                Parent::Root | Parent::Refused => break,
+            }
+        }
+        for &index in &chain {
+            settled[index] = true;
+        }
     }
 
-    // 3. Names within each folder.
-    let mut children: BTreeMap<ItemId, Vec<ItemId>> = BTreeMap::new();
-    for id in &shown {
-        children.entry(parent_of[id]).or_default().push(*id);
+    // 4. Names within each folder (index `count` stands for the root).
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); count + 1];
+    for index in (0..count).filter(|i| visibility[*i] == SHOWN) {
+        match parent[index] {
+            Parent::Item(up) => children[up].push(index),
+            Parent::Root => children[count].push(index),
+            Parent::Refused => {}
+        }
     }
-    let mut placed_names: HashMap<(ItemId, Role, usize), String> = HashMap::new();
-    for (parent, members) in &children {
-        assign_names(*parent, members, &items, &mut placed_names, &mut notes);
+    let mut main_names: Vec<String> = vec![String::new(); count];
+    let mut copy_names: HashMap<usize, Vec<String>> = HashMap::new();
+    for (folder, members) in children.iter().enumerate() {
+        if !members.is_empty() {
+            assign_names(
+                folder == count,
+                members,
+                &list,
+                &mut main_names,
+                &mut copy_names,
+                &mut notes,
+            );
+        }
     }
 
-    // 4. Paths, top-down.
+    // 5. Paths, top-down.
     let mut placements = Vec::new();
-    let mut stack: Vec<(ItemId, String)> = vec![(ItemId::ROOT, String::new())];
-    while let Some((dir, prefix)) = stack.pop() {
-        for child in children.get(&dir).into_iter().flatten() {
-            let state = items[child];
-            let name = &placed_names[&(*child, Role::Main, 0)];
-            let path = if prefix.is_empty() {
-                name.clone()
-            } else {
-                format!("{prefix}/{name}")
+    let mut stack: Vec<(usize, String)> = vec![(count, String::new())];
+    while let Some((folder, prefix)) = stack.pop() {
+        for &child in &children[folder] {
+            let join = |name: &str| {
+                if prefix.is_empty() {
+                    name.to_owned()
+                } else {
+                    format!("{prefix}/{name}")
+                }
             };
+            let (id, state) = list[child];
+            let path = join(&main_names[child]);
             placements.push(Placement {
                 path: path.clone(),
-                item: *child,
+                item: id,
                 role: Role::Main,
                 version: state.winner().clone(),
             });
-            for (index, loser) in copy_losers(state).enumerate() {
-                let name = &placed_names[&(*child, Role::ConflictCopy, index)];
+            for (loser, name) in
+                copy_losers(state).zip(copy_names.get(&child).into_iter().flatten())
+            {
                 placements.push(Placement {
-                    path: if prefix.is_empty() {
-                        name.clone()
-                    } else {
-                        format!("{prefix}/{name}")
-                    },
-                    item: *child,
+                    path: join(name),
+                    item: id,
                     role: Role::ConflictCopy,
                     version: loser.clone(),
                 });
             }
             if state.winner().entry.kind == ItemKind::Directory {
-                stack.push((*child, path));
+                stack.push((child, path));
             }
         }
     }
     placements.sort_by(|a, b| a.path.cmp(&b.path));
     Layout { placements, notes }
-}
-
-fn note_item(note: &LayoutNote) -> ItemId {
-    match note {
-        LayoutNote::NameClash { item, .. }
-        | LayoutNote::Resurrected { item }
-        | LayoutNote::CycleBroken { item }
-        | LayoutNote::BadName { item, .. }
-        | LayoutNote::Orphan { item } => *item,
-    }
 }
 
 /// Losers of a live file that get a conflict copy (deleted losers have nothing to show).
@@ -206,98 +283,23 @@ fn copy_losers(state: &ItemState) -> impl Iterator<Item = &Version> {
         .filter(move |v| file && !v.entry.deleted && v.entry.kind == ItemKind::File)
 }
 
-fn make_visible(
-    start: ItemId,
-    items: &BTreeMap<ItemId, &ItemState>,
-    parent_of: &HashMap<ItemId, ItemId>,
-    visible: &mut HashMap<ItemId, Visibility>,
-    resurrected: &mut BTreeSet<ItemId>,
-) {
-    // Walk up until a decided ancestor (or the root), then decide the whole chain at once.
-    let mut chain = Vec::new();
-    let mut current = start;
-    let mut seen = BTreeSet::new();
-    let outcome = loop {
-        if let Some(v) = visible.get(&current) {
-            break *v;
-        }
-        if !seen.insert(current) {
-            // A cycle: shown here, broken later.
-            break Visibility::Shown;
-        }
-        let Some(parent) = parent_of.get(&current) else {
-            break Visibility::Hidden;
-        };
-        chain.push(current);
-        if *parent == ItemId::ROOT {
-            break Visibility::Shown;
-        }
-        match items.get(parent) {
-            Some(state) if state.winner().entry.kind == ItemKind::Directory => current = *parent,
-            _ => break Visibility::Hidden,
-        }
-    };
-    for id in chain {
-        if outcome == Visibility::Shown && items[&id].winner().entry.deleted {
-            resurrected.insert(id);
-        }
-        visible.insert(id, outcome);
-    }
-}
-
-fn break_cycles(
-    shown: &BTreeSet<ItemId>,
-    items: &BTreeMap<ItemId, &ItemState>,
-    parent_of: &mut HashMap<ItemId, ItemId>,
-) -> Vec<ItemId> {
-    let mut broken = Vec::new();
-    let mut settled: BTreeSet<ItemId> = BTreeSet::new();
-    for start in shown {
-        let mut path: Vec<ItemId> = Vec::new();
-        let mut on_path: BTreeSet<ItemId> = BTreeSet::new();
-        let mut current = *start;
-        loop {
-            if current == ItemId::ROOT || settled.contains(&current) {
-                break;
-            }
-            if on_path.contains(&current) {
-                let position = path.iter().position(|id| *id == current).unwrap_or(0);
-                let cycle = &path[position..];
-                let Some(chosen) = cycle
-                    .iter()
-                    .copied()
-                    .max_by(|a, b| items[a].winner().rank_cmp(items[b].winner()))
-                else {
-                    break;
-                };
-                parent_of.insert(chosen, ItemId::ROOT);
-                broken.push(chosen);
-                break;
-            }
-            on_path.insert(current);
-            path.push(current);
-            current = parent_of[&current];
-        }
-        settled.extend(path);
-    }
-    broken
-}
-
 fn assign_names(
-    parent: ItemId,
-    members: &[ItemId],
-    items: &BTreeMap<ItemId, &ItemState>,
-    placed: &mut HashMap<(ItemId, Role, usize), String>,
+    at_root: bool,
+    members: &[usize],
+    list: &[(ItemId, &ItemState)],
+    main_names: &mut [String],
+    copy_names: &mut HashMap<usize, Vec<String>>,
     notes: &mut Vec<LayoutNote>,
 ) {
-    let mut taken: BTreeSet<String> = BTreeSet::new();
-    if parent == ItemId::ROOT {
+    let mut taken: HashSet<String> = HashSet::with_capacity(members.len());
+    if at_root {
         taken.insert(STATE_DIR_NAME.to_owned());
     }
-    let mut mains: Vec<ItemId> = members.to_vec();
-    mains.sort_by(|a, b| items[b].winner().rank_cmp(items[a].winner()));
-    for id in &mains {
-        let winner = items[id].winner();
+    let mut mains: Vec<usize> = members.to_vec();
+    mains.sort_by(|a, b| list[*b].1.winner().rank_cmp(list[*a].1.winner()));
+    for &index in &mains {
+        let (id, state) = list[index];
+        let winner = state.winner();
         let wanted = &winner.entry.name;
         let name = if !taken.contains(wanted) {
             wanted.clone()
@@ -305,31 +307,36 @@ fn assign_names(
             let first = conflict_copy_name(wanted, &winner.device, winner.written_at);
             let placed = unique(first, &id.short(), &taken);
             notes.push(LayoutNote::NameClash {
-                item: *id,
+                item: id,
                 wanted: wanted.clone(),
                 placed: placed.clone(),
             });
             placed
         };
         taken.insert(name.clone());
-        placed.insert((*id, Role::Main, 0), name);
+        main_names[index] = name;
     }
-    let mut ids: Vec<ItemId> = members.to_vec();
-    ids.sort();
-    for id in ids {
-        let main_name = placed[&(id, Role::Main, 0)].clone();
-        for (index, loser) in copy_losers(items[&id]).enumerate() {
-            let first = conflict_copy_name(&main_name, &loser.device, loser.written_at);
+    // Members are in id order already (indices follow the sorted item list).
+    let mut ids: Vec<usize> = members.to_vec();
+    ids.sort_unstable();
+    for index in ids {
+        let state = list[index].1;
+        let mut names = Vec::new();
+        for loser in copy_losers(state) {
+            let first = conflict_copy_name(&main_names[index], &loser.device, loser.written_at);
             let tag = format!("{}{}", loser.dot.writer.replica.short(), loser.dot.tick);
             let name = unique(first, &tag, &taken);
             taken.insert(name.clone());
-            placed.insert((id, Role::ConflictCopy, index), name);
+            names.push(name);
+        }
+        if !names.is_empty() {
+            copy_names.insert(index, names);
         }
     }
 }
 
 /// `first` if free, else `first` with `tag` and then a counter inserted before the extension.
-fn unique(first: String, tag: &str, taken: &BTreeSet<String>) -> String {
+fn unique(first: String, tag: &str, taken: &HashSet<String>) -> String {
     if !taken.contains(&first) && validate_name(&first).is_ok() {
         return first;
     }

@@ -67,16 +67,6 @@ impl FolderReplica {
         self.staging_dir().join(hash.to_string())
     }
 
-    /// Whether content for `hash` is at hand: staged, or in a recorded file.
-    pub(crate) fn local_sources(&self) -> Result<HashMap<ContentHash, LocalFile>, FolderError> {
-        Ok(self
-            .store
-            .local_files()?
-            .into_values()
-            .filter_map(|f| Some((f.content?, f)))
-            .collect())
-    }
-
     /// Fetches the content of `versions` that is not at hand from `source` into the staging
     /// area and flushes it. Returns the hashes now available.
     pub(crate) fn stage(
@@ -85,14 +75,13 @@ impl FolderReplica {
         source: &dyn ContentSource,
         progress: &dyn Progress,
     ) -> Result<std::collections::HashSet<ContentHash>, FolderError> {
-        let local = self.local_sources()?;
         let mut wanted: BTreeMap<ContentHash, u64> = BTreeMap::new();
         let mut available = std::collections::HashSet::new();
         for (_, version) in versions {
             let Some(hash) = version.entry.content.filter(|_| !version.entry.deleted) else {
                 continue;
             };
-            if local.contains_key(&hash) || self.staged(&hash).is_file() {
+            if self.staged(&hash).is_file() || self.store.local_file_with(&hash)?.is_some() {
                 available.insert(hash);
             } else {
                 wanted.insert(hash, version.entry.size);
@@ -482,6 +471,10 @@ impl FolderReplica {
         let Ok(entries) = fs::read_dir(&dir) else {
             return Ok(());
         };
+        let entries: Vec<fs::DirEntry> = entries.flatten().collect();
+        if entries.is_empty() {
+            return Ok(());
+        }
         let recorded = self.store.local_files()?;
         let waiting: std::collections::HashSet<String> = desired
             .values()
@@ -492,7 +485,7 @@ impl FolderReplica {
             })
             .filter_map(|p| p.version.entry.content.map(|h| h.to_string()))
             .collect();
-        for entry in entries.flatten() {
+        for entry in entries {
             if !waiting.contains(&*entry.file_name().to_string_lossy()) {
                 let _ = fs::remove_file(entry.path());
             }

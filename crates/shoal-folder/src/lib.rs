@@ -60,6 +60,8 @@ pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> FolderErro
     }
 }
 
+const STATE_DB: &str = "state.db";
+
 /// One folder and its replica state in `<folder>/.shoal/`.
 pub struct FolderReplica {
     root: PathBuf,
@@ -75,7 +77,7 @@ impl FolderReplica {
         let root = root.canonicalize().map_err(io_error(root))?;
         let state = root.join(STATE_DIR_NAME);
         std::fs::create_dir_all(state.join("tmp")).map_err(io_error(&state))?;
-        let store = Store::open(&state.join("state.db"), device)?;
+        let store = Store::open(&state.join(STATE_DB), device)?;
         Ok(FolderReplica { root, store })
     }
 
@@ -92,6 +94,10 @@ impl FolderReplica {
     /// The replica's metadata, for changes.
     pub fn store_mut(&mut self) -> &mut Store {
         &mut self.store
+    }
+
+    pub(crate) fn state_db(&self) -> PathBuf {
+        self.root.join(STATE_DIR_NAME).join(STATE_DB)
     }
 
     pub(crate) fn staging_dir(&self) -> PathBuf {

@@ -5,12 +5,11 @@
 //! both folders in line with their layouts. Running it again with nothing changed reads two
 //! directory trees and exchanges two knowledge values.
 
-use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use shoal_core::{BatchLimits, ContentHash, Receiving, SyncOffer, dead_versions, plan_batches};
-use shoal_store::LocalFile;
+use shoal_store::ContentIndex;
 
 use crate::apply::ContentSource;
 use crate::scan::{same_stat, stat};
@@ -57,7 +56,7 @@ pub struct MirrorReport {
 /// recorded.
 pub struct FolderSource {
     root: PathBuf,
-    by_hash: HashMap<ContentHash, LocalFile>,
+    index: ContentIndex,
 }
 
 impl FolderReplica {
@@ -65,7 +64,7 @@ impl FolderReplica {
     pub fn content_source(&self) -> Result<FolderSource, FolderError> {
         Ok(FolderSource {
             root: self.root().to_path_buf(),
-            by_hash: self.local_sources()?,
+            index: ContentIndex::open(&self.state_db())?,
         })
     }
 
@@ -100,12 +99,12 @@ pub struct ReceiveReport {
 
 impl ContentSource for FolderSource {
     fn copy_to(&self, hash: &ContentHash, dest: &Path) -> bool {
-        let Some(file) = self.by_hash.get(hash) else {
+        let Ok(Some(file)) = self.index.file_with(hash) else {
             return false;
         };
         let mut source = self.root.clone();
         source.extend(file.path.split('/'));
-        let unchanged = || matches!(stat(&source), Ok(Some(found)) if same_stat(&found, file));
+        let unchanged = || matches!(stat(&source), Ok(Some(found)) if same_stat(&found, &file));
         unchanged() && fs::copy(&source, dest).is_ok() && unchanged()
     }
 }
@@ -233,10 +232,7 @@ fn send(
     if missing.is_empty() && receiver.covers_knowledge(&offer.knowledge) {
         return Ok(());
     }
-    let source = FolderSource {
-        root: from.root().to_path_buf(),
-        by_hash: from.local_sources()?,
-    };
+    let source = from.content_source()?;
     let mut session = Receiving::new();
     for batch in plan_batches(missing, &offer, limits) {
         let available = to.stage(&batch.versions, &source, progress)?;

@@ -17,7 +17,7 @@ use shoal_core::{
     Entry, ItemId, ItemKind, ItemState, Knowledge, Placement, Role, STATE_DIR_NAME, TEMP_PREFIX,
     layout, validate_name,
 };
-use shoal_store::{ChunkedContent, LocalFile, chunk_reader};
+use shoal_store::{ChunkedContent, LocalFile, Store, chunk_reader};
 
 use crate::{FolderError, FolderReplica, Progress, io_error, now_ns};
 
@@ -193,6 +193,25 @@ fn hash_file(path: &Path, expected: &Found) -> Option<ChunkedContent> {
         .then_some(content)
 }
 
+/// Item states read on demand.
+#[derive(Default)]
+struct StateCache {
+    states: HashMap<ItemId, Option<ItemState>>,
+}
+
+impl StateCache {
+    fn get(&mut self, store: &Store, id: &ItemId) -> Result<Option<&ItemState>, FolderError> {
+        if !self.states.contains_key(id) {
+            self.states.insert(*id, store.item(id)?);
+        }
+        Ok(self.cached(id))
+    }
+
+    fn cached(&self, id: &ItemId) -> Option<&ItemState> {
+        self.states.get(id).and_then(Option::as_ref)
+    }
+}
+
 struct Pending {
     entry: Entry,
     base: Knowledge,
@@ -288,12 +307,18 @@ impl FolderReplica {
             return Ok(report);
         }
 
-        let items = self.store.load_items()?;
-        let desired: HashMap<String, Placement> = layout(&items)
-            .placements
-            .into_iter()
-            .map(|p| (p.path.clone(), p))
-            .collect();
+        // Item states are read one by one, for the few items that changed.
+        let mut items = StateCache::default();
+        // Files put in place before a crash can only exist while the disk lags the states.
+        let desired: HashMap<String, Placement> = if self.store.needs_materialize()? {
+            layout(&self.store.load_items()?)
+                .placements
+                .into_iter()
+                .map(|p| (p.path.clone(), p))
+                .collect()
+        } else {
+            HashMap::new()
+        };
 
         // Renames: vanished paths by inode.
         let mut vanished_by_inode: HashMap<(u64, ItemKind), &LocalFile> = HashMap::new();
@@ -423,8 +448,9 @@ impl FolderReplica {
                             vanished_by_inode.remove(&(info.inode, info.kind));
                             moved_from.insert(old.path.clone());
                             path_items.insert(path.clone(), old.item);
-                            let winner = items.get(&old.item).map(ItemState::winner);
-                            let unchanged_place = winner.is_some_and(|w| {
+                            let state = items.get(&self.store, &old.item)?;
+                            let unchanged_place = state.is_some_and(|s| {
+                                let w = s.winner();
                                 w.entry.parent == parent && w.entry.name == entry.name
                             });
                             if unchanged_place {
@@ -475,7 +501,7 @@ impl FolderReplica {
             if pending.contains_key(&previous.item) {
                 continue;
             }
-            let Some(state) = items.get(&previous.item) else {
+            let Some(state) = items.get(&self.store, &previous.item)? else {
                 continue;
             };
             let mut entry = state.winner().entry.clone();
@@ -492,7 +518,7 @@ impl FolderReplica {
             match pending.get_mut(&item) {
                 Some(change) => change.resolves.extend(histories),
                 None => {
-                    let Some(state) = items.get(&item) else {
+                    let Some(state) = items.get(&self.store, &item)? else {
                         continue;
                     };
                     let winner = state.winner();
@@ -503,17 +529,18 @@ impl FolderReplica {
             }
         }
 
+        for item in pending.keys() {
+            items.get(&self.store, item)?;
+        }
         // One transaction for every new version and record.
         let now = now_ns();
         let mut tx = self.store.begin()?;
         let writer = tx.identity().writer();
-        if !pending.is_empty() {
-            tx.set_needs_materialize(true)?;
-        }
+        let mut disk_lags = false;
         for (item, change) in pending {
             let mut base = change.base;
             // Follow the deletions the shown version beat, and every settled conflict.
-            if let Some(state) = items.get(&item) {
+            if let Some(state) = items.cached(&item) {
                 for loser in state.losers().iter().filter(|v| v.entry.deleted) {
                     base.merge(&loser.history());
                 }
@@ -521,7 +548,7 @@ impl FolderReplica {
             for history in &change.resolves {
                 base.merge(history);
             }
-            let context = match items.get(&item) {
+            let context = match items.cached(&item) {
                 Some(state) => state.compact_context(base, writer),
                 None => base,
             };
@@ -530,10 +557,18 @@ impl FolderReplica {
                 tx.put_content(content)?;
             }
             let version = tx.write_local(item, change.entry, context, now)?;
+            // The disk already shows a local change, unless it stands beside a concurrent
+            // version (a conflict to show, or an edit that beats this deletion).
+            disk_lags |= shoal_core::ItemAccess::get(&mut tx, &item)?.is_some_and(|state| {
+                state.versions().len() > 1 || state.winner().dot != version.dot
+            });
             if let Some((path, info)) = at.as_ref().and_then(|path| Some((path, found.get(path)?)))
             {
                 records.push(record(path, item, &version, Role::Main, info));
             }
+        }
+        if disk_lags {
+            tx.set_needs_materialize(true)?;
         }
         for path in &removed_paths {
             tx.remove_local_file(path)?;

@@ -54,6 +54,7 @@ CREATE TABLE local_files (
     kind INTEGER NOT NULL, content BLOB, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, inode INTEGER NOT NULL,
     executable INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX local_files_by_content ON local_files (content);
 CREATE TABLE partners (replica BLOB PRIMARY KEY, knowledge BLOB NOT NULL, synced_at INTEGER NOT NULL) WITHOUT ROWID;
 "#];
 
@@ -349,40 +350,21 @@ impl Store {
 
     /// What was last recorded on disk, by path.
     pub fn local_files(&self) -> Result<BTreeMap<String, LocalFile>> {
-        let mut statement = self.conn.prepare(
-            "SELECT path, item, role, dot, history, kind, content, size, mtime_ns, inode, executable FROM local_files",
-        )?;
+        let mut statement = self
+            .conn
+            .prepare(&format!("SELECT {LOCAL_FILE_COLUMNS} FROM local_files"))?;
         let mut rows = statement.query([])?;
         let mut files = BTreeMap::new();
         while let Some(row) = rows.next()? {
-            let path: String = row.get(0)?;
-            let dot: Vec<u8> = row.get(3)?;
-            let history: Vec<u8> = row.get(4)?;
-            let content: Option<Vec<u8>> = row.get(6)?;
-            let file = LocalFile {
-                path: path.clone(),
-                item: item_from(row.get(1)?)?,
-                role: if row.get::<_, i64>(2)? == 0 {
-                    Role::Main
-                } else {
-                    Role::ConflictCopy
-                },
-                dot: dot_from(&dot)?,
-                history: Knowledge::from_bytes(&history)?,
-                kind: if row.get::<_, i64>(5)? == 0 {
-                    ItemKind::Directory
-                } else {
-                    ItemKind::File
-                },
-                content: content.map(hash_from).transpose()?,
-                size: row.get::<_, i64>(7)? as u64,
-                mtime_ns: row.get(8)?,
-                inode: row.get::<_, i64>(9)? as u64,
-                executable: row.get::<_, i64>(10)? != 0,
-            };
-            files.insert(path, file);
+            let file = local_file_from(row)?;
+            files.insert(file.path.clone(), file);
         }
         Ok(files)
+    }
+
+    /// A recorded file holding the content `hash`, if any.
+    pub fn local_file_with(&self, hash: &ContentHash) -> Result<Option<LocalFile>> {
+        local_file_with(&self.conn, hash)
     }
 
     /// The knowledge each partner had when we last synced with it.
@@ -419,6 +401,73 @@ impl Store {
             tick,
             knowledge_dirty: false,
         })
+    }
+}
+
+const LOCAL_FILE_COLUMNS: &str =
+    "path, item, role, dot, history, kind, content, size, mtime_ns, inode, executable";
+
+fn local_file_from(row: &rusqlite::Row<'_>) -> Result<LocalFile> {
+    let dot: Vec<u8> = row.get(3)?;
+    let history: Vec<u8> = row.get(4)?;
+    let content: Option<Vec<u8>> = row.get(6)?;
+    Ok(LocalFile {
+        path: row.get(0)?,
+        item: item_from(row.get(1)?)?,
+        role: if row.get::<_, i64>(2)? == 0 {
+            Role::Main
+        } else {
+            Role::ConflictCopy
+        },
+        dot: dot_from(&dot)?,
+        history: Knowledge::from_bytes(&history)?,
+        kind: if row.get::<_, i64>(5)? == 0 {
+            ItemKind::Directory
+        } else {
+            ItemKind::File
+        },
+        content: content.map(hash_from).transpose()?,
+        size: row.get::<_, i64>(7)? as u64,
+        mtime_ns: row.get(8)?,
+        inode: row.get::<_, i64>(9)? as u64,
+        executable: row.get::<_, i64>(10)? != 0,
+    })
+}
+
+fn local_file_with(conn: &Connection, hash: &ContentHash) -> Result<Option<LocalFile>> {
+    let mut statement = conn.prepare_cached(&format!(
+        "SELECT {LOCAL_FILE_COLUMNS} FROM local_files WHERE content = ?1 LIMIT 1"
+    ))?;
+    let mut rows = statement.query(params![hash.0.to_vec()])?;
+    match rows.next()? {
+        Some(row) => Ok(Some(local_file_from(row)?)),
+        None => Ok(None),
+    }
+}
+
+/// A read-only view of a replica's recorded files by content, usable from many threads: how
+/// another replica finds where to read a chunk of content from.
+pub struct ContentIndex {
+    conn: std::sync::Mutex<Connection>,
+}
+
+impl ContentIndex {
+    /// Opens the index of the store at `path` (its own connection, read-only).
+    pub fn open(path: &Path) -> Result<ContentIndex> {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(ContentIndex {
+            conn: std::sync::Mutex::new(conn),
+        })
+    }
+
+    /// A recorded file holding the content `hash`, if any.
+    pub fn file_with(&self, hash: &ContentHash) -> Result<Option<LocalFile>> {
+        let conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        local_file_with(&conn, hash)
     }
 }
 

@@ -11,4 +11,4 @@ pub use chunks::{
     CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkError, ChunkRef, ChunkStore, ChunkedContent, chunk_bytes,
     chunk_reader,
 };
-pub use db::{Identity, LocalFile, Store, StoreError, Transaction};
+pub use db::{ContentIndex, Identity, LocalFile, Store, StoreError, Transaction};
