@@ -153,6 +153,11 @@ impl Knowledge {
             .collect()
     }
 
+    /// The ticks of `writer` seen above its prefix, ascending.
+    pub fn exceptions(&self, writer: &WriterId) -> &[u64] {
+        self.seen(writer).map_or(&[], |seen| &seen.extra)
+    }
+
     /// The highest tick seen of `writer`, counting exceptions.
     pub fn highest(&self, writer: &WriterId) -> u64 {
         self.seen(writer).map_or(0, Seen::highest)

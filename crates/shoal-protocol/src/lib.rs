@@ -1,0 +1,34 @@
+//! The shoal sync protocol: every message that crosses the wire, as JSON, with conversions to
+//! and from the core's domain types.
+//!
+//! This crate owns the wire format (the core's types know nothing of serde). Ids travel as
+//! lowercase hex; knowledge travels as per-writer prefixes and exceptions. Conversions from
+//! the wire validate everything, since the other side may be anyone. See `docs/protocol.md`.
+
+mod convert;
+mod messages;
+pub mod routes;
+
+pub use convert::{WireError, hex16, hex32, parse_hash, parse_item, parse_replica};
+pub use messages::*;
+
+/// The protocol version, sent as the `shoal-protocol` header.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Header names used on requests and responses.
+pub mod headers {
+    /// Protocol version the caller speaks.
+    pub const PROTOCOL: &str = "shoal-protocol";
+    /// The partnership: the caller's replica id and the workspace, "REPLICA@WORKSPACE".
+    pub const PARTNERSHIP: &str = "shoal-partnership";
+    /// The caller's replica id (hex).
+    pub const REPLICA: &str = "shoal-replica";
+    /// The caller replica's epoch.
+    pub const EPOCH: &str = "shoal-epoch";
+    /// The caller's device id (hex).
+    pub const DEVICE: &str = "shoal-device";
+    /// Ties the requests of one sync session together in logs.
+    pub const CORRELATION: &str = "shoal-correlation";
+    /// Set on every response: names this request in the server's logs.
+    pub const REQUEST_ID: &str = "shoal-request-id";
+}

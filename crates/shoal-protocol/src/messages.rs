@@ -1,0 +1,369 @@
+//! Request and response bodies, in the order a sync uses them.
+
+use serde::{Deserialize, Serialize};
+
+/// A version vector: one counter per writer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireVector(pub Vec<WireDot>);
+
+/// One writer's seen ticks: all of `1..=upto`, plus `extra`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireSeen {
+    /// Writer replica id (hex).
+    pub replica: String,
+    /// Writer epoch.
+    pub epoch: u32,
+    /// Every tick up to this one was seen.
+    pub upto: u64,
+    /// Ticks seen above `upto`, ascending.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra: Vec<u64>,
+}
+
+/// Knowledge: what a replica has seen.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireKnowledge(pub Vec<WireSeen>);
+
+/// A write: writer and tick.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireDot {
+    /// Writer replica id (hex).
+    pub replica: String,
+    /// Writer epoch.
+    pub epoch: u32,
+    /// The writer's tick.
+    pub tick: u64,
+}
+
+/// The state one version gives an item.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireEntry {
+    /// Parent item id (hex; all zeros for the workspace root).
+    pub parent: String,
+    /// Name within the parent.
+    pub name: String,
+    /// `file` or `directory`.
+    pub kind: String,
+    /// True for a deletion.
+    pub deleted: bool,
+    /// Whole-content BLAKE3 hash (hex), for live files.
+    #[serde(default)]
+    pub content: Option<String>,
+    /// Content size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Executable bit.
+    pub executable: bool,
+}
+
+/// One version of one item.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireVersion {
+    /// Item id (hex).
+    pub item: String,
+    /// Which write this is.
+    pub dot: WireDot,
+    /// The item's earlier writes this one supersedes.
+    pub context: WireKnowledge,
+    /// The resulting state.
+    pub entry: WireEntry,
+    /// Writer's clock at the write, nanoseconds.
+    pub written_at: i64,
+    /// Writer's device name.
+    pub device: String,
+}
+
+/// Batch limits one side accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireLimits {
+    /// Most versions per batch.
+    pub max_items: usize,
+    /// Most content bytes per batch.
+    pub max_bytes: u64,
+}
+
+/// Where content can be fetched or put, and how.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Location {
+    /// `http` (ranged, resumable) or `file` (a directory of chunk files on a shared file
+    /// system).
+    pub transport: String,
+    /// For `http`, a URL path on the same server whose `/{chunk hash}` serves each chunk; for
+    /// `file`, an absolute directory path holding `ab/cdef…` chunk files.
+    pub url: String,
+}
+
+/// One chunk of a content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireChunk {
+    /// BLAKE3 of the chunk (hex).
+    pub hash: String,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// How a content is cut into chunks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireContent {
+    /// Whole-content hash (hex).
+    pub hash: String,
+    /// Total size.
+    pub size: u64,
+    /// Chunks, in order.
+    pub chunks: Vec<WireChunk>,
+}
+
+// ---- download --------------------------------------------------------------------------
+
+/// `POST …/download`: the caller's knowledge; starts an enumeration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadRequest {
+    /// What the caller has seen.
+    pub knowledge: WireKnowledge,
+    /// The caller's batch limits.
+    pub limits: WireLimits,
+}
+
+/// A batch of versions the caller lacks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireBatch {
+    /// Versions in writer-then-tick order.
+    pub versions: Vec<WireVersion>,
+    /// Chunk lists of the contents the versions name.
+    pub contents: Vec<WireContent>,
+    /// Where chunks can be fetched, in order of preference.
+    pub locations: Vec<Location>,
+    /// What the caller knows after applying the whole batch.
+    pub learned: WireKnowledge,
+    /// True on the final batch.
+    pub last: bool,
+    /// On the final batch: tombstones the server has forgotten.
+    #[serde(default)]
+    pub forgotten: WireVector,
+    /// URI of the next batch, if any.
+    #[serde(default)]
+    pub next: Option<String>,
+}
+
+/// The answer to a [`DownloadRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadResponse {
+    /// The first batch (possibly empty).
+    pub batch: WireBatch,
+    /// Where to report per-item results.
+    pub result: String,
+    /// True when the caller has not seen deletions the server has forgotten: it must run a
+    /// recovery compare (`POST …/recovery`) before applying batches.
+    pub recovery: bool,
+    /// The server's replica tag (compact knowledge, hex).
+    pub tag: String,
+}
+
+/// Outcome of one item on the receiving side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemResult {
+    /// The version.
+    pub dot: WireDot,
+    /// `applied` or `failed`.
+    pub status: String,
+    /// For failures: the transport error.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// `PUT <result URI>`: what the caller now has.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadResult {
+    /// Per-item results.
+    pub items: Vec<ItemResult>,
+    /// The caller's knowledge after applying.
+    pub knowledge: WireKnowledge,
+}
+
+/// `POST …/recovery`: versions the caller holds whose dots the server has seen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryRequest {
+    /// Candidate (item, dot) pairs.
+    pub candidates: Vec<ItemDot>,
+}
+
+/// An item and one of its versions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemDot {
+    /// Item id (hex).
+    pub item: String,
+    /// The version.
+    pub dot: WireDot,
+}
+
+/// The candidates that are dead: deleted on the server, the deletion since forgotten.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryResponse {
+    /// Dead versions; the caller drops them.
+    pub dead: Vec<ItemDot>,
+    /// The server's forgotten tombstones, which the caller adopts.
+    pub forgotten: WireVector,
+}
+
+// ---- upload ----------------------------------------------------------------------------
+
+/// `GET …/upload`: what the server has, and where to send batch metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadOffer {
+    /// The server's knowledge.
+    pub knowledge: WireKnowledge,
+    /// The server's batch limits.
+    pub limits: WireLimits,
+    /// URI prefix for batch metadata: `PUT {batches}/{batch id}`.
+    pub batches: String,
+    /// The server's replica tag.
+    pub tag: String,
+}
+
+/// `PUT {batches}/{id}`: the versions to upload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadBatch {
+    /// Versions.
+    pub versions: Vec<WireVersion>,
+    /// Chunk lists of their contents.
+    pub contents: Vec<WireContent>,
+    /// What the server learns by applying every version (the caller's knowledge on the last
+    /// batch, else the batch's own dots).
+    pub learned: WireKnowledge,
+    /// True on the final batch.
+    pub last: bool,
+}
+
+/// Per item: where to put its content, or that none is needed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadPlanItem {
+    /// The version.
+    pub dot: WireDot,
+    /// False when the server already holds every chunk of the content (or there is none).
+    pub needed: bool,
+    /// Chunks the server lacks.
+    #[serde(default)]
+    pub missing: Vec<String>,
+}
+
+/// The answer to an [`UploadBatch`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadPlan {
+    /// Per item.
+    pub items: Vec<UploadPlanItem>,
+    /// Where to put chunks, in order of preference (`PUT {url}/{chunk hash}` for http).
+    pub locations: Vec<Location>,
+    /// `PUT` here to commit.
+    pub commit: String,
+}
+
+/// Per item: whether its content arrived.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferStatus {
+    /// The version.
+    pub dot: WireDot,
+    /// True when every chunk was put.
+    pub transferred: bool,
+}
+
+/// `PUT <commit URI>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRequest {
+    /// Per item.
+    pub items: Vec<TransferStatus>,
+}
+
+/// Outcome of one uploaded version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitItem {
+    /// The version.
+    pub dot: WireDot,
+    /// `applied`, `conflict`, `refused` or `failed`.
+    pub outcome: String,
+    /// Why, for `refused` and `failed`.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// The answer to a [`CommitRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitResponse {
+    /// Per item.
+    pub items: Vec<CommitItem>,
+    /// The server's replica tag before the commit.
+    pub tag_before: String,
+    /// And after.
+    pub tag_after: String,
+}
+
+// ---- accounts and workspaces --------------------------------------------------------------
+
+/// `POST /v1/login`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginRequest {
+    /// User name.
+    pub user: String,
+    /// Password.
+    pub password: String,
+    /// A name for this device.
+    pub device_name: String,
+}
+
+/// A device's credentials.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginResponse {
+    /// Bearer token for every later request.
+    pub token: String,
+    /// The device id (hex).
+    pub device: String,
+    /// The user.
+    pub user: String,
+}
+
+/// `POST /v1/workspaces`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateWorkspace {
+    /// Workspace name (unique per owner).
+    pub name: String,
+}
+
+/// A workspace as one member sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceInfo {
+    /// Workspace id (hex).
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// The caller's role: `owner`, `editor` or `reader`; `invited` before joining.
+    pub role: String,
+    /// The owner's user name.
+    pub owner: String,
+}
+
+/// `POST …/invitations`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invite {
+    /// The user invited.
+    pub user: String,
+    /// The role offered.
+    pub role: String,
+}
+
+/// An error body: every 4xx and 5xx carries one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What is wrong, for a person.
+    pub error: String,
+    /// The request id, for the server's logs.
+    pub request: String,
+}
+
+/// One event on `GET …/events`: the workspace changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    /// Workspace id (hex).
+    pub workspace: String,
+    /// The server replica's new tag.
+    pub tag: String,
+}

@@ -1,0 +1,55 @@
+//! Route paths. The server mounts these; clients build URIs with them.
+
+/// Log in a device: `POST`.
+pub const LOGIN: &str = "/v1/login";
+/// Workspaces of the caller: `GET` lists, `POST` creates.
+pub const WORKSPACES: &str = "/v1/workspaces";
+
+/// `…/{ws}`: base of one workspace's routes.
+pub fn workspace(ws: &str) -> String {
+    format!("{WORKSPACES}/{ws}")
+}
+/// `POST` an invitation (owner only).
+pub fn invitations(ws: &str) -> String {
+    format!("{}/invitations", workspace(ws))
+}
+/// `POST` to accept an invitation and become a member.
+pub fn join(ws: &str) -> String {
+    format!("{}/join", workspace(ws))
+}
+/// `POST` the caller's knowledge: first download batch.
+pub fn download(ws: &str) -> String {
+    format!("{}/download", workspace(ws))
+}
+/// `GET` one batch of a download session.
+pub fn download_batch(ws: &str, session: &str, index: usize) -> String {
+    format!("{}/download/{session}/batches/{index}", workspace(ws))
+}
+/// `PUT` per-item results of a download session.
+pub fn download_result(ws: &str, session: &str) -> String {
+    format!("{}/download/{session}/result", workspace(ws))
+}
+/// `POST` a recovery compare.
+pub fn recovery(ws: &str) -> String {
+    format!("{}/recovery", workspace(ws))
+}
+/// `GET` the server's knowledge and limits before an upload.
+pub fn upload(ws: &str) -> String {
+    format!("{}/upload", workspace(ws))
+}
+/// `PUT` batch metadata of an upload.
+pub fn upload_batch(ws: &str, batch: &str) -> String {
+    format!("{}/upload/batches/{batch}", workspace(ws))
+}
+/// `PUT` the commit of an upload batch.
+pub fn upload_commit(ws: &str, batch: &str) -> String {
+    format!("{}/upload/batches/{batch}/commit", workspace(ws))
+}
+/// `GET` (ranged) or `PUT` one chunk; `HEAD` says whether it is held.
+pub fn chunks(ws: &str) -> String {
+    format!("{}/chunks", workspace(ws))
+}
+/// `GET` a long-lived stream of change events.
+pub fn events(ws: &str) -> String {
+    format!("{}/events", workspace(ws))
+}
