@@ -1,6 +1,9 @@
 //! Conversions between wire messages and core types. Everything from the wire is validated.
 
-use shoal_core::{ContentHash, Dot, Entry, ItemId, ItemKind, Knowledge, ReplicaId, Version, VersionVector, WriterId};
+use shoal_core::{
+    ContentHash, Dot, Entry, ItemId, ItemKind, Knowledge, ReplicaId, Version, VersionVector,
+    WriterId,
+};
 
 use crate::messages::{WireDot, WireEntry, WireKnowledge, WireSeen, WireVector, WireVersion};
 
@@ -34,7 +37,11 @@ pub fn hex32(bytes: &[u8; 32]) -> String {
 }
 
 fn parse_hex<const N: usize>(field: &'static str, text: &str) -> Result<[u8; N], WireError> {
-    let bad = || WireError::BadHex { field, expected: N * 2, got: text.chars().take(80).collect() };
+    let bad = || WireError::BadHex {
+        field,
+        expected: N * 2,
+        got: text.chars().take(80).collect(),
+    };
     if text.len() != N * 2 || !text.is_ascii() {
         return Err(bad());
     }
@@ -85,16 +92,31 @@ impl TryFrom<&WireKnowledge> for Knowledge {
             return Err(WireError::Invalid("knowledge has too many writers".into()));
         }
         for seen in &wire.0 {
-            let writer = WriterId { replica: parse_replica(&seen.replica)?, epoch: seen.epoch };
-            knowledge.add_vector(&[Dot { writer, tick: seen.upto }].into_iter().collect());
+            let writer = WriterId {
+                replica: parse_replica(&seen.replica)?,
+                epoch: seen.epoch,
+            };
+            knowledge.add_vector(
+                &[Dot {
+                    writer,
+                    tick: seen.upto,
+                }]
+                .into_iter()
+                .collect(),
+            );
             if seen.extra.len() > 1_000_000 {
-                return Err(WireError::Invalid("knowledge has too many exceptions".into()));
+                return Err(WireError::Invalid(
+                    "knowledge has too many exceptions".into(),
+                ));
             }
             for tick in &seen.extra {
                 if *tick == 0 {
                     return Err(WireError::Invalid("tick 0 is not a write".into()));
                 }
-                knowledge.add(Dot { writer, tick: *tick });
+                knowledge.add(Dot {
+                    writer,
+                    tick: *tick,
+                });
             }
         }
         Ok(knowledge)
@@ -106,7 +128,11 @@ impl From<&VersionVector> for WireVector {
         WireVector(
             vector
                 .iter()
-                .map(|(writer, tick)| WireDot { replica: hex16(&writer.replica.0), epoch: writer.epoch, tick: *tick })
+                .map(|(writer, tick)| WireDot {
+                    replica: hex16(&writer.replica.0),
+                    epoch: writer.epoch,
+                    tick: *tick,
+                })
                 .collect(),
         )
     }
@@ -121,7 +147,11 @@ impl TryFrom<&WireVector> for VersionVector {
 
 impl From<&Dot> for WireDot {
     fn from(dot: &Dot) -> Self {
-        WireDot { replica: hex16(&dot.writer.replica.0), epoch: dot.writer.epoch, tick: dot.tick }
+        WireDot {
+            replica: hex16(&dot.writer.replica.0),
+            epoch: dot.writer.epoch,
+            tick: dot.tick,
+        }
     }
 }
 
@@ -131,7 +161,13 @@ impl TryFrom<&WireDot> for Dot {
         if wire.tick == 0 {
             return Err(WireError::Invalid("tick 0 is not a write".into()));
         }
-        Ok(Dot { writer: WriterId { replica: parse_replica(&wire.replica)?, epoch: wire.epoch }, tick: wire.tick })
+        Ok(Dot {
+            writer: WriterId {
+                replica: parse_replica(&wire.replica)?,
+                epoch: wire.epoch,
+            },
+            tick: wire.tick,
+        })
     }
 }
 
@@ -171,7 +207,9 @@ impl WireVersion {
         };
         let content = self.entry.content.as_deref().map(parse_hash).transpose()?;
         if kind == ItemKind::File && !self.entry.deleted && content.is_none() {
-            return Err(WireError::Invalid("a live file needs a content hash".into()));
+            return Err(WireError::Invalid(
+                "a live file needs a content hash".into(),
+            ));
         }
         if self.entry.name.len() > 1024 || self.device.len() > 1024 {
             return Err(WireError::Invalid("name or device too long".into()));
@@ -202,7 +240,10 @@ mod tests {
 
     #[test]
     fn knowledge_and_versions_round_trip() -> Result<(), WireError> {
-        let writer = WriterId { replica: ReplicaId([7; 16]), epoch: 2 };
+        let writer = WriterId {
+            replica: ReplicaId([7; 16]),
+            epoch: 2,
+        };
         let mut knowledge = Knowledge::new();
         knowledge.add_vector(&[Dot { writer, tick: 3 }].into_iter().collect());
         knowledge.add(Dot { writer, tick: 9 });
@@ -227,7 +268,8 @@ mod tests {
         };
         let wire = WireVersion::new(&ItemId([2; 16]), &version);
         let json = serde_json::to_string(&wire).map_err(|e| WireError::Invalid(e.to_string()))?;
-        let back: WireVersion = serde_json::from_str(&json).map_err(|e| WireError::Invalid(e.to_string()))?;
+        let back: WireVersion =
+            serde_json::from_str(&json).map_err(|e| WireError::Invalid(e.to_string()))?;
         assert_eq!(back.to_core()?, (ItemId([2; 16]), version));
         Ok(())
     }
@@ -236,7 +278,11 @@ mod tests {
     fn malformed_values_are_refused() {
         assert!(parse_item("xyz").is_err());
         assert!(parse_item(&"g".repeat(32)).is_err());
-        let dot = WireDot { replica: "00".repeat(16), epoch: 0, tick: 0 };
+        let dot = WireDot {
+            replica: "00".repeat(16),
+            epoch: 0,
+            tick: 0,
+        };
         assert!(Dot::try_from(&dot).is_err());
     }
 }
