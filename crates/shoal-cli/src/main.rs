@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use shoal_folder::{MirrorOptions, MirrorReport, Progress, SideReport};
 
+mod devices;
+
 #[derive(Parser)]
 #[command(
     name = "shoal",
@@ -16,6 +18,9 @@ use shoal_folder::{MirrorOptions, MirrorReport, Progress, SideReport};
     about = "Local-first sync of folders, lists and conversations"
 )]
 struct Cli {
+    /// The device's home: its login, workspaces and settings (default ~/.shoal).
+    #[arg(long, global = true, env = "SHOAL_HOME")]
+    home: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,15 +40,48 @@ enum Command {
         #[arg(long)]
         allow_empty: bool,
     },
+    /// Run the hub (the server), or manage its users.
+    Hub(devices::HubArgs),
+    /// Run the device agent: watch folders and sync continuously with the hub.
+    Agent,
+    /// Log this device in to a hub (password from SHOAL_PASSWORD, else a prompt).
+    Login {
+        /// The hub, e.g. http://127.0.0.1:7700.
+        hub_url: String,
+        /// The user.
+        user: String,
+        /// A name for this device (default: the host name).
+        #[arg(long)]
+        device_name: Option<String>,
+    },
+    /// Create, invite to, join or list workspaces.
+    #[command(subcommand)]
+    Workspace(devices::WorkspaceCommand),
+    /// One full sync round with the hub, then exit.
+    Sync {
+        /// Only this workspace.
+        name: Option<String>,
+        /// Print a JSON summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per workspace: in sync or not, pending items, conflicts, refusals, last sync, hub.
+    Status {
+        /// Only this workspace.
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// A progress bar on a terminal, log lines otherwise.
-struct Reporter {
+pub(crate) struct Reporter {
     bar: Option<ProgressBar>,
 }
 
 impl Reporter {
-    fn new() -> Reporter {
+    pub(crate) fn new() -> Reporter {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(0);
             bar.set_style(
@@ -162,6 +200,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     format!("mirroring {} and {}", dir_a.display(), dir_b.display())
                 })?;
             print_mirror(&report, json)
+        }
+        Command::Hub(args) => devices::hub(args),
+        Command::Agent => devices::agent(&devices::home(cli.home)?),
+        Command::Login {
+            hub_url,
+            user,
+            device_name,
+        } => devices::login(&devices::home(cli.home)?, &hub_url, &user, device_name),
+        Command::Workspace(command) => devices::workspace(&devices::home(cli.home)?, command),
+        Command::Sync { name, json } => {
+            devices::sync(&devices::home(cli.home)?, name.as_deref(), json)
+        }
+        Command::Status { name, json } => {
+            devices::status(&devices::home(cli.home)?, name.as_deref(), json)
         }
     }
 }

@@ -209,24 +209,13 @@ fn send(
     };
     let receiver = to.store().knowledge()?;
     if offer.needs_recovery(&receiver) {
-        let items = to.store().load_items()?;
-        let candidates = dead_versions(&items, &offer.knowledge, |_, _| false);
         let mut dead = Vec::new();
-        for (item, dot) in candidates {
+        for (item, dot) in to.recovery_candidates(&offer.knowledge)? {
             if !from.store().has_seen(&item, &dot)? {
                 dead.push((item, dot));
             }
         }
-        // Drop the dead versions and adopt the sender's forgotten tombstones, so this replica
-        // passes the news of those deletions on.
-        report.recovered += dead.len();
-        let mut tx = to.store_mut().begin()?;
-        for (item, dot) in dead {
-            tx.remove_versions(&item, &[dot])?;
-        }
-        tx.add_forgotten(&offer.forgotten)?;
-        tx.set_needs_materialize(true)?;
-        tx.commit()?;
+        report.recovered += to.drop_dead(&dead, &offer.forgotten)?;
     }
     let missing = from.store().missing_for(&receiver)?;
     if missing.is_empty() && receiver.covers_knowledge(&offer.knowledge) {
@@ -235,19 +224,70 @@ fn send(
     let source = from.content_source()?;
     let mut session = Receiving::new();
     for batch in plan_batches(missing, &offer, limits) {
-        let available = to.stage(&batch.versions, &source, progress)?;
-        let mut tx = to.store_mut().begin()?;
-        let mut knowledge = tx.knowledge().clone();
+        let mut contents = Vec::new();
         for (_, version) in &batch.versions {
             if let Some(content) = version
                 .entry
                 .content
                 .and_then(|h| from.store().content(&h).transpose())
             {
-                tx.put_content(&content?)?;
+                contents.push(content?);
             }
         }
-        let applied = session.apply(&mut tx, &mut knowledge, &batch, |_, v| {
+        let applied = to.apply_batch(&mut session, &batch, &contents, &source, progress)?;
+        report.received += applied.received;
+        report.conflicts += applied.conflicts;
+        report.failed += applied.failed;
+    }
+    Ok(())
+}
+
+impl FolderReplica {
+    /// Live versions held here whose dots a sender has seen: the candidates a recovery compare
+    /// asks the sender about.
+    pub fn recovery_candidates(
+        &self,
+        sender_knowledge: &shoal_core::Knowledge,
+    ) -> Result<Vec<(shoal_core::ItemId, shoal_core::Dot)>, FolderError> {
+        let items = self.store().load_items()?;
+        Ok(dead_versions(&items, sender_knowledge, |_, _| false))
+    }
+
+    /// Drops versions a recovery compare found dead, and adopts the sender's forgotten
+    /// tombstones so this replica passes the news of those deletions on. Returns how many.
+    pub fn drop_dead(
+        &mut self,
+        dead: &[(shoal_core::ItemId, shoal_core::Dot)],
+        forgotten: &shoal_core::VersionVector,
+    ) -> Result<usize, FolderError> {
+        let mut tx = self.store_mut().begin()?;
+        for (item, dot) in dead {
+            tx.remove_versions(item, &[*dot])?;
+        }
+        tx.add_forgotten(forgotten)?;
+        tx.set_needs_materialize(true)?;
+        tx.commit()?;
+        Ok(dead.len())
+    }
+
+    /// Applies the next batch of an enumeration: stages the content it needs from `source`,
+    /// then commits the batch in one transaction (versions whose content did not arrive are
+    /// skipped and offered again next time). `contents` are the chunk lists of its contents.
+    pub fn apply_batch(
+        &mut self,
+        session: &mut Receiving,
+        batch: &shoal_core::Batch,
+        contents: &[shoal_store::ChunkedContent],
+        source: &dyn ContentSource,
+        progress: &dyn Progress,
+    ) -> Result<ReceiveReport, FolderError> {
+        let available = self.stage(&batch.versions, source, progress)?;
+        let mut tx = self.store_mut().begin()?;
+        for content in contents {
+            tx.put_content(content)?;
+        }
+        let mut knowledge = tx.knowledge().clone();
+        let applied = session.apply(&mut tx, &mut knowledge, batch, |_, v| {
             v.entry.deleted || v.entry.content.is_none_or(|h| available.contains(&h))
         })?;
         *tx.knowledge_mut() = knowledge;
@@ -258,11 +298,13 @@ fn send(
             tx.add_forgotten(forgotten)?;
         }
         tx.commit()?;
-        report.received += applied.changed.len();
-        report.conflicts += applied.conflicts.len();
-        report.failed += applied.failed.len();
+        Ok(ReceiveReport {
+            received: applied.changed.len(),
+            conflicts: applied.conflicts.len(),
+            failed: applied.failed.len(),
+            recovered: 0,
+        })
     }
-    Ok(())
 }
 
 fn remember_partner(side: &mut FolderReplica, partner: &FolderReplica) -> Result<(), FolderError> {

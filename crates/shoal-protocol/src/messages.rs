@@ -335,8 +335,10 @@ pub struct WorkspaceInfo {
     pub id: String,
     /// Name.
     pub name: String,
-    /// The caller's role: `owner`, `editor` or `reader`; `invited` before joining.
+    /// The caller's role: `owner`, `editor` or `reader`.
     pub role: String,
+    /// False while the caller is only invited (`POST …/join` accepts).
+    pub joined: bool,
     /// The owner's user name.
     pub owner: String,
 }

@@ -39,7 +39,8 @@ pub enum StoreError {
 type Result<T> = std::result::Result<T, StoreError>;
 
 /// Numbered migrations; the database's `user_version` says how many have run.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE versions (
     w_replica BLOB NOT NULL, w_epoch INTEGER NOT NULL, tick INTEGER NOT NULL,
@@ -56,7 +57,18 @@ CREATE TABLE local_files (
 ) WITHOUT ROWID;
 CREATE INDEX local_files_by_content ON local_files (content);
 CREATE TABLE partners (replica BLOB PRIMARY KEY, knowledge BLOB NOT NULL, synced_at INTEGER NOT NULL) WITHOUT ROWID;
-"#];
+"#,
+    r#"
+-- Versions a hub refused (or, on a device, that the hub refused): kept, never merged.
+CREATE TABLE refused (
+    w_replica BLOB NOT NULL, w_epoch INTEGER NOT NULL, tick INTEGER NOT NULL,
+    item BLOB NOT NULL, body BLOB NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL,
+    PRIMARY KEY (w_replica, w_epoch, tick)
+) WITHOUT ROWID;
+-- The epoch each partner replica last synced in: an older one means it was restored.
+ALTER TABLE partners ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+"#,
+];
 
 /// Who a replica is.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -385,6 +397,54 @@ impl Store {
             partners.insert(replica, Knowledge::from_bytes(&knowledge)?);
         }
         Ok(partners)
+    }
+
+    /// Versions refused by a hub, with the reason, oldest first.
+    pub fn refused(&self) -> Result<Vec<(ItemId, Version, String)>> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT item, body, reason FROM refused ORDER BY at, tick")?;
+        let mut rows = statement.query([])?;
+        let mut refused = Vec::new();
+        while let Some(row) = rows.next()? {
+            let body: Vec<u8> = row.get(1)?;
+            refused.push((
+                item_from(row.get(0)?)?,
+                Version::from_bytes(&body)?,
+                row.get(2)?,
+            ));
+        }
+        Ok(refused)
+    }
+
+    /// Whether the version `dot` was refused.
+    pub fn is_refused(&self, dot: &Dot) -> Result<bool> {
+        let found: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT 1 FROM refused WHERE w_replica = ?1 AND w_epoch = ?2 AND tick = ?3",
+                params![
+                    dot.writer.replica.0.to_vec(),
+                    dot.writer.epoch,
+                    dot.tick as i64
+                ],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(found.is_some())
+    }
+
+    /// The epoch a partner replica last synced in.
+    pub fn partner_epoch(&self, replica: &ReplicaId) -> Result<Option<Epoch>> {
+        let epoch: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT epoch FROM partners WHERE replica = ?1",
+                params![replica.0.to_vec()],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(epoch.map(|e| e as Epoch))
     }
 
     /// Starts a transaction: every change to the replica goes through one.
@@ -742,8 +802,43 @@ impl Transaction<'_> {
         now: i64,
     ) -> Result<()> {
         self.tx.execute(
-            "INSERT OR REPLACE INTO partners (replica, knowledge, synced_at) VALUES (?1, ?2, ?3)",
+            "INSERT INTO partners (replica, knowledge, synced_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (replica) DO UPDATE SET knowledge = excluded.knowledge, synced_at = excluded.synced_at",
             params![replica.0.to_vec(), knowledge.to_bytes(), now],
+        )?;
+        Ok(())
+    }
+
+    /// Records the epoch a partner replica syncs in (never lowered).
+    pub fn set_partner_epoch(&mut self, replica: ReplicaId, epoch: Epoch) -> Result<()> {
+        self.tx.execute(
+            "INSERT INTO partners (replica, knowledge, synced_at, epoch) VALUES (?1, ?2, 0, ?3)
+             ON CONFLICT (replica) DO UPDATE SET epoch = max(epoch, excluded.epoch)",
+            params![replica.0.to_vec(), Knowledge::new().to_bytes(), epoch],
+        )?;
+        Ok(())
+    }
+
+    /// Keeps a refused version with the reason; it is never merged.
+    pub fn put_refused(
+        &mut self,
+        item: ItemId,
+        version: &Version,
+        reason: &str,
+        now: i64,
+    ) -> Result<()> {
+        self.tx.execute(
+            "INSERT OR IGNORE INTO refused (w_replica, w_epoch, tick, item, body, reason, at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                version.dot.writer.replica.0.to_vec(),
+                version.dot.writer.epoch,
+                version.dot.tick as i64,
+                item.0.to_vec(),
+                version.to_bytes(),
+                reason,
+                now
+            ],
         )?;
         Ok(())
     }

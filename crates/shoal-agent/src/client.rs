@@ -1,0 +1,332 @@
+//! A blocking client of the hub's HTTP API.
+
+use std::io::Read;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::blocking::{Client, RequestBuilder, Response};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use shoal_core::{ContentHash, ReplicaId};
+use shoal_protocol::{
+    CommitRequest, CommitResponse, CreateWorkspace, DownloadRequest, DownloadResponse,
+    DownloadResult, ErrorBody, Invite, LoginRequest, LoginResponse, RecoveryRequest,
+    RecoveryResponse, UploadBatch, UploadOffer, UploadPlan, WireBatch, WorkspaceInfo, headers,
+    hex16, hex32, routes,
+};
+
+use crate::AgentError;
+
+/// Talks to one hub as one device.
+#[derive(Clone)]
+pub struct HubClient {
+    base: String,
+    token: Option<String>,
+    http: Client,
+    identity: Option<(ReplicaId, u32)>,
+    correlation: String,
+}
+
+impl HubClient {
+    /// A client for the hub at `base` (e.g. `http://127.0.0.1:7700`).
+    pub fn new(base: &str, token: Option<&str>) -> Result<HubClient, AgentError> {
+        let http = Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(300))
+            .build()
+            .map_err(|e| AgentError::Unreachable(e.to_string()))?;
+        Ok(HubClient {
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.map(str::to_owned),
+            http,
+            identity: None,
+            correlation: hex16(&rand::random()),
+        })
+    }
+
+    /// The same client, naming a replica and epoch on sync requests.
+    pub fn for_replica(&self, replica: ReplicaId, epoch: u32) -> HubClient {
+        HubClient {
+            identity: Some((replica, epoch)),
+            correlation: hex16(&rand::random()),
+            ..self.clone()
+        }
+    }
+
+    /// The hub's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+        let url = if path.starts_with("http") {
+            path.to_owned()
+        } else {
+            format!("{}{}", self.base, path)
+        };
+        let mut builder = self
+            .http
+            .request(method, url)
+            .header(
+                headers::PROTOCOL,
+                shoal_protocol::PROTOCOL_VERSION.to_string(),
+            )
+            .header(headers::CORRELATION, &self.correlation);
+        if let Some(token) = &self.token {
+            builder = builder.bearer_auth(token);
+        }
+        if let Some((replica, epoch)) = self.identity {
+            builder = builder
+                .header(headers::REPLICA, replica.to_string())
+                .header(headers::EPOCH, epoch.to_string());
+        }
+        builder
+    }
+
+    /// Sends, retrying while the hub answers 202 (busy).
+    fn send(&self, build: impl Fn() -> RequestBuilder) -> Result<Response, AgentError> {
+        for attempt in 0..60 {
+            let response = build()
+                .send()
+                .map_err(|e| AgentError::Unreachable(e.to_string()))?;
+            if response.status() == StatusCode::ACCEPTED && attempt < 59 {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            return check(response);
+        }
+        Err(AgentError::Unreachable("the hub stayed busy".into()))
+    }
+
+    fn json<T: DeserializeOwned>(
+        &self,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<T, AgentError> {
+        let response = self.send(build)?;
+        response
+            .json()
+            .map_err(|e| AgentError::Protocol(format!("unreadable answer from the hub: {e}")))
+    }
+
+    fn with_body<B: Serialize>(builder: RequestBuilder, body: &B) -> RequestBuilder {
+        builder.json(body)
+    }
+
+    /// `POST /v1/login`.
+    pub fn login(
+        &self,
+        user: &str,
+        password: &str,
+        device_name: &str,
+    ) -> Result<LoginResponse, AgentError> {
+        let body = LoginRequest {
+            user: user.into(),
+            password: password.into(),
+            device_name: device_name.into(),
+        };
+        self.json(|| Self::with_body(self.request(reqwest::Method::POST, routes::LOGIN), &body))
+    }
+
+    /// Workspaces the user belongs to or is invited to.
+    pub fn workspaces(&self) -> Result<Vec<WorkspaceInfo>, AgentError> {
+        self.json(|| self.request(reqwest::Method::GET, routes::WORKSPACES))
+    }
+
+    /// Creates a workspace.
+    pub fn create_workspace(&self, name: &str) -> Result<WorkspaceInfo, AgentError> {
+        let body = CreateWorkspace { name: name.into() };
+        self.json(|| {
+            Self::with_body(
+                self.request(reqwest::Method::POST, routes::WORKSPACES),
+                &body,
+            )
+        })
+    }
+
+    /// Invites a user.
+    pub fn invite(&self, ws: &str, user: &str, role: &str) -> Result<(), AgentError> {
+        let body = Invite {
+            user: user.into(),
+            role: role.into(),
+        };
+        self.send(|| {
+            Self::with_body(
+                self.request(reqwest::Method::POST, &routes::invitations(ws)),
+                &body,
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Accepts an invitation.
+    pub fn join(&self, ws: &str) -> Result<WorkspaceInfo, AgentError> {
+        self.json(|| self.request(reqwest::Method::POST, &routes::join(ws)))
+    }
+
+    /// Starts a download.
+    pub fn download(
+        &self,
+        ws: &str,
+        body: &DownloadRequest,
+    ) -> Result<DownloadResponse, AgentError> {
+        self.json(|| {
+            Self::with_body(
+                self.request(reqwest::Method::POST, &routes::download(ws)),
+                body,
+            )
+        })
+    }
+
+    /// Fetches a later batch.
+    pub fn batch(&self, uri: &str) -> Result<WireBatch, AgentError> {
+        self.json(|| self.request(reqwest::Method::GET, uri))
+    }
+
+    /// Reports download results.
+    pub fn download_result(&self, uri: &str, body: &DownloadResult) -> Result<(), AgentError> {
+        self.send(|| Self::with_body(self.request(reqwest::Method::PUT, uri), body))?;
+        Ok(())
+    }
+
+    /// A recovery compare.
+    pub fn recovery(
+        &self,
+        ws: &str,
+        body: &RecoveryRequest,
+    ) -> Result<RecoveryResponse, AgentError> {
+        self.json(|| {
+            Self::with_body(
+                self.request(reqwest::Method::POST, &routes::recovery(ws)),
+                body,
+            )
+        })
+    }
+
+    /// The hub's knowledge before an upload.
+    pub fn upload_offer(&self, ws: &str) -> Result<UploadOffer, AgentError> {
+        self.json(|| self.request(reqwest::Method::GET, &routes::upload(ws)))
+    }
+
+    /// Sends upload batch metadata.
+    pub fn upload_batch(
+        &self,
+        ws: &str,
+        batch_id: &str,
+        body: &UploadBatch,
+    ) -> Result<UploadPlan, AgentError> {
+        self.json(|| {
+            Self::with_body(
+                self.request(reqwest::Method::PUT, &routes::upload_batch(ws, batch_id)),
+                body,
+            )
+        })
+    }
+
+    /// Commits an upload batch.
+    pub fn commit(&self, uri: &str, body: &CommitRequest) -> Result<CommitResponse, AgentError> {
+        self.json(|| Self::with_body(self.request(reqwest::Method::PUT, uri), body))
+    }
+
+    /// Puts one chunk.
+    pub fn put_chunk(
+        &self,
+        location: &str,
+        hash: &ContentHash,
+        bytes: Vec<u8>,
+    ) -> Result<(), AgentError> {
+        let uri = format!("{location}/{}", hex32(&hash.0));
+        self.send(|| {
+            self.request(reqwest::Method::PUT, &uri)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(bytes.clone())
+        })?;
+        Ok(())
+    }
+
+    /// Gets one chunk, resuming with a ranged request if the transfer breaks off.
+    pub fn get_chunk(
+        &self,
+        location: &str,
+        hash: &ContentHash,
+        len: usize,
+    ) -> Result<Vec<u8>, AgentError> {
+        let uri = format!("{location}/{}", hex32(&hash.0));
+        let mut bytes = Vec::with_capacity(len);
+        let mut last_error = String::new();
+        for _ in 0..4 {
+            let mut builder = self.request(reqwest::Method::GET, &uri);
+            if !bytes.is_empty() {
+                builder = builder.header(reqwest::header::RANGE, format!("bytes={}-", bytes.len()));
+            }
+            let response = match builder
+                .send()
+                .map_err(|e| AgentError::Unreachable(e.to_string()))
+                .and_then(check)
+            {
+                Ok(response) => response,
+                Err(error) => {
+                    last_error = error.to_string();
+                    continue;
+                }
+            };
+            if !bytes.is_empty() && response.status() != StatusCode::PARTIAL_CONTENT {
+                bytes.clear();
+            }
+            let mut reader = response;
+            let mut buffer = [0u8; 64 * 1024];
+            loop {
+                match reader.read(&mut buffer) {
+                    Ok(0) => break,
+                    Ok(n) => bytes.extend_from_slice(&buffer[..n]),
+                    Err(error) => {
+                        last_error = error.to_string();
+                        break;
+                    }
+                }
+            }
+            if bytes.len() >= len {
+                return Ok(bytes);
+            }
+        }
+        Err(AgentError::Unreachable(format!(
+            "chunk {hash}: {last_error}"
+        )))
+    }
+
+    /// Opens the change-event stream of a workspace (read it line by line).
+    pub fn events(&self, ws: &str) -> Result<Response, AgentError> {
+        let client = Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| AgentError::Unreachable(e.to_string()))?;
+        let mut builder = client.get(format!("{}{}", self.base, routes::events(ws)));
+        if let Some(token) = &self.token {
+            builder = builder.bearer_auth(token);
+        }
+        check(
+            builder
+                .send()
+                .map_err(|e| AgentError::Unreachable(e.to_string()))?,
+        )
+    }
+}
+
+fn check(response: Response) -> Result<Response, AgentError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let message = match response.json::<ErrorBody>() {
+        Ok(body) => body.error,
+        Err(_) => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    Err(match status {
+        StatusCode::UNAUTHORIZED => AgentError::Unauthorized(message),
+        StatusCode::NOT_FOUND => AgentError::NotFound(message),
+        StatusCode::CONFLICT => AgentError::Conflict(message),
+        _ => AgentError::Hub {
+            status: status.as_u16(),
+            message,
+        },
+    })
+}

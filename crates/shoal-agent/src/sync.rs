@@ -1,0 +1,489 @@
+//! One sync round of one workspace with the hub: scan, upload what the hub lacks, download
+//! what this device lacks, bring the folder in line.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+
+use shoal_core::{
+    Batch, BatchLimits, ContentHash, Dot, ItemId, Knowledge, Receiving, SyncOffer, Version,
+    VersionVector, plan_batches,
+};
+use shoal_folder::{
+    ContentSource, FolderReplica, MaterializeReport, Progress, ScanOptions, ScanReport,
+};
+use shoal_protocol::{
+    CommitRequest, DownloadRequest, DownloadResult, ItemDot, ItemResult, Location, RecoveryRequest,
+    TransferStatus, UploadBatch, WireBatch, WireChunk, WireContent, WireDot, WireKnowledge,
+    WireLimits, WireVersion, hex16, hex32, parse_hash, parse_item,
+};
+use shoal_store::{ChunkRef, ChunkedContent};
+
+use crate::AgentError;
+use crate::client::HubClient;
+use crate::home::{DeviceConfig, WorkspaceEntry};
+
+/// What one sync round did.
+#[derive(Clone, Debug, Default)]
+pub struct SyncReport {
+    /// Local changes found by the scan.
+    pub scan: ScanReport,
+    /// Versions the hub applied.
+    pub uploaded: usize,
+    /// Versions the hub refused, with the reason.
+    pub refused: Vec<(String, String)>,
+    /// Versions whose upload failed (retried next round).
+    pub upload_failed: usize,
+    /// Chunks put to the hub.
+    pub chunks_uploaded: usize,
+    /// Bytes put to the hub.
+    pub bytes_uploaded: u64,
+    /// Items changed by what was downloaded.
+    pub downloaded: usize,
+    /// Items now in conflict.
+    pub conflicts: usize,
+    /// Versions whose download failed (retried next round).
+    pub download_failed: usize,
+    /// Versions dropped by a recovery compare.
+    pub recovered: usize,
+    /// Disk changes.
+    pub materialize: MaterializeReport,
+    /// The hub's tag at the end.
+    pub hub_tag: String,
+}
+
+/// Fault injection for tests: names containing this text have their content withheld.
+const FAULT_SKIP_UPLOAD: &str = "SHOAL_FAULT_SKIP_UPLOAD";
+
+fn wire_content(content: &ChunkedContent) -> WireContent {
+    WireContent {
+        hash: hex32(&content.hash.0),
+        size: content.size,
+        chunks: content
+            .chunks
+            .iter()
+            .map(|c| WireChunk {
+                hash: hex32(&c.hash.0),
+                len: c.len,
+            })
+            .collect(),
+    }
+}
+
+fn content_from_wire(wire: &WireContent) -> Result<ChunkedContent, AgentError> {
+    let mut offset = 0;
+    let mut chunks = Vec::with_capacity(wire.chunks.len());
+    for chunk in &wire.chunks {
+        chunks.push(ChunkRef {
+            hash: parse_hash(&chunk.hash)?,
+            offset,
+            len: chunk.len,
+        });
+        offset += u64::from(chunk.len);
+    }
+    Ok(ChunkedContent {
+        hash: parse_hash(&wire.hash)?,
+        size: offset,
+        chunks,
+    })
+}
+
+fn batch_from_wire(wire: &WireBatch) -> Result<Batch, AgentError> {
+    let mut versions = Vec::with_capacity(wire.versions.len());
+    for version in &wire.versions {
+        versions.push(version.to_core()?);
+    }
+    Ok(Batch {
+        versions,
+        learned: Knowledge::try_from(&wire.learned)?,
+        last: wire.last,
+        forgotten: VersionVector::try_from(&wire.forgotten)?,
+    })
+}
+
+/// Content held by the hub, fetched chunk by chunk with the first transport that works.
+struct HubSource<'a> {
+    client: &'a HubClient,
+    contents: HashMap<ContentHash, ChunkedContent>,
+    locations: Vec<Location>,
+}
+
+impl HubSource<'_> {
+    fn chunk(&self, chunk: &ChunkRef) -> Option<Vec<u8>> {
+        for location in &self.locations {
+            let bytes = match location.transport.as_str() {
+                "http" => self
+                    .client
+                    .get_chunk(&location.url, &chunk.hash, chunk.len as usize)
+                    .ok(),
+                "file" => {
+                    let name = chunk.hash.to_string();
+                    std::fs::read(
+                        PathBuf::from(&location.url)
+                            .join(&name[..2])
+                            .join(&name[2..]),
+                    )
+                    .ok()
+                }
+                _ => None,
+            };
+            if let Some(bytes) = bytes.filter(|b| ContentHash::of(b) == chunk.hash) {
+                return Some(bytes);
+            }
+        }
+        None
+    }
+}
+
+impl ContentSource for HubSource<'_> {
+    fn copy_to(&self, hash: &ContentHash, dest: &std::path::Path) -> bool {
+        let Some(content) = self.contents.get(hash) else {
+            return false;
+        };
+        let Ok(mut file) = File::create(dest) else {
+            return false;
+        };
+        let mut whole = blake3::Hasher::new();
+        for chunk in &content.chunks {
+            let Some(bytes) = self.chunk(chunk) else {
+                return false;
+            };
+            whole.update(&bytes);
+            if file.write_all(&bytes).is_err() {
+                return false;
+            }
+        }
+        ContentHash(*whole.finalize().as_bytes()) == *hash
+    }
+}
+
+/// Reads one chunk of a local content from the file that holds it, checking the bytes.
+fn read_local_chunk(
+    folder: &FolderReplica,
+    content: &ChunkedContent,
+    chunk: &ChunkRef,
+) -> Option<Vec<u8>> {
+    let file = folder.store().local_file_with(&content.hash).ok()??;
+    let mut path = folder.root().to_path_buf();
+    path.extend(file.path.split('/'));
+    let mut handle = File::open(path).ok()?;
+    handle.seek(SeekFrom::Start(chunk.offset)).ok()?;
+    let mut bytes = vec![0u8; chunk.len as usize];
+    handle.read_exact(&mut bytes).ok()?;
+    (ContentHash::of(&bytes) == chunk.hash).then_some(bytes)
+}
+
+/// Syncs one workspace with the hub, once.
+pub fn sync_workspace(
+    device: &DeviceConfig,
+    entry: &WorkspaceEntry,
+    progress: &dyn Progress,
+) -> Result<SyncReport, AgentError> {
+    let mut folder = FolderReplica::open(&entry.path, &device.device_name)?;
+    let base = HubClient::new(&device.hub, Some(&device.token))?;
+    let mut report = SyncReport::default();
+
+    // The hub's knowledge first: it tells us if our state went back in time.
+    let identity = folder.store().identity().clone();
+    let mut client = base.for_replica(identity.replica, identity.epoch);
+    let offer = match client.upload_offer(&entry.id) {
+        Err(AgentError::Conflict(_)) => {
+            new_epoch(&mut folder)?;
+            let identity = folder.store().identity().clone();
+            client = base.for_replica(identity.replica, identity.epoch);
+            client.upload_offer(&entry.id)?
+        }
+        other => other?,
+    };
+    let hub_knowledge = Knowledge::try_from(&offer.knowledge)?;
+    let writer = folder.store().identity().writer();
+    if hub_knowledge.highest(&writer) > folder.store().tick()? {
+        new_epoch(&mut folder)?;
+        let identity = folder.store().identity().clone();
+        client = base.for_replica(identity.replica, identity.epoch);
+    }
+
+    report.scan = folder.scan(&ScanOptions::default(), progress)?;
+    let limits = BatchLimits::default().negotiate(BatchLimits {
+        max_items: offer.limits.max_items,
+        max_bytes: offer.limits.max_bytes,
+    });
+    upload(
+        &mut folder,
+        &client,
+        entry,
+        &hub_knowledge,
+        limits,
+        &mut report,
+    )?;
+    download(
+        &mut folder,
+        &client,
+        entry,
+        &hub_knowledge,
+        limits,
+        progress,
+        &mut report,
+    )?;
+    Ok(report)
+}
+
+fn new_epoch(folder: &mut FolderReplica) -> Result<(), AgentError> {
+    let mut tx = folder.store_mut().begin()?;
+    tx.new_epoch()?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn upload(
+    folder: &mut FolderReplica,
+    client: &HubClient,
+    entry: &WorkspaceEntry,
+    hub_knowledge: &Knowledge,
+    limits: BatchLimits,
+    report: &mut SyncReport,
+) -> Result<(), AgentError> {
+    let mut missing = Vec::new();
+    let store = folder.store();
+    for (item, version) in store.missing_for(hub_knowledge)? {
+        // A refused version stays refused until an owner lifts it; it is not offered again.
+        if !store.is_refused(&version.dot)? {
+            missing.push((item, version));
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let offer = SyncOffer {
+        knowledge: store.knowledge()?,
+        forgotten: store.forgotten()?,
+    };
+    let skip = std::env::var(FAULT_SKIP_UPLOAD)
+        .ok()
+        .filter(|s| !s.is_empty());
+    let mut failed_before = false;
+    let mut refused: Vec<(ItemId, Version, String)> = Vec::new();
+    for batch in plan_batches(missing, &offer, limits) {
+        let mut contents: HashMap<ContentHash, ChunkedContent> = HashMap::new();
+        for (_, version) in &batch.versions {
+            let hash = version.entry.content.filter(|_| !version.entry.deleted);
+            if let Some(content) = hash.map(|h| store.content(&h)).transpose()?.flatten() {
+                contents.insert(content.hash, content);
+            }
+        }
+        let learned = if batch.last && !failed_before {
+            batch.learned.clone()
+        } else {
+            let mut dots = Knowledge::new();
+            batch.versions.iter().for_each(|(_, v)| dots.add(v.dot));
+            dots
+        };
+        let body = UploadBatch {
+            versions: batch
+                .versions
+                .iter()
+                .map(|(id, v)| WireVersion::new(id, v))
+                .collect(),
+            contents: contents.values().map(wire_content).collect(),
+            learned: WireKnowledge::from(&learned),
+            last: batch.last,
+        };
+        let batch_id = hex16(&rand::random());
+        let plan = client.upload_batch(&entry.id, &batch_id, &body)?;
+        let location = plan
+            .locations
+            .iter()
+            .find(|l| l.transport == "http")
+            .map(|l| l.url.clone())
+            .ok_or_else(|| {
+                AgentError::Protocol("the hub offered no http location for uploads".into())
+            })?;
+        let mut statuses = Vec::new();
+        for ((_, version), planned) in batch.versions.iter().zip(&plan.items) {
+            let mut transferred = true;
+            if planned.needed {
+                let withheld = skip
+                    .as_deref()
+                    .is_some_and(|s| version.entry.name.contains(s));
+                let content = version.entry.content.and_then(|h| contents.get(&h));
+                match (withheld, content) {
+                    (false, Some(content)) => {
+                        let wanted: HashSet<&str> =
+                            planned.missing.iter().map(String::as_str).collect();
+                        let mut sent = HashSet::new();
+                        for chunk in &content.chunks {
+                            let name = hex32(&chunk.hash.0);
+                            if !wanted.contains(name.as_str()) || !sent.insert(chunk.hash) {
+                                continue;
+                            }
+                            match read_local_chunk(folder, content, chunk) {
+                                Some(bytes) => {
+                                    report.bytes_uploaded += bytes.len() as u64;
+                                    client.put_chunk(&location, &chunk.hash, bytes)?;
+                                    report.chunks_uploaded += 1;
+                                }
+                                None => {
+                                    transferred = false;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    _ => transferred = false,
+                }
+            }
+            statuses.push(TransferStatus {
+                dot: WireDot::from(&version.dot),
+                transferred,
+            });
+        }
+        let outcome = client.commit(&plan.commit, &CommitRequest { items: statuses })?;
+        let by_dot: HashMap<Dot, &(ItemId, Version)> =
+            batch.versions.iter().map(|e| (e.1.dot, e)).collect();
+        for item in &outcome.items {
+            let dot = Dot::try_from(&item.dot)?;
+            match item.outcome.as_str() {
+                "applied" | "conflict" => report.uploaded += 1,
+                "refused" => {
+                    let reason = item
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| "refused by the hub".into());
+                    if let Some((id, version)) = by_dot.get(&dot) {
+                        report
+                            .refused
+                            .push((version.entry.name.clone(), reason.clone()));
+                        refused.push((*id, version.clone(), reason));
+                    }
+                    failed_before = true;
+                }
+                _ => {
+                    report.upload_failed += 1;
+                    failed_before = true;
+                }
+            }
+        }
+    }
+    if !refused.is_empty() {
+        // Kept, marked refused: the version stays on this device and `status` shows it.
+        let now = now_ns();
+        let mut tx = folder.store_mut().begin()?;
+        for (item, version, reason) in &refused {
+            tx.put_refused(*item, version, reason, now)?;
+        }
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn download(
+    folder: &mut FolderReplica,
+    client: &HubClient,
+    entry: &WorkspaceEntry,
+    hub_knowledge: &Knowledge,
+    limits: BatchLimits,
+    progress: &dyn Progress,
+    report: &mut SyncReport,
+) -> Result<(), AgentError> {
+    let request = DownloadRequest {
+        knowledge: WireKnowledge::from(&folder.store().knowledge()?),
+        limits: WireLimits {
+            max_items: limits.max_items,
+            max_bytes: limits.max_bytes,
+        },
+    };
+    let response = client.download(&entry.id, &request)?;
+    report.hub_tag = response.tag.clone();
+    if response.recovery {
+        let candidates = folder.recovery_candidates(hub_knowledge)?;
+        if !candidates.is_empty() {
+            let answer = client.recovery(
+                &entry.id,
+                &RecoveryRequest {
+                    candidates: candidates
+                        .iter()
+                        .map(|(item, dot)| ItemDot {
+                            item: hex16(&item.0),
+                            dot: WireDot::from(dot),
+                        })
+                        .collect(),
+                },
+            )?;
+            let mut dead = Vec::new();
+            for found in &answer.dead {
+                dead.push((parse_item(&found.item)?, Dot::try_from(&found.dot)?));
+            }
+            report.recovered +=
+                folder.drop_dead(&dead, &VersionVector::try_from(&answer.forgotten)?)?;
+        }
+    }
+    let mut session = Receiving::new();
+    let mut wire = response.batch;
+    let mut all_contents: HashMap<ContentHash, ChunkedContent> = HashMap::new();
+    let mut results = Vec::new();
+    let mut locations = wire.locations.clone();
+    loop {
+        let batch = batch_from_wire(&wire)?;
+        let mut contents = Vec::new();
+        for content in &wire.contents {
+            let content = content_from_wire(content)?;
+            all_contents.insert(content.hash, content.clone());
+            contents.push(content);
+        }
+        locations = if wire.locations.is_empty() {
+            locations
+        } else {
+            wire.locations.clone()
+        };
+        let source = HubSource {
+            client,
+            contents: all_contents.clone(),
+            locations: locations.clone(),
+        };
+        let applied = folder.apply_batch(&mut session, &batch, &contents, &source, progress)?;
+        report.downloaded += applied.received;
+        report.conflicts += applied.conflicts;
+        report.download_failed += applied.failed;
+        let knowledge = folder.store().knowledge()?;
+        for (_, version) in &batch.versions {
+            let ok = knowledge.contains(&version.dot);
+            results.push(ItemResult {
+                dot: WireDot::from(&version.dot),
+                status: if ok {
+                    "applied".into()
+                } else {
+                    "failed".into()
+                },
+                error: (!ok).then(|| "content could not be fetched".into()),
+            });
+        }
+        match wire.next.take() {
+            Some(next) => wire = client.batch(&next)?,
+            None => break,
+        }
+    }
+    client.download_result(
+        &response.result,
+        &DownloadResult {
+            items: results,
+            knowledge: WireKnowledge::from(&folder.store().knowledge()?),
+        },
+    )?;
+    if folder.store().needs_materialize()? {
+        let source = HubSource {
+            client,
+            contents: all_contents,
+            locations,
+        };
+        report.materialize = folder.materialize(Some(&source), progress)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,401 @@
+//! The hub and device commands: argument glue over `shoal-hub` and `shoal-agent`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use shoal_agent::{DeviceConfig, Home, HubClient, WorkspaceEntry};
+
+use crate::Reporter;
+
+#[derive(Args)]
+pub(crate) struct HubArgs {
+    /// The data directory (accounts, workspace replicas, content).
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_HUB_DATA",
+        default_value = "shoal-hub-data"
+    )]
+    data: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    #[command(subcommand)]
+    command: Option<HubCommand>,
+}
+
+#[derive(Subcommand)]
+enum HubCommand {
+    /// Manage the hub's users.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a user, or reset their password (password from SHOAL_PASSWORD, else a prompt).
+    Add {
+        /// The user name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum WorkspaceCommand {
+    /// Create a workspace whose files live in DIR.
+    Create {
+        /// Workspace name.
+        name: String,
+        /// The folder to sync.
+        #[arg(long)]
+        path: PathBuf,
+    },
+    /// Invite a user to a workspace you own.
+    Invite {
+        /// Workspace name.
+        name: String,
+        /// The user invited.
+        user: String,
+        /// Their role.
+        #[arg(long, default_value = "editor", value_parser = ["owner", "editor", "reader"])]
+        role: String,
+    },
+    /// Join a workspace you were invited to (or add this device to one of yours).
+    Join {
+        /// Workspace name.
+        name: String,
+        /// The folder to sync it into.
+        #[arg(long)]
+        path: PathBuf,
+    },
+    /// Workspaces on the hub and on this device.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(crate) fn home(explicit: Option<PathBuf>) -> anyhow::Result<Home> {
+    let dir = match explicit {
+        Some(dir) => dir,
+        None => PathBuf::from(std::env::var_os("HOME").context("set --home or SHOAL_HOME")?)
+            .join(".shoal"),
+    };
+    Ok(Home::open(&dir)?)
+}
+
+/// The password from SHOAL_PASSWORD, else asked on the terminal without echo.
+fn password(prompt: &str) -> anyhow::Result<String> {
+    if let Ok(password) = std::env::var("SHOAL_PASSWORD") {
+        return Ok(password);
+    }
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        bail!("no password: set SHOAL_PASSWORD or run on a terminal");
+    }
+    eprint!("{prompt}");
+    std::io::stderr().flush()?;
+    let saved = rustix::termios::tcgetattr(&stdin).ok();
+    if let Some(saved) = &saved {
+        let mut quiet = saved.clone();
+        quiet.local_modes.remove(rustix::termios::LocalModes::ECHO);
+        let _ = rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &quiet);
+    }
+    let mut line = String::new();
+    let read = stdin.lock().read_line(&mut line);
+    if let Some(saved) = &saved {
+        let _ = rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, saved);
+    }
+    eprintln!();
+    read?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+pub(crate) fn hub(args: HubArgs) -> anyhow::Result<()> {
+    match args.command {
+        Some(HubCommand::User(UserCommand::Add { name })) => {
+            let password = password(&format!("password for {name}: "))?;
+            shoal_hub::add_user(&args.data, &name, &password)?;
+            println!("user {name} added to the hub at {}", args.data.display());
+            Ok(())
+        }
+        None => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(shoal_hub::serve(shoal_hub::HubConfig {
+                data: args.data,
+                listen: args.listen,
+            }))?;
+            Ok(())
+        }
+    }
+}
+
+pub(crate) fn agent(home: &Home) -> anyhow::Result<()> {
+    let mut options = shoal_agent::AgentOptions::default();
+    if let Some(seconds) = std::env::var("SHOAL_RESCAN_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        options.rescan = std::time::Duration::from_secs(seconds);
+    }
+    shoal_agent::run_agent(home, &options)?;
+    Ok(())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "device".into())
+}
+
+pub(crate) fn login(
+    home: &Home,
+    hub: &str,
+    user: &str,
+    device_name: Option<String>,
+) -> anyhow::Result<()> {
+    let device_name = device_name.unwrap_or_else(host_name);
+    let password = password(&format!("password for {user} at {hub}: "))?;
+    let answer = HubClient::new(hub, None)?
+        .login(user, &password, &device_name)
+        .context("logging in")?;
+    home.save_device(&DeviceConfig {
+        hub: hub.trim_end_matches('/').to_owned(),
+        user: answer.user,
+        token: answer.token,
+        device: answer.device,
+        device_name: device_name.clone(),
+    })?;
+    println!("logged in to {hub} as {user} (device {device_name})");
+    Ok(())
+}
+
+fn client(home: &Home) -> anyhow::Result<(DeviceConfig, HubClient)> {
+    let device = home.device()?;
+    let client = HubClient::new(&device.hub, Some(&device.token))?;
+    Ok((device, client))
+}
+
+fn prepare_folder(path: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(path.canonicalize()?)
+}
+
+pub(crate) fn workspace(home: &Home, command: WorkspaceCommand) -> anyhow::Result<()> {
+    let (_, client) = client(home)?;
+    match command {
+        WorkspaceCommand::Create { name, path } => {
+            let info = client.create_workspace(&name)?;
+            let path = prepare_folder(&path)?;
+            home.put_workspace(WorkspaceEntry {
+                id: info.id.clone(),
+                name: info.name,
+                path: path.clone(),
+                role: info.role,
+            })?;
+            println!(
+                "created workspace {name} ({}) in {}",
+                info.id,
+                path.display()
+            );
+        }
+        WorkspaceCommand::Invite { name, user, role } => {
+            let id = find(&client, &name, |w| w.joined)?.id;
+            client.invite(&id, &user, &role)?;
+            println!("invited {user} to {name} as {role}");
+        }
+        WorkspaceCommand::Join { name, path } => {
+            let found = find(&client, &name, |_| true)?;
+            let info = if found.joined {
+                found
+            } else {
+                client.join(&found.id)?
+            };
+            let path = prepare_folder(&path)?;
+            home.put_workspace(WorkspaceEntry {
+                id: info.id.clone(),
+                name: info.name,
+                path: path.clone(),
+                role: info.role,
+            })?;
+            println!(
+                "joined {name} in {}; run `shoal sync` or `shoal agent`",
+                path.display()
+            );
+        }
+        WorkspaceCommand::List { json } => {
+            let remote = client.workspaces()?;
+            let local = home.workspaces()?;
+            let rows: Vec<serde_json::Value> = remote
+                .iter()
+                .map(|w| {
+                    let here = local.iter().find(|l| l.id == w.id);
+                    serde_json::json!({
+                        "id": w.id, "name": w.name, "role": w.role, "owner": w.owner, "joined": w.joined,
+                        "path": here.map(|l| l.path.display().to_string()),
+                    })
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                for (w, row) in remote.iter().zip(&rows) {
+                    let state = if w.joined {
+                        w.role.clone()
+                    } else {
+                        format!("invited as {}", w.role)
+                    };
+                    let path = row["path"].as_str().unwrap_or("not on this device");
+                    println!("{}  ({state}, owner {})  {path}", w.name, w.owner);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn find(
+    client: &HubClient,
+    name: &str,
+    filter: impl Fn(&shoal_protocol::WorkspaceInfo) -> bool,
+) -> anyhow::Result<shoal_protocol::WorkspaceInfo> {
+    let matches: Vec<_> = client
+        .workspaces()?
+        .into_iter()
+        .filter(|w| (w.name == name || w.id == name) && filter(w))
+        .collect();
+    match matches.len() {
+        0 => bail!("no workspace named {name:?} on the hub for this user"),
+        1 => Ok(matches.into_iter().next().context("one match")?),
+        _ => bail!("several workspaces are named {name:?}; use the id from `shoal workspace list`"),
+    }
+}
+
+pub(crate) fn sync(home: &Home, name: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let device = home.device()?;
+    let reporter = Reporter::new();
+    let mut summaries = Vec::new();
+    let mut failed = false;
+    for workspace in home.workspace(name)? {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        let mut record = home.sync_record(&workspace.id)?;
+        record.at = now;
+        match shoal_agent::sync_workspace(&device, &workspace, &reporter) {
+            Ok(report) => {
+                record.last_success = Some(now);
+                record.error = None;
+                record.hub_tag = Some(report.hub_tag.clone());
+                summaries.push(serde_json::json!({
+                    "workspace": workspace.name,
+                    "uploaded": report.uploaded,
+                    "refused": report.refused.iter().map(|(n, r)| serde_json::json!({"name": n, "reason": r})).collect::<Vec<_>>(),
+                    "upload_failed": report.upload_failed,
+                    "chunks_uploaded": report.chunks_uploaded,
+                    "bytes_uploaded": report.bytes_uploaded,
+                    "downloaded": report.downloaded,
+                    "download_failed": report.download_failed,
+                    "conflicts": report.conflicts,
+                    "recovered": report.recovered,
+                    "written": report.materialize.written,
+                    "bytes_written": report.materialize.bytes,
+                    "local_changes": report.scan.created + report.scan.modified + report.scan.moved + report.scan.deleted + report.scan.resolved,
+                }));
+                if !json {
+                    println!(
+                        "{}: sent {} change(s), received {}, {} conflict(s), {} refused",
+                        workspace.name,
+                        report.uploaded,
+                        report.downloaded,
+                        report.conflicts,
+                        report.refused.len()
+                    );
+                    for (name, reason) in &report.refused {
+                        println!("  refused: {name}: {reason}");
+                    }
+                }
+            }
+            Err(error) => {
+                failed = true;
+                record.error = Some(error.to_string());
+                summaries.push(
+                    serde_json::json!({"workspace": workspace.name, "error": error.to_string()}),
+                );
+                if !json {
+                    eprintln!("{}: {error}", workspace.name);
+                }
+            }
+        }
+        home.save_sync_record(&workspace.id, &record)?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summaries)?);
+    }
+    if failed {
+        bail!("some workspaces did not sync");
+    }
+    Ok(())
+}
+
+pub(crate) fn status(home: &Home, name: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let statuses = shoal_agent::status(home, name)?;
+    if json {
+        let rows: Vec<serde_json::Value> = statuses
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "workspace": s.workspace.name,
+                    "id": s.workspace.id,
+                    "path": s.workspace.path,
+                    "in_sync": s.in_sync(),
+                    "hub_reachable": s.hub_reachable,
+                    "pending_upload": s.pending_upload,
+                    "behind": s.behind,
+                    "disk_pending": s.disk_pending,
+                    "conflicts": s.conflicts.iter().map(|c| serde_json::json!({"name": c.name, "versions": c.versions})).collect::<Vec<_>>(),
+                    "refused": s.refused.iter().map(|r| serde_json::json!({"name": r.name, "reason": r.reason})).collect::<Vec<_>>(),
+                    "last_sync_ns": s.last_sync,
+                    "last_error": s.last_error,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    for s in &statuses {
+        let state = if s.in_sync() {
+            "in sync"
+        } else if !s.hub_reachable {
+            "hub unreachable"
+        } else {
+            "not in sync"
+        };
+        println!("{}: {state}", s.workspace.name);
+        if let Some(pending) = s.pending_upload.filter(|p| *p > 0) {
+            println!("  {pending} change(s) waiting to be sent");
+        }
+        if s.behind == Some(true) {
+            println!("  the hub has changes not yet received");
+        }
+        for c in &s.conflicts {
+            println!("  conflict: {} ({} versions)", c.name, c.versions);
+        }
+        for r in &s.refused {
+            println!("  refused: {}: {}", r.name, r.reason);
+        }
+        if let Some(error) = &s.last_error {
+            println!("  last sync failed: {error}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! Users, devices, workspaces and memberships, in the hub's own SQLite database.
+//!
+//! Passwords are stored as argon2id PHC strings; device tokens as their BLAKE3 hash, so a copy
+//! of the database lets nobody log in.
+
+use std::path::Path;
+
+use argon2::{Argon2, PasswordHasher, PasswordVerifier};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::HubError;
+
+/// What a member may do in a workspace.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub enum Role {
+    /// Reads only; changes are refused.
+    Reader,
+    /// Reads and writes.
+    Editor,
+    /// Reads, writes, invites.
+    Owner,
+}
+
+impl Role {
+    /// The role's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::Editor => "editor",
+            Role::Owner => "owner",
+        }
+    }
+
+    /// Parses a role name.
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "reader" => Some(Role::Reader),
+            "editor" => Some(Role::Editor),
+            "owner" => Some(Role::Owner),
+            _ => None,
+        }
+    }
+}
+
+/// An authenticated device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Device {
+    /// Device id.
+    pub(crate) id: [u8; 16],
+    /// Its user's id.
+    pub(crate) user: i64,
+    /// Its user's name.
+    pub(crate) user_name: String,
+}
+
+/// One workspace as a user sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Membership {
+    /// Workspace id.
+    pub(crate) workspace: [u8; 16],
+    /// Workspace name.
+    pub(crate) name: String,
+    /// The user's role.
+    pub(crate) role: Role,
+    /// Whether the user accepted (false: only invited).
+    pub(crate) joined: bool,
+    /// The owner's name.
+    pub(crate) owner: String,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, password TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    id BLOB PRIMARY KEY, user INTEGER NOT NULL REFERENCES users (id), name TEXT NOT NULL,
+    token_hash BLOB NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS workspaces (
+    id BLOB PRIMARY KEY, name TEXT NOT NULL, owner INTEGER NOT NULL REFERENCES users (id),
+    UNIQUE (owner, name)
+);
+CREATE TABLE IF NOT EXISTS members (
+    workspace BLOB NOT NULL REFERENCES workspaces (id), user INTEGER NOT NULL REFERENCES users (id),
+    role TEXT NOT NULL, joined INTEGER NOT NULL, PRIMARY KEY (workspace, user)
+);
+"#;
+
+/// The accounts database.
+pub(crate) struct Accounts {
+    conn: Connection,
+}
+
+fn hash_token(token: &str) -> Vec<u8> {
+    blake3::derive_key("shoal device token v1", token.as_bytes()).to_vec()
+}
+
+impl Accounts {
+    /// Opens (creating) `hub.db` in `data`.
+    pub(crate) fn open(data: &Path) -> Result<Accounts, HubError> {
+        std::fs::create_dir_all(data).map_err(|e| HubError::Io(data.to_path_buf(), e))?;
+        let conn = Connection::open(data.join("hub.db"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Accounts { conn })
+    }
+
+    /// Adds a user (or replaces their password).
+    pub(crate) fn add_user(&self, name: &str, password: &str) -> Result<(), HubError> {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(HubError::BadRequest(format!(
+                "invalid user name {name:?}: use letters, digits, - _ ."
+            )));
+        }
+        if password.len() < 4 {
+            return Err(HubError::BadRequest(
+                "the password is too short (at least 4 characters)".into(),
+            ));
+        }
+        let hash = Argon2::default()
+            .hash_password(password.as_bytes())
+            .map_err(|e| HubError::Internal(format!("hashing the password: {e}")))?
+            .to_string();
+        self.conn.execute(
+            "INSERT INTO users (name, password) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET password = excluded.password",
+            params![name, hash],
+        )?;
+        Ok(())
+    }
+
+    /// Checks a password and registers a new device; returns its id and token.
+    pub(crate) fn login(
+        &self,
+        name: &str,
+        password: &str,
+        device_name: &str,
+    ) -> Result<([u8; 16], String), HubError> {
+        let found: Option<(i64, String)> = self
+            .conn
+            .query_row(
+                "SELECT id, password FROM users WHERE name = ?1",
+                params![name],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let Some((user, hash)) = found else {
+            return Err(HubError::Unauthorized);
+        };
+        if Argon2::default()
+            .verify_password(password.as_bytes(), hash.as_str())
+            .is_err()
+        {
+            return Err(HubError::Unauthorized);
+        }
+        let device: [u8; 16] = rand::random();
+        let token: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.conn.execute(
+            "INSERT INTO devices (id, user, name, token_hash) VALUES (?1, ?2, ?3, ?4)",
+            params![device.to_vec(), user, device_name, hash_token(&token)],
+        )?;
+        Ok((device, token))
+    }
+
+    /// The device a bearer token belongs to.
+    pub(crate) fn authenticate(&self, token: &str) -> Result<Device, HubError> {
+        self.conn
+            .query_row(
+                "SELECT devices.id, users.id, users.name FROM devices JOIN users ON users.id = devices.user
+                 WHERE token_hash = ?1",
+                params![hash_token(token)],
+                |row| {
+                    let id: Vec<u8> = row.get(0)?;
+                    Ok((id, row.get(1)?, row.get(2)?))
+                },
+            )
+            .optional()?
+            .and_then(|(id, user, user_name)| Some(Device { id: id.try_into().ok()?, user, user_name }))
+            .ok_or(HubError::Unauthorized)
+    }
+
+    /// Creates a workspace owned by `user`.
+    pub(crate) fn create_workspace(&self, user: i64, name: &str) -> Result<Membership, HubError> {
+        if name.is_empty() || name.len() > 128 || name.contains(['/', '\0']) {
+            return Err(HubError::BadRequest(format!(
+                "invalid workspace name {name:?}"
+            )));
+        }
+        let id: [u8; 16] = rand::random();
+        let inserted = self.conn.execute(
+            "INSERT OR IGNORE INTO workspaces (id, name, owner) VALUES (?1, ?2, ?3)",
+            params![id.to_vec(), name, user],
+        )?;
+        if inserted == 0 {
+            return Err(HubError::Conflict(format!(
+                "you already have a workspace named {name:?}"
+            )));
+        }
+        self.conn.execute(
+            "INSERT INTO members (workspace, user, role, joined) VALUES (?1, ?2, 'owner', 1)",
+            params![id.to_vec(), user],
+        )?;
+        self.membership(&id, user)?
+            .ok_or(HubError::Internal("workspace vanished".into()))
+    }
+
+    /// Every workspace the user is a member of or invited to.
+    pub(crate) fn memberships(&self, user: i64) -> Result<Vec<Membership>, HubError> {
+        let mut statement = self.conn.prepare(
+            "SELECT w.id, w.name, m.role, m.joined, u.name FROM members m
+             JOIN workspaces w ON w.id = m.workspace JOIN users u ON u.id = w.owner
+             WHERE m.user = ?1 ORDER BY w.name",
+        )?;
+        let rows = statement.query_map(params![user], membership_from)?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Some(membership) = row? {
+                out.push(membership);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The user's membership of one workspace, if any.
+    pub(crate) fn membership(
+        &self,
+        workspace: &[u8; 16],
+        user: i64,
+    ) -> Result<Option<Membership>, HubError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT w.id, w.name, m.role, m.joined, u.name FROM members m
+                 JOIN workspaces w ON w.id = m.workspace JOIN users u ON u.id = w.owner
+                 WHERE m.workspace = ?1 AND m.user = ?2",
+                params![workspace.to_vec(), user],
+                membership_from,
+            )
+            .optional()?
+            .flatten())
+    }
+
+    /// Invites a user (by name) with a role; only an owner may.
+    pub(crate) fn invite(
+        &self,
+        workspace: &[u8; 16],
+        by: i64,
+        user: &str,
+        role: Role,
+    ) -> Result<(), HubError> {
+        let Some(inviter) = self.membership(workspace, by)?.filter(|m| m.joined) else {
+            return Err(HubError::NotFound);
+        };
+        if inviter.role != Role::Owner {
+            return Err(HubError::Forbidden("only an owner can invite".into()));
+        }
+        let invitee: Option<i64> = self
+            .conn
+            .query_row("SELECT id FROM users WHERE name = ?1", params![user], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(invitee) = invitee else {
+            return Err(HubError::BadRequest(format!(
+                "there is no user named {user:?}"
+            )));
+        };
+        self.conn.execute(
+            "INSERT INTO members (workspace, user, role, joined) VALUES (?1, ?2, ?3, 0)
+             ON CONFLICT (workspace, user) DO UPDATE SET role = excluded.role",
+            params![workspace.to_vec(), invitee, role.as_str()],
+        )?;
+        Ok(())
+    }
+
+    /// Accepts an invitation.
+    pub(crate) fn join(&self, workspace: &[u8; 16], user: i64) -> Result<Membership, HubError> {
+        let updated = self.conn.execute(
+            "UPDATE members SET joined = 1 WHERE workspace = ?1 AND user = ?2",
+            params![workspace.to_vec(), user],
+        )?;
+        if updated == 0 {
+            return Err(HubError::NotFound);
+        }
+        self.membership(workspace, user)?.ok_or(HubError::NotFound)
+    }
+}
+
+fn membership_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Membership>> {
+    let id: Vec<u8> = row.get(0)?;
+    let role: String = row.get(2)?;
+    let joined: i64 = row.get(3)?;
+    Ok(Some(Membership {
+        workspace: match id.try_into() {
+            Ok(id) => id,
+            Err(_) => return Ok(None),
+        },
+        name: row.get(1)?,
+        role: match Role::parse(&role) {
+            Some(role) => role,
+            None => return Ok(None),
+        },
+        joined: joined != 0,
+        owner: row.get(4)?,
+    }))
+}

@@ -1,0 +1,700 @@
+//! The HTTP API: routes, authentication, error mapping and the change-event stream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use shoal_core::{ContentHash, Knowledge, ReplicaId};
+use shoal_protocol::{
+    ChangeEvent, CommitRequest, CreateWorkspace, DownloadRequest, DownloadResult, ErrorBody,
+    Invite, LoginRequest, LoginResponse, RecoveryRequest, UploadBatch, WorkspaceInfo, headers,
+    hex16, parse_hash, parse_replica,
+};
+use tokio::sync::broadcast;
+
+use crate::accounts::{Accounts, Device, Membership, Role};
+use crate::replica::WorkspaceReplica;
+use crate::{HubConfig, HubError};
+
+struct Workspace {
+    replica: Mutex<WorkspaceReplica>,
+    events: broadcast::Sender<ChangeEvent>,
+}
+
+struct Hub {
+    data: std::path::PathBuf,
+    accounts: Mutex<Accounts>,
+    workspaces: Mutex<HashMap<[u8; 16], Arc<Workspace>>>,
+}
+
+type Shared = Arc<Hub>;
+
+#[derive(Clone)]
+struct RequestId(String);
+
+/// An error with the request it belongs to.
+struct ApiError {
+    error: HubError,
+    request: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self.error {
+            HubError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            HubError::Unauthorized => StatusCode::UNAUTHORIZED,
+            HubError::Forbidden(_) => StatusCode::FORBIDDEN,
+            HubError::NotFound => StatusCode::NOT_FOUND,
+            HubError::Conflict(_) | HubError::StaleEpoch { .. } => StatusCode::CONFLICT,
+            HubError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            HubError::Busy => StatusCode::ACCEPTED,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(request = %self.request, error = %self.error, "request failed");
+        }
+        let body = ErrorBody {
+            error: self.error.to_string(),
+            request: self.request,
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::ACCEPTED {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+fn request_id(parts: &Parts) -> String {
+    parts
+        .extensions
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default()
+}
+
+async fn blocking<T: Send + 'static>(
+    request: &str,
+    work: impl FnOnce() -> Result<T, HubError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(|error| ApiError {
+            error,
+            request: request.to_owned(),
+        }),
+        Err(join) => Err(ApiError {
+            error: HubError::Internal(join.to_string()),
+            request: request.to_owned(),
+        }),
+    }
+}
+
+/// An authenticated caller, with its sync identity when it sent one.
+struct Caller {
+    device: Device,
+    request: String,
+    replica: Option<(ReplicaId, u32)>,
+}
+
+impl Caller {
+    fn fail(&self, error: HubError) -> ApiError {
+        ApiError {
+            error,
+            request: self.request.clone(),
+        }
+    }
+
+    fn replica(&self) -> Result<(ReplicaId, u32), ApiError> {
+        self.replica.ok_or_else(|| {
+            self.fail(HubError::BadRequest(format!(
+                "sync requests must name the caller's replica and epoch ({} and {} headers)",
+                headers::REPLICA,
+                headers::EPOCH
+            )))
+        })
+    }
+}
+
+impl FromRequestParts<Shared> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, hub: &Shared) -> Result<Self, ApiError> {
+        let request = request_id(parts);
+        let fail = |error| ApiError {
+            error,
+            request: request.clone(),
+        };
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned)
+            .ok_or_else(|| fail(HubError::Unauthorized))?;
+        let replica = match (
+            parts.headers.get(headers::REPLICA),
+            parts.headers.get(headers::EPOCH),
+        ) {
+            (Some(replica), Some(epoch)) => {
+                let replica = replica.to_str().ok().and_then(|r| parse_replica(r).ok());
+                let epoch = epoch.to_str().ok().and_then(|e| e.parse::<u32>().ok());
+                match (replica, epoch) {
+                    (Some(replica), Some(epoch)) => Some((replica, epoch)),
+                    _ => {
+                        return Err(fail(HubError::BadRequest(
+                            "malformed replica or epoch header".into(),
+                        )));
+                    }
+                }
+            }
+            _ => None,
+        };
+        let hub = hub.clone();
+        let device = blocking(&request, move || lock(&hub.accounts)?.authenticate(&token)).await?;
+        Ok(Caller {
+            device,
+            request,
+            replica,
+        })
+    }
+}
+
+/// A JSON body whose rejections become protocol errors (400, or 413 when over the limit).
+struct JsonBody<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let id = request
+            .extensions()
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default();
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(JsonBody(value)),
+            Err(rejection) => {
+                let error = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    HubError::TooLarge("the request body is over the limit".into())
+                } else {
+                    match rejection {
+                        JsonRejection::JsonDataError(e) => {
+                            HubError::BadRequest(format!("invalid request: {}", e.body_text()))
+                        }
+                        JsonRejection::JsonSyntaxError(e) => {
+                            HubError::BadRequest(format!("malformed JSON: {}", e.body_text()))
+                        }
+                        JsonRejection::MissingJsonContentType(_) => {
+                            HubError::BadRequest("send the body as application/json".into())
+                        }
+                        other => HubError::BadRequest(other.body_text()),
+                    }
+                };
+                Err(ApiError { error, request: id })
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, HubError> {
+    mutex
+        .lock()
+        .map_err(|_| HubError::Internal("a previous request panicked while holding a lock".into()))
+}
+
+fn info(membership: &Membership) -> WorkspaceInfo {
+    WorkspaceInfo {
+        id: hex16(&membership.workspace),
+        name: membership.name.clone(),
+        role: membership.role.as_str().into(),
+        joined: membership.joined,
+        owner: membership.owner.clone(),
+    }
+}
+
+impl Hub {
+    fn workspace(&self, id: [u8; 16]) -> Result<Arc<Workspace>, HubError> {
+        let mut open = lock(&self.workspaces)?;
+        if let Some(workspace) = open.get(&id) {
+            return Ok(workspace.clone());
+        }
+        let hex = hex16(&id);
+        let replica = WorkspaceReplica::open(&self.data.join("workspaces").join(&hex), &hex)?;
+        let (events, _) = broadcast::channel(64);
+        let workspace = Arc::new(Workspace {
+            replica: Mutex::new(replica),
+            events,
+        });
+        open.insert(id, workspace.clone());
+        Ok(workspace)
+    }
+
+    /// The workspace and the caller's role, for joined members only; anyone else gets 404, the
+    /// same as for a workspace that does not exist.
+    fn member(&self, device: &Device, ws: &str) -> Result<(Arc<Workspace>, Role), HubError> {
+        let id: [u8; 16] = shoal_protocol::parse_item(ws)
+            .map_err(|_| HubError::NotFound)?
+            .0;
+        let membership = lock(&self.accounts)?.membership(&id, device.user)?;
+        match membership {
+            Some(m) if m.joined => Ok((self.workspace(id)?, m.role)),
+            _ => Err(HubError::NotFound),
+        }
+    }
+}
+
+/// Locks a workspace replica, waiting a little; a long wait answers 202 so the caller retries.
+fn with_replica<T>(
+    workspace: &Workspace,
+    work: impl FnOnce(&mut WorkspaceReplica) -> Result<T, HubError>,
+) -> Result<T, HubError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match workspace.replica.try_lock() {
+            Ok(mut replica) => return work(&mut replica),
+            Err(std::sync::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return Err(HubError::Busy),
+            Err(std::sync::TryLockError::Poisoned(_)) => {
+                return Err(HubError::Internal(
+                    "a previous request panicked on this workspace".into(),
+                ));
+            }
+        }
+    }
+}
+
+/// Runs the hub until the process is stopped.
+pub async fn serve(config: HubConfig) -> Result<(), HubError> {
+    let accounts = Accounts::open(&config.data)?;
+    let hub = Arc::new(Hub {
+        data: config.data.clone(),
+        accounts: Mutex::new(accounts),
+        workspaces: Mutex::new(HashMap::new()),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| HubError::Io(config.data.clone(), e))?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| HubError::Io(config.data.clone(), e))?;
+    tracing::info!(%address, data = %config.data.display(), "hub listening");
+    // A line tests and scripts can wait for.
+    println!("shoal hub listening on http://{address}");
+    axum::serve(listener, router(hub))
+        .await
+        .map_err(|e| HubError::Io(config.data, e))
+}
+
+fn router(hub: Shared) -> Router {
+    let chunk_limit = shoal_store::CHUNK_MAX + 4096;
+    Router::new()
+        .route("/v1/login", post(login))
+        .route(
+            "/v1/workspaces",
+            get(list_workspaces).post(create_workspace),
+        )
+        .route("/v1/workspaces/{ws}/invitations", post(invite))
+        .route("/v1/workspaces/{ws}/join", post(join))
+        .route("/v1/workspaces/{ws}/download", post(download))
+        .route(
+            "/v1/workspaces/{ws}/download/{session}/batches/{index}",
+            get(download_batch),
+        )
+        .route(
+            "/v1/workspaces/{ws}/download/{session}/result",
+            put(download_result),
+        )
+        .route("/v1/workspaces/{ws}/recovery", post(recovery))
+        .route("/v1/workspaces/{ws}/upload", get(upload_offer))
+        .route(
+            "/v1/workspaces/{ws}/upload/batches/{batch}",
+            put(upload_batch),
+        )
+        .route(
+            "/v1/workspaces/{ws}/upload/batches/{batch}/commit",
+            put(commit),
+        )
+        .route(
+            "/v1/workspaces/{ws}/chunks/{hash}",
+            get(get_chunk)
+                .head(head_chunk)
+                .put(put_chunk)
+                .layer(DefaultBodyLimit::max(chunk_limit)),
+        )
+        .route("/v1/workspaces/{ws}/events", get(events))
+        .layer(DefaultBodyLimit::max(32 << 20))
+        .layer(middleware::from_fn(add_request_id))
+        .with_state(hub)
+}
+
+async fn add_request_id(mut request: Request, next: Next) -> Response {
+    let id = hex16(&rand::random());
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(headers::REQUEST_ID, value);
+    }
+    response
+}
+
+async fn login(
+    State(hub): State<Shared>,
+    axum::Extension(RequestId(request)): axum::Extension<RequestId>,
+    JsonBody(body): JsonBody<LoginRequest>,
+) -> Result<Json<LoginResponse>, ApiError> {
+    let user = body.user.clone();
+    let (device, token) = blocking(&request, move || {
+        lock(&hub.accounts)?.login(&body.user, &body.password, &body.device_name)
+    })
+    .await?;
+    Ok(Json(LoginResponse {
+        token,
+        device: hex16(&device),
+        user,
+    }))
+}
+
+async fn list_workspaces(
+    State(hub): State<Shared>,
+    caller: Caller,
+) -> Result<Json<Vec<WorkspaceInfo>>, ApiError> {
+    let user = caller.device.user;
+    let list = blocking(&caller.request, move || {
+        lock(&hub.accounts)?.memberships(user)
+    })
+    .await?;
+    Ok(Json(list.iter().map(info).collect()))
+}
+
+async fn create_workspace(
+    State(hub): State<Shared>,
+    caller: Caller,
+    JsonBody(body): JsonBody<CreateWorkspace>,
+) -> Result<(StatusCode, Json<WorkspaceInfo>), ApiError> {
+    let user = caller.device.user;
+    let created = blocking(&caller.request, move || {
+        let membership = lock(&hub.accounts)?.create_workspace(user, &body.name)?;
+        hub.workspace(membership.workspace)?;
+        Ok(membership)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(info(&created))))
+}
+
+async fn invite(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path(ws): Path<String>,
+    JsonBody(body): JsonBody<Invite>,
+) -> Result<StatusCode, ApiError> {
+    let role = Role::parse(&body.role).ok_or_else(|| {
+        caller.fail(HubError::BadRequest(format!(
+            "unknown role {:?}: owner, editor or reader",
+            body.role
+        )))
+    })?;
+    let user = caller.device.user;
+    blocking(&caller.request, move || {
+        let id = shoal_protocol::parse_item(&ws)
+            .map_err(|_| HubError::NotFound)?
+            .0;
+        lock(&hub.accounts)?.invite(&id, user, &body.user, role)
+    })
+    .await?;
+    Ok(StatusCode::CREATED)
+}
+
+async fn join(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path(ws): Path<String>,
+) -> Result<Json<WorkspaceInfo>, ApiError> {
+    let user = caller.device.user;
+    let joined = blocking(&caller.request, move || {
+        let id = shoal_protocol::parse_item(&ws)
+            .map_err(|_| HubError::NotFound)?
+            .0;
+        lock(&hub.accounts)?.join(&id, user)
+    })
+    .await?;
+    Ok(Json(info(&joined)))
+}
+
+async fn download(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path(ws): Path<String>,
+    JsonBody(body): JsonBody<DownloadRequest>,
+) -> Result<Json<shoal_protocol::DownloadResponse>, ApiError> {
+    let (replica, epoch) = caller.replica()?;
+    let device = caller.device.clone();
+    let response = blocking(&caller.request, move || {
+        let (workspace, _) = hub.member(&device, &ws)?;
+        let knowledge = Knowledge::try_from(&body.knowledge)?;
+        with_replica(&workspace, |r| {
+            r.check_epoch(&replica, epoch)?;
+            r.download(&knowledge, body.limits)
+        })
+    })
+    .await?;
+    Ok(Json(response))
+}
+
+async fn download_batch(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path((ws, session, index)): Path<(String, String, usize)>,
+) -> Result<Json<shoal_protocol::WireBatch>, ApiError> {
+    let device = caller.device.clone();
+    let batch = blocking(&caller.request, move || {
+        let (workspace, _) = hub.member(&device, &ws)?;
+        with_replica(&workspace, |r| r.download_batch(&session, index))
+    })
+    .await?;
+    Ok(Json(batch))
+}
+
+async fn download_result(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path((ws, session)): Path<(String, String)>,
+    JsonBody(body): JsonBody<DownloadResult>,
+) -> Result<StatusCode, ApiError> {
+    let (replica, epoch) = caller.replica()?;
+    let device = caller.device.clone();
+    blocking(&caller.request, move || {
+        let (workspace, _) = hub.member(&device, &ws)?;
+        let knowledge = Knowledge::try_from(&body.knowledge)?;
+        with_replica(&workspace, |r| {
+            r.download_result(&session, replica, epoch, &knowledge)
+        })
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn recovery(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path(ws): Path<String>,
+    JsonBody(body): JsonBody<RecoveryRequest>,
+) -> Result<Json<shoal_protocol::RecoveryResponse>, ApiError> {
+    let device = caller.device.clone();
+    let response = blocking(&caller.request, move || {
+        let (workspace, _) = hub.member(&device, &ws)?;
+        with_replica(&workspace, |r| r.recovery(&body.candidates))
+    })
+    .await?;
+    Ok(Json(response))
+}
+
+async fn upload_offer(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path(ws): Path<String>,
+) -> Result<Json<shoal_protocol::UploadOffer>, ApiError> {
+    let (replica, epoch) = caller.replica()?;
+    let device = caller.device.clone();
+    let offer = blocking(&caller.request, move || {
+        let (workspace, _) = hub.member(&device, &ws)?;
+        with_replica(&workspace, |r| {
+            r.check_epoch(&replica, epoch)?;
+            r.upload_offer()
+        })
+    })
+    .await?;
+    Ok(Json(offer))
+}
+
+async fn upload_batch(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path((ws, batch)): Path<(String, String)>,
+    JsonBody(body): JsonBody<UploadBatch>,
+) -> Result<Json<shoal_protocol::UploadPlan>, ApiError> {
+    let (replica, epoch) = caller.replica()?;
+    let device = caller.device.clone();
+    let plan = blocking(&caller.request, move || {
+        let (workspace, role) = hub.member(&device, &ws)?;
+        with_replica(&workspace, |r| {
+            r.check_epoch(&replica, epoch)?;
+            r.upload_batch(&batch, &body, role)
+        })
+    })
+    .await?;
+    Ok(Json(plan))
+}
+
+async fn commit(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path((ws, batch)): Path<(String, String)>,
+    JsonBody(body): JsonBody<CommitRequest>,
+) -> Result<Json<shoal_protocol::CommitResponse>, ApiError> {
+    let device = caller.device.clone();
+    let response = blocking(&caller.request, move || {
+        let (workspace, _) = hub.member(&device, &ws)?;
+        let (response, changed) = with_replica(&workspace, |r| r.commit(&batch, &body))?;
+        if changed {
+            // Nobody listening is fine: the change is stored for whoever comes next.
+            let _ = workspace.events.send(ChangeEvent {
+                workspace: ws.clone(),
+                tag: response.tag_after.clone(),
+            });
+        }
+        Ok(response)
+    })
+    .await?;
+    Ok(Json(response))
+}
+
+fn chunk_hash(caller: &Caller, hash: &str) -> Result<ContentHash, ApiError> {
+    parse_hash(hash).map_err(|e| caller.fail(e.into()))
+}
+
+/// Parses `bytes=START-END` (END optional) against a length.
+fn byte_range(headers: &HeaderMap, len: usize) -> Option<Result<(usize, usize), ()>> {
+    let value = headers.get(header::RANGE)?.to_str().ok()?;
+    let spec = value.strip_prefix("bytes=")?;
+    let (start, end) = spec.split_once('-')?;
+    let start: usize = match start.parse() {
+        Ok(start) => start,
+        Err(_) => return Some(Err(())),
+    };
+    let end: usize = if end.is_empty() {
+        len.saturating_sub(1)
+    } else {
+        end.parse().unwrap_or(usize::MAX)
+    };
+    if start >= len || end < start {
+        return Some(Err(()));
+    }
+    Some(Ok((start, end.min(len - 1))))
+}
+
+async fn get_chunk(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path((ws, hash)): Path<(String, String)>,
+    request_headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let hash = chunk_hash(&caller, &hash)?;
+    let device = caller.device.clone();
+    let bytes = blocking(&caller.request, move || {
+        let (workspace, _) = hub.member(&device, &ws)?;
+        with_replica(&workspace, |r| r.chunk(&hash))?.ok_or(HubError::NotFound)
+    })
+    .await?;
+    // Ranged reads let a client resume a chunk it half received.
+    match byte_range(&request_headers, bytes.len()) {
+        None => Ok((StatusCode::OK, [(header::ACCEPT_RANGES, "bytes")], bytes).into_response()),
+        Some(Ok((start, end))) => {
+            let range = format!("bytes {start}-{end}/{}", bytes.len());
+            Ok((
+                StatusCode::PARTIAL_CONTENT,
+                [(header::CONTENT_RANGE, range)],
+                bytes[start..=end].to_vec(),
+            )
+                .into_response())
+        }
+        Some(Err(())) => Ok((
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            [(header::CONTENT_RANGE, format!("bytes */{}", bytes.len()))],
+        )
+            .into_response()),
+    }
+}
+
+async fn head_chunk(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path((ws, hash)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let hash = chunk_hash(&caller, &hash)?;
+    let device = caller.device.clone();
+    let held = blocking(&caller.request, move || {
+        let (workspace, _) = hub.member(&device, &ws)?;
+        with_replica(&workspace, |r| Ok(r.has_chunk(&hash)))
+    })
+    .await?;
+    Ok(if held {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    })
+}
+
+async fn put_chunk(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path((ws, hash)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let hash = chunk_hash(&caller, &hash)?;
+    let device = caller.device.clone();
+    let stored = blocking(&caller.request, move || {
+        let (workspace, role) = hub.member(&device, &ws)?;
+        if role == Role::Reader {
+            return Err(HubError::Forbidden("readers cannot upload content".into()));
+        }
+        // Writing a chunk file needs no replica lock: chunk files are written atomically.
+        let replica = lock(&workspace.replica)?;
+        replica.put_chunk(&hash, &body)
+    })
+    .await?;
+    Ok(if stored {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    })
+}
+
+async fn events(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path(ws): Path<String>,
+) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError>
+{
+    let device = caller.device.clone();
+    let ws_id = ws.clone();
+    let (receiver, current) = blocking(&caller.request, move || {
+        let (workspace, _) = hub.member(&device, &ws)?;
+        let receiver = workspace.events.subscribe();
+        let tag = with_replica(&workspace, |r| r.tag())?;
+        Ok((receiver, tag))
+    })
+    .await?;
+    // The first event is the current tag, so a device that was away knows at once whether it
+    // must sync; then one event per change.
+    let first = ChangeEvent {
+        workspace: ws_id,
+        tag: current,
+    };
+    let stream = futures_util::stream::iter([first])
+        .chain(
+            tokio_stream::wrappers::BroadcastStream::new(receiver)
+                .filter_map(|e| async move { e.ok() }),
+        )
+        .map(|event| {
+            Ok(Event::default()
+                .event("change")
+                .data(serde_json::to_string(&event).unwrap_or_default()))
+        });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

@@ -1,0 +1,99 @@
+//! The shoal hub: accounts, workspaces and members, and the sync service that keeps a replica
+//! of every workspace so that devices sync through it, online or not (store-and-forward).
+//!
+//! [`serve`] runs the HTTP API described in `docs/protocol.md`; [`add_user`] manages accounts.
+//! Metadata lives in SQLite under the data directory, content as chunk files beside it.
+
+mod accounts;
+mod api;
+mod replica;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub use accounts::Role;
+pub use api::serve;
+
+/// How to run a hub.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// The data directory (`hub.db`, `workspaces/`).
+    pub data: PathBuf,
+    /// Where to listen.
+    pub listen: SocketAddr,
+}
+
+/// Why a hub operation failed. Each maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HubError {
+    /// 400: the request is malformed; the message says how.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401: no valid credentials.
+    #[error("wrong user name, password or token")]
+    Unauthorized,
+    /// 403: authenticated, but the role does not allow it.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404: no such workspace, session or batch (also what non-members get).
+    #[error("not found")]
+    NotFound,
+    /// 409: a name is taken.
+    #[error("{0}")]
+    Conflict(String),
+    /// 409: the caller's replica epoch went backwards; it must start a new epoch and do a
+    /// full exchange.
+    #[error(
+        "stale epoch {got}: this replica already synced in epoch {known}; start a new epoch and sync again"
+    )]
+    StaleEpoch {
+        /// The epoch the hub knows.
+        known: u32,
+        /// The epoch the caller sent.
+        got: u32,
+    },
+    /// 413: over the limits.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 202: busy with another request on the same workspace; retry.
+    #[error("busy; retry shortly")]
+    Busy,
+    /// 500: the store failed.
+    #[error("store: {0}")]
+    Store(#[from] shoal_store::StoreError),
+    /// 500: the chunk store failed (a mismatching chunk is a 400, see `From`).
+    #[error("chunks: {0}")]
+    Chunks(shoal_store::ChunkError),
+    /// 500: the accounts database failed.
+    #[error("accounts: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// 500: a file-system error.
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    /// 500: anything else.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<shoal_store::ChunkError> for HubError {
+    fn from(error: shoal_store::ChunkError) -> Self {
+        match error {
+            shoal_store::ChunkError::Mismatch(hash) => {
+                HubError::BadRequest(format!("the bytes sent do not hash to {hash}"))
+            }
+            other => HubError::Chunks(other),
+        }
+    }
+}
+
+impl From<shoal_protocol::WireError> for HubError {
+    fn from(error: shoal_protocol::WireError) -> Self {
+        HubError::BadRequest(error.to_string())
+    }
+}
+
+/// Adds a user to the hub at `data` (or resets their password).
+pub fn add_user(data: &std::path::Path, name: &str, password: &str) -> Result<(), HubError> {
+    accounts::Accounts::open(data)?.add_user(name, password)
+}

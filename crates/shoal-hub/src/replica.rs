@@ -1,0 +1,530 @@
+//! One workspace's replica on the hub: its metadata store, its chunks, and the download and
+//! upload sessions in progress.
+//!
+//! Everything here is blocking (SQLite, files); the HTTP layer calls it on blocking threads,
+//! one request per workspace at a time.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use shoal_core::{
+    BatchLimits, ContentHash, Dot, ItemId, Knowledge, Receiving, ReplicaId, SyncOffer, Version,
+    plan_batches,
+};
+use shoal_protocol::{
+    CommitItem, CommitRequest, CommitResponse, DownloadResponse, ItemDot, Location,
+    RecoveryResponse, UploadBatch, UploadOffer, UploadPlan, UploadPlanItem, WireBatch, WireChunk,
+    WireContent, WireDot, WireKnowledge, WireLimits, WireVector, WireVersion, hex16, hex32,
+    parse_hash, parse_item, routes,
+};
+use shoal_store::{CHUNK_MAX, ChunkStore, ChunkedContent, Store};
+
+use crate::HubError;
+use crate::accounts::Role;
+
+/// The hub's batch limits (a caller's smaller limits win).
+pub(crate) const HUB_LIMITS: BatchLimits = BatchLimits {
+    max_items: 1_000,
+    max_bytes: 64 << 20,
+};
+/// How long an unfinished session is kept.
+const SESSION_TTL: Duration = Duration::from_secs(30 * 60);
+
+struct DownloadSession {
+    batches: Vec<WireBatch>,
+    created: Instant,
+}
+
+struct PendingUpload {
+    versions: Vec<(ItemId, Version)>,
+    contents: HashMap<ContentHash, ChunkedContent>,
+    learned: Knowledge,
+    last: bool,
+    role: Role,
+    created: Instant,
+}
+
+/// A workspace replica held by the hub.
+pub(crate) struct WorkspaceReplica {
+    id: String,
+    store: Store,
+    chunks: ChunkStore,
+    chunk_dir: PathBuf,
+    downloads: HashMap<String, DownloadSession>,
+    uploads: HashMap<String, PendingUpload>,
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn random_id() -> String {
+    hex16(&rand::random())
+}
+
+/// The replica tag: the compact knowledge, in hex.
+pub(crate) fn tag(knowledge: &Knowledge) -> String {
+    knowledge.compact().to_string()
+}
+
+fn wire_content(content: &ChunkedContent) -> WireContent {
+    WireContent {
+        hash: hex32(&content.hash.0),
+        size: content.size,
+        chunks: content
+            .chunks
+            .iter()
+            .map(|c| WireChunk {
+                hash: hex32(&c.hash.0),
+                len: c.len,
+            })
+            .collect(),
+    }
+}
+
+fn content_from_wire(wire: &WireContent) -> Result<ChunkedContent, HubError> {
+    let hash = parse_hash(&wire.hash)?;
+    let mut offset = 0u64;
+    let mut chunks = Vec::with_capacity(wire.chunks.len());
+    for chunk in &wire.chunks {
+        if chunk.len as usize > CHUNK_MAX || chunk.len == 0 {
+            return Err(HubError::BadRequest(format!(
+                "chunk of {} bytes is outside the protocol's limits",
+                chunk.len
+            )));
+        }
+        chunks.push(shoal_store::ChunkRef {
+            hash: parse_hash(&chunk.hash)?,
+            offset,
+            len: chunk.len,
+        });
+        offset += u64::from(chunk.len);
+    }
+    if offset != wire.size {
+        return Err(HubError::BadRequest(format!(
+            "chunks of content {} add up to {offset}, not {}",
+            wire.hash, wire.size
+        )));
+    }
+    Ok(ChunkedContent {
+        hash,
+        size: wire.size,
+        chunks,
+    })
+}
+
+impl WorkspaceReplica {
+    /// Opens (creating) the replica of workspace `id` under `dir`.
+    pub(crate) fn open(dir: &Path, id: &str) -> Result<WorkspaceReplica, HubError> {
+        std::fs::create_dir_all(dir).map_err(|e| HubError::Io(dir.to_path_buf(), e))?;
+        let store = Store::open(&dir.join("state.db"), "hub")?;
+        let chunk_dir = dir.join("chunks");
+        let chunks = ChunkStore::open(&chunk_dir)?;
+        Ok(WorkspaceReplica {
+            id: id.to_owned(),
+            store,
+            chunks,
+            chunk_dir,
+            downloads: HashMap::new(),
+            uploads: HashMap::new(),
+        })
+    }
+
+    fn expire(&mut self) {
+        self.downloads
+            .retain(|_, s| s.created.elapsed() < SESSION_TTL);
+        self.uploads
+            .retain(|_, s| s.created.elapsed() < SESSION_TTL);
+    }
+
+    /// The replica's current tag.
+    pub(crate) fn tag(&self) -> Result<String, HubError> {
+        Ok(tag(&self.store.knowledge()?))
+    }
+
+    /// Refuses a caller whose epoch went backwards (its state was restored from an old copy).
+    pub(crate) fn check_epoch(&self, replica: &ReplicaId, epoch: u32) -> Result<(), HubError> {
+        match self.store.partner_epoch(replica)? {
+            Some(known) if epoch < known => Err(HubError::StaleEpoch { known, got: epoch }),
+            _ => Ok(()),
+        }
+    }
+
+    fn locations(&self) -> Vec<Location> {
+        vec![
+            Location {
+                transport: "http".into(),
+                url: routes::chunks(&self.id),
+            },
+            Location {
+                transport: "file".into(),
+                url: self.chunk_dir.display().to_string(),
+            },
+        ]
+    }
+
+    /// Starts a download for a caller holding `knowledge`.
+    pub(crate) fn download(
+        &mut self,
+        knowledge: &Knowledge,
+        limits: WireLimits,
+    ) -> Result<DownloadResponse, HubError> {
+        self.expire();
+        let limits = HUB_LIMITS.negotiate(BatchLimits {
+            max_items: limits.max_items,
+            max_bytes: limits.max_bytes,
+        });
+        let offer = SyncOffer {
+            knowledge: self.store.knowledge()?,
+            forgotten: self.store.forgotten()?,
+        };
+        let recovery = offer.needs_recovery(knowledge);
+        let missing = self.store.missing_for(knowledge)?;
+        let session = random_id();
+        let planned = plan_batches(missing, &offer, limits);
+        let count = planned.len();
+        let mut batches = Vec::with_capacity(count);
+        for (index, batch) in planned.into_iter().enumerate() {
+            let mut contents = Vec::new();
+            let mut seen = HashSet::new();
+            for (_, version) in &batch.versions {
+                let hash = version
+                    .entry
+                    .content
+                    .filter(|h| !version.entry.deleted && seen.insert(*h));
+                if let Some(content) = hash.map(|h| self.store.content(&h)).transpose()?.flatten() {
+                    contents.push(wire_content(&content));
+                }
+            }
+            batches.push(WireBatch {
+                versions: batch
+                    .versions
+                    .iter()
+                    .map(|(id, v)| WireVersion::new(id, v))
+                    .collect(),
+                contents,
+                locations: self.locations(),
+                learned: WireKnowledge::from(&batch.learned),
+                last: batch.last,
+                forgotten: WireVector::from(&batch.forgotten),
+                next: (index + 1 < count)
+                    .then(|| routes::download_batch(&self.id, &session, index + 1)),
+            });
+        }
+        let first = batches
+            .first()
+            .cloned()
+            .ok_or(HubError::Internal("no batch planned".into()))?;
+        self.downloads.insert(
+            session.clone(),
+            DownloadSession {
+                batches,
+                created: Instant::now(),
+            },
+        );
+        Ok(DownloadResponse {
+            batch: first,
+            result: routes::download_result(&self.id, &session),
+            recovery,
+            tag: tag(&offer.knowledge),
+        })
+    }
+
+    /// One batch of a download session.
+    pub(crate) fn download_batch(
+        &mut self,
+        session: &str,
+        index: usize,
+    ) -> Result<WireBatch, HubError> {
+        self.expire();
+        self.downloads
+            .get(session)
+            .and_then(|s| s.batches.get(index))
+            .cloned()
+            .ok_or(HubError::NotFound)
+    }
+
+    /// The caller reports what it applied: the hub remembers its knowledge and epoch.
+    pub(crate) fn download_result(
+        &mut self,
+        session: &str,
+        replica: ReplicaId,
+        epoch: u32,
+        knowledge: &Knowledge,
+    ) -> Result<(), HubError> {
+        if self.downloads.remove(session).is_none() {
+            return Err(HubError::NotFound);
+        }
+        let mut tx = self.store.begin()?;
+        tx.set_partner(replica, knowledge, now_ns())?;
+        tx.set_partner_epoch(replica, epoch)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Which of the candidates the hub has seen but no longer holds: dead.
+    pub(crate) fn recovery(&self, candidates: &[ItemDot]) -> Result<RecoveryResponse, HubError> {
+        let knowledge = self.store.knowledge()?;
+        let mut dead = Vec::new();
+        for candidate in candidates {
+            let item = parse_item(&candidate.item)?;
+            let dot = Dot::try_from(&candidate.dot)?;
+            if knowledge.contains(&dot) && !self.store.has_seen(&item, &dot)? {
+                dead.push(candidate.clone());
+            }
+        }
+        Ok(RecoveryResponse {
+            dead,
+            forgotten: WireVector::from(&self.store.forgotten()?),
+        })
+    }
+
+    /// What the hub has, before an upload.
+    pub(crate) fn upload_offer(&self) -> Result<UploadOffer, HubError> {
+        let knowledge = self.store.knowledge()?;
+        Ok(UploadOffer {
+            tag: tag(&knowledge),
+            knowledge: WireKnowledge::from(&knowledge),
+            limits: WireLimits {
+                max_items: HUB_LIMITS.max_items,
+                max_bytes: HUB_LIMITS.max_bytes,
+            },
+            batches: format!("{}/upload/batches", routes::workspace(&self.id)),
+        })
+    }
+
+    /// Batch metadata of an upload: says which content the hub still needs.
+    pub(crate) fn upload_batch(
+        &mut self,
+        batch_id: &str,
+        batch: &UploadBatch,
+        role: Role,
+    ) -> Result<UploadPlan, HubError> {
+        self.expire();
+        if batch_id.is_empty()
+            || batch_id.len() > 64
+            || !batch_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(HubError::BadRequest(
+                "the batch id must be 1 to 64 letters, digits or dashes".into(),
+            ));
+        }
+        if batch.versions.len() > HUB_LIMITS.max_items {
+            return Err(HubError::TooLarge(format!(
+                "{} versions in one batch; the limit is {}",
+                batch.versions.len(),
+                HUB_LIMITS.max_items
+            )));
+        }
+        let mut versions = Vec::with_capacity(batch.versions.len());
+        for wire in &batch.versions {
+            versions.push(wire.to_core()?);
+        }
+        let mut contents = HashMap::new();
+        for wire in &batch.contents {
+            let content = content_from_wire(wire)?;
+            contents.insert(content.hash, content);
+        }
+        let mut items = Vec::with_capacity(versions.len());
+        for (_, version) in &versions {
+            let mut missing = Vec::new();
+            // A reader's versions are refused at commit: no content is asked for.
+            let wanted = version
+                .entry
+                .content
+                .filter(|_| !version.entry.deleted && role != Role::Reader);
+            if let Some(hash) = wanted {
+                let content = contents.get(&hash).ok_or_else(|| {
+                    HubError::BadRequest(format!("no chunk list sent for content {hash}"))
+                })?;
+                if content.size != version.entry.size {
+                    return Err(HubError::BadRequest(format!(
+                        "content {hash} has size {}, the version says {}",
+                        content.size, version.entry.size
+                    )));
+                }
+                let have_all = self.store.content(&hash)?.is_some()
+                    && content.chunks.iter().all(|c| self.chunks.contains(&c.hash));
+                if !have_all {
+                    let mut listed = HashSet::new();
+                    for chunk in &content.chunks {
+                        if listed.insert(chunk.hash) && !self.chunks.contains(&chunk.hash) {
+                            missing.push(hex32(&chunk.hash.0));
+                        }
+                    }
+                }
+            }
+            items.push(UploadPlanItem {
+                dot: WireDot::from(&version.dot),
+                needed: !missing.is_empty(),
+                missing,
+            });
+        }
+        self.uploads.insert(
+            batch_id.to_owned(),
+            PendingUpload {
+                versions,
+                contents,
+                learned: Knowledge::try_from(&batch.learned)?,
+                last: batch.last,
+                role,
+                created: Instant::now(),
+            },
+        );
+        Ok(UploadPlan {
+            items,
+            locations: self
+                .locations()
+                .into_iter()
+                .filter(|l| l.transport == "http")
+                .collect(),
+            commit: routes::upload_commit(&self.id, batch_id),
+        })
+    }
+
+    /// Stores one uploaded chunk after checking its hash.
+    pub(crate) fn put_chunk(&self, hash: &ContentHash, bytes: &[u8]) -> Result<bool, HubError> {
+        if bytes.len() > CHUNK_MAX {
+            return Err(HubError::TooLarge(format!(
+                "a chunk is at most {CHUNK_MAX} bytes"
+            )));
+        }
+        Ok(self.chunks.put(hash, bytes)?)
+    }
+
+    /// Whether a chunk is held.
+    pub(crate) fn has_chunk(&self, hash: &ContentHash) -> bool {
+        self.chunks.contains(hash)
+    }
+
+    /// Reads a chunk, if this workspace references it.
+    pub(crate) fn chunk(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>, HubError> {
+        Ok(self.chunks.get(hash)?)
+    }
+
+    /// Whether every chunk of `content` is held and together they hash to its name.
+    fn complete(&self, content: &ChunkedContent) -> Result<bool, HubError> {
+        let mut whole = blake3::Hasher::new();
+        for chunk in &content.chunks {
+            match self.chunks.get(&chunk.hash)? {
+                Some(bytes) if bytes.len() == chunk.len as usize => {
+                    whole.update(&bytes);
+                }
+                _ => return Ok(false),
+            }
+        }
+        Ok(ContentHash(*whole.finalize().as_bytes()) == content.hash)
+    }
+
+    /// Commits an upload batch: applies every version whose content arrived, refuses what
+    /// the uploader may not write. Returns the outcome and whether anything changed.
+    pub(crate) fn commit(
+        &mut self,
+        batch_id: &str,
+        request: &CommitRequest,
+    ) -> Result<(CommitResponse, bool), HubError> {
+        let Some(pending) = self.uploads.remove(batch_id) else {
+            return Err(HubError::NotFound);
+        };
+        // The caller's transfer statuses are checked for form; the hub trusts only what it
+        // holds itself when deciding whether content arrived.
+        for status in &request.items {
+            Dot::try_from(&status.dot)?;
+        }
+        let knowledge_before = self.store.knowledge()?;
+        let mut outcomes: HashMap<Dot, (String, Option<String>)> = HashMap::new();
+        let mut arrived: HashSet<Dot> = HashSet::new();
+        for (_, version) in &pending.versions {
+            let dot = version.dot;
+            if pending.role == Role::Reader {
+                outcomes.insert(
+                    dot,
+                    (
+                        "refused".into(),
+                        Some("readers cannot change this workspace".into()),
+                    ),
+                );
+                continue;
+            }
+            let content_ok = match version.entry.content.filter(|_| !version.entry.deleted) {
+                None => true,
+                Some(hash) => match pending.contents.get(&hash) {
+                    Some(content) => {
+                        self.store.content(&hash)?.is_some() || self.complete(content)?
+                    }
+                    None => false,
+                },
+            };
+            if content_ok {
+                arrived.insert(dot);
+            } else {
+                outcomes.insert(
+                    dot,
+                    ("failed".into(), Some("content did not arrive".into())),
+                );
+            }
+        }
+        let batch = shoal_core::Batch {
+            versions: pending.versions.clone(),
+            learned: pending.learned.clone(),
+            last: pending.last,
+            forgotten: Default::default(),
+        };
+        let now = now_ns();
+        let mut tx = self.store.begin()?;
+        for (_, version) in &pending.versions {
+            let content = version.entry.content.and_then(|h| pending.contents.get(&h));
+            if let Some(content) = content.filter(|_| arrived.contains(&version.dot)) {
+                tx.put_content(content)?;
+            }
+        }
+        let mut knowledge = tx.knowledge().clone();
+        let report = Receiving::new().apply(&mut tx, &mut knowledge, &batch, |_, v| {
+            arrived.contains(&v.dot)
+        })?;
+        *tx.knowledge_mut() = knowledge;
+        for (item, version) in &pending.versions {
+            if let Some((_, Some(reason))) =
+                outcomes.get(&version.dot).filter(|(o, _)| o == "refused")
+            {
+                tx.put_refused(*item, version, reason, now)?;
+            }
+        }
+        tx.commit()?;
+        let conflicts: HashSet<ItemId> = report.conflicts.iter().copied().collect();
+        let items = pending
+            .versions
+            .iter()
+            .map(|(item, version)| {
+                let (outcome, reason) = outcomes.get(&version.dot).cloned().unwrap_or_else(|| {
+                    if conflicts.contains(item) {
+                        ("conflict".into(), None)
+                    } else {
+                        ("applied".into(), None)
+                    }
+                });
+                CommitItem {
+                    dot: WireDot::from(&version.dot),
+                    outcome,
+                    reason,
+                }
+            })
+            .collect();
+        let knowledge_after = self.store.knowledge()?;
+        let changed = knowledge_after != knowledge_before;
+        Ok((
+            CommitResponse {
+                items,
+                tag_before: tag(&knowledge_before),
+                tag_after: tag(&knowledge_after),
+            },
+            changed,
+        ))
+    }
+}
