@@ -452,6 +452,15 @@ impl WorkspaceReplica {
                 );
                 continue;
             }
+            // A name that could escape a folder or cannot be stored is refused here, so no
+            // other device ever receives it.
+            if let Err(error) = shoal_core::validate_name(&version.entry.name) {
+                outcomes.insert(
+                    dot,
+                    ("refused".into(), Some(format!("invalid name: {error}"))),
+                );
+                continue;
+            }
             let content_ok = match version.entry.content.filter(|_| !version.entry.deleted) {
                 None => true,
                 Some(hash) => match pending.contents.get(&hash) {

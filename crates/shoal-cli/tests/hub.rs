@@ -1,0 +1,155 @@
+//! End-to-end tests of the hub and the device sync, with real `shoal hub` and `shoal` processes
+//! on 127.0.0.1 in temporary directories.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{AnyResult, Device, Hub, TestResult, wait_for};
+
+/// alice on two devices and bob on one, all in workspace "team".
+fn team(root: &std::path::Path) -> AnyResult<(Hub, Device, Device, Device)> {
+    let data = root.join("hub");
+    Hub::add_user(&data, "alice", "alice-pw")?;
+    Hub::add_user(&data, "bob", "bob-pw")?;
+    let hub = Hub::start(&data)?;
+    let (laptop, desktop, bob) = (
+        Device::new(root, "laptop"),
+        Device::new(root, "desktop"),
+        Device::new(root, "bob"),
+    );
+    laptop.login(&hub, "alice", "alice-pw", "laptop")?;
+    desktop.login(&hub, "alice", "alice-pw", "desktop")?;
+    bob.login(&hub, "bob", "bob-pw", "bobpc")?;
+    laptop.create("team")?;
+    laptop.run(&["workspace", "invite", "team", "bob", "--role", "editor"])?;
+    desktop.join("team")?;
+    bob.join("team")?;
+    Ok((hub, laptop, desktop, bob))
+}
+
+fn sync_all(devices: &[&Device]) -> TestResult {
+    for _ in 0..2 {
+        for device in devices {
+            device.sync()?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn three_devices_of_two_users_converge_through_the_hub() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (_hub, laptop, desktop, bob) = team(root.path())?;
+    let all = [&laptop, &desktop, &bob];
+
+    laptop.write("plans/q1.txt", "ship it")?;
+    laptop.write("notes.txt", "first")?;
+    laptop.write("old/a.txt", "a")?;
+    sync_all(&all)?;
+    assert_eq!(laptop.tree(), bob.tree());
+    assert_eq!(laptop.tree(), desktop.tree());
+    assert_eq!(
+        bob.tree().get("plans/q1.txt"),
+        Some(&Some("ship it".into()))
+    );
+
+    // Edits, renames, moves and deletes from different devices.
+    bob.write("notes.txt", "second, by bob")?;
+    std::fs::rename(desktop.folder.join("plans"), desktop.folder.join("roadmap"))?;
+    std::fs::rename(
+        laptop.folder.join("old/a.txt"),
+        laptop.folder.join("a-moved.txt"),
+    )?;
+    std::fs::remove_dir(laptop.folder.join("old"))?;
+    sync_all(&all)?;
+    let tree = laptop.tree();
+    assert_eq!(tree, desktop.tree());
+    assert_eq!(tree, bob.tree());
+    assert_eq!(tree.get("notes.txt"), Some(&Some("second, by bob".into())));
+    assert_eq!(tree.get("roadmap/q1.txt"), Some(&Some("ship it".into())));
+    assert_eq!(tree.get("a-moved.txt"), Some(&Some("a".into())));
+    assert!(
+        !tree.contains_key("old") && !tree.contains_key("plans"),
+        "{tree:?}"
+    );
+
+    // Store and forward: the desktop is offline while the laptop changes things and then goes
+    // away for good; the desktop still gets everything from the hub.
+    laptop.write("while-you-were-out.txt", "hello desktop")?;
+    std::fs::remove_file(laptop.folder.join("a-moved.txt"))?;
+    laptop.sync()?;
+    std::fs::remove_dir_all(&laptop.folder)?;
+    desktop.sync()?;
+    let tree = desktop.tree();
+    assert_eq!(
+        tree.get("while-you-were-out.txt"),
+        Some(&Some("hello desktop".into()))
+    );
+    assert!(!tree.contains_key("a-moved.txt"));
+
+    // Concurrent edits end as identical conflict copies everywhere.
+    desktop.write("notes.txt", "desktop version")?;
+    bob.write("notes.txt", "bob version")?;
+    sync_all(&[&desktop, &bob])?;
+    assert_eq!(desktop.tree(), bob.tree());
+    let tree = bob.tree();
+    let copies: Vec<_> = tree.keys().filter(|k| k.contains(".conflict-")).collect();
+    assert_eq!(copies.len(), 1, "{tree:?}");
+    let contents: Vec<_> = tree.values().flatten().cloned().collect();
+    assert!(
+        contents.contains(&"desktop version".to_string())
+            && contents.contains(&"bob version".to_string())
+    );
+    let status: serde_json::Value = serde_json::from_str(&bob.run(&["status", "--json"])?)?;
+    assert_eq!(
+        status[0]["conflicts"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+    Ok(())
+}
+
+#[test]
+fn agents_propagate_changes_without_polling_and_survive_the_hub_going_away() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (hub, laptop, _desktop, bob) = team(root.path())?;
+    let mut agents = Vec::new();
+    for device in [&laptop, &bob] {
+        agents.push(
+            device
+                .command(&["agent"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?,
+        );
+    }
+    let stop = |agents: &mut Vec<std::process::Child>| {
+        for agent in agents.iter_mut() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+    };
+    laptop.write("live.txt", "via the agents")?;
+    let arrived = wait_for(Duration::from_secs(20), || {
+        bob.folder.join("live.txt").exists()
+    });
+
+    // The hub goes down: local work goes on, and flows once it is back.
+    let port = hub.port;
+    let data = hub.data.clone();
+    hub.stop();
+    laptop.write("offline.txt", "written while the hub was down")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let _hub = Hub::start_on(&data, port)?;
+    let caught_up = wait_for(Duration::from_secs(30), || {
+        bob.folder.join("offline.txt").exists()
+    });
+    stop(&mut agents);
+    assert!(arrived, "a change did not reach the other agent");
+    assert!(
+        caught_up,
+        "a change made while the hub was down did not arrive after it came back"
+    );
+    Ok(())
+}

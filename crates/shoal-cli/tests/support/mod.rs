@@ -1,0 +1,202 @@
+//! A tiny vocabulary for end-to-end tests with real processes: start a hub, make devices,
+//! write files, sync, compare trees.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+pub type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+pub fn shoal() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+}
+
+/// A hub process on a free loopback port, stopped when dropped.
+pub struct Hub {
+    child: Child,
+    pub url: String,
+    pub data: PathBuf,
+    pub port: u16,
+}
+
+impl Hub {
+    pub fn start(data: &Path) -> AnyResult<Hub> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        Hub::start_on(data, port)
+    }
+
+    pub fn start_on(data: &Path, port: u16) -> AnyResult<Hub> {
+        let mut child = shoal()
+            .args(["hub", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+            .arg(data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if !line.contains("listening") {
+            let _ = child.kill();
+            return Err(format!("hub did not start: {line:?}").into());
+        }
+        Ok(Hub {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            data: data.to_path_buf(),
+            port,
+        })
+    }
+
+    pub fn add_user(data: &Path, name: &str, password: &str) -> TestResult {
+        let output = shoal()
+            .args(["hub", "user", "add", name, "--data"])
+            .arg(data)
+            .env("SHOAL_PASSWORD", password)
+            .output()?;
+        check(&output)?;
+        Ok(())
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn check(output: &Output) -> AnyResult<String> {
+    if !output.status.success() {
+        return Err(format!(
+            "command failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// One device: a home and a workspace folder.
+pub struct Device {
+    pub home: PathBuf,
+    pub folder: PathBuf,
+}
+
+impl Device {
+    pub fn new(root: &Path, name: &str) -> Device {
+        Device {
+            home: root.join(format!("{name}-home")),
+            folder: root.join(format!("{name}-files")),
+        }
+    }
+
+    pub fn run(&self, args: &[&str]) -> AnyResult<String> {
+        check(&self.command(args).output()?)
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = shoal();
+        command.arg("--home").arg(&self.home).args(args);
+        command
+    }
+
+    pub fn login(&self, hub: &Hub, user: &str, password: &str, device: &str) -> TestResult {
+        check(
+            &self
+                .command(&["login", &hub.url, user, "--device-name", device])
+                .env("SHOAL_PASSWORD", password)
+                .output()?,
+        )?;
+        Ok(())
+    }
+
+    pub fn create(&self, workspace: &str) -> TestResult {
+        let path = self.folder.display().to_string();
+        self.run(&["workspace", "create", workspace, "--path", &path])?;
+        Ok(())
+    }
+
+    pub fn join(&self, workspace: &str) -> TestResult {
+        let path = self.folder.display().to_string();
+        self.run(&["workspace", "join", workspace, "--path", &path])?;
+        Ok(())
+    }
+
+    pub fn sync(&self) -> AnyResult<serde_json::Value> {
+        let out = self.run(&["sync", "--json"])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    pub fn token(&self) -> AnyResult<String> {
+        let device: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.home.join("device.json"))?)?;
+        Ok(device["token"].as_str().ok_or("no token")?.to_owned())
+    }
+
+    pub fn write(&self, path: &str, text: &str) -> TestResult {
+        let target = self.folder.join(path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(target, text)?;
+        Ok(())
+    }
+
+    pub fn tree(&self) -> BTreeMap<String, Option<String>> {
+        tree(&self.folder)
+    }
+}
+
+/// Every file and folder below `root` (minus `.shoal`), with file contents.
+pub fn tree(root: &Path) -> BTreeMap<String, Option<String>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let relative = path
+                .strip_prefix(root)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if relative == ".shoal" {
+                continue;
+            }
+            if path.is_dir() {
+                out.insert(relative, None);
+                stack.push(path);
+            } else {
+                out.insert(
+                    relative,
+                    Some(std::fs::read_to_string(&path).unwrap_or_else(|_| "<binary>".into())),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Waits until `condition` holds, up to `limit`.
+pub fn wait_for(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    condition()
+}
