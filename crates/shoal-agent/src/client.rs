@@ -24,6 +24,8 @@ pub struct HubClient {
     token: Option<String>,
     http: Client,
     identity: Option<(ReplicaId, u32)>,
+    device: Option<String>,
+    workspace: Option<String>,
     correlation: String,
 }
 
@@ -40,14 +42,26 @@ impl HubClient {
             token: token.map(str::to_owned),
             http,
             identity: None,
+            device: None,
+            workspace: None,
             correlation: hex16(&rand::random()),
         })
     }
 
-    /// The same client, naming a replica and epoch on sync requests.
-    pub fn for_replica(&self, replica: ReplicaId, epoch: u32) -> HubClient {
+    /// The same client, naming this device on every request.
+    pub fn for_device(&self, device: &str) -> HubClient {
+        HubClient {
+            device: Some(device.to_owned()),
+            ..self.clone()
+        }
+    }
+
+    /// The same client, naming a workspace replica and its epoch on sync requests (one sync
+    /// session: a fresh correlation id ties its requests together).
+    pub fn for_replica(&self, workspace: &str, replica: ReplicaId, epoch: u32) -> HubClient {
         HubClient {
             identity: Some((replica, epoch)),
+            workspace: Some(workspace.to_owned()),
             correlation: hex16(&rand::random()),
             ..self.clone()
         }
@@ -79,6 +93,12 @@ impl HubClient {
             builder = builder
                 .header(headers::REPLICA, replica.to_string())
                 .header(headers::EPOCH, epoch.to_string());
+            if let Some(workspace) = &self.workspace {
+                builder = builder.header(headers::PARTNERSHIP, format!("{replica}@{workspace}"));
+            }
+        }
+        if let Some(device) = &self.device {
+            builder = builder.header(headers::DEVICE, device);
         }
         builder
     }
@@ -315,6 +335,14 @@ fn check(response: Response) -> Result<Response, AgentError> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);
+    }
+    let known_epoch = response
+        .headers()
+        .get(headers::EPOCH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok());
+    if let (StatusCode::CONFLICT, Some(known)) = (status, known_epoch) {
+        return Err(AgentError::StaleEpoch { known });
     }
     let message = match response.json::<ErrorBody>() {
         Ok(body) => body.error,

@@ -38,9 +38,18 @@ pub enum AgentError {
     /// The hub has no such thing (or the user may not see it).
     #[error("not found on the hub: {0}")]
     NotFound(String),
-    /// The hub reports a conflict (a taken name, a stale epoch).
+    /// The hub reports a conflict (a taken name).
     #[error("{0}")]
     Conflict(String),
+    /// This replica synced with the hub in a later epoch than it now has: its state was
+    /// restored from an old copy. It must continue in an epoch after `known`.
+    #[error(
+        "this folder's state is older than what it already synced (epoch {known}); it was restored from a backup"
+    )]
+    StaleEpoch {
+        /// The latest epoch the hub saw.
+        known: u32,
+    },
     /// Any other error status from the hub.
     #[error("the hub answered {status}: {message}")]
     Hub {

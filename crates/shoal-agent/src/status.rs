@@ -71,7 +71,7 @@ pub fn status(home: &Home, name: Option<&str>) -> Result<Vec<WorkspaceStatus>, A
         let identity = store.identity().clone();
         let record = home.sync_record(&workspace.id)?;
         let offer = base
-            .for_replica(identity.replica, identity.epoch)
+            .for_replica(&workspace.id, identity.replica, identity.epoch)
             .upload_offer(&workspace.id)
             .ok();
         let (pending_upload, behind) = match &offer {

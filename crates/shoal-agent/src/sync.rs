@@ -51,6 +51,8 @@ pub struct SyncReport {
     pub materialize: MaterializeReport,
     /// The hub's tag at the end.
     pub hub_tag: String,
+    /// Whether the replica had to start a new epoch (it was restored from an old copy).
+    pub new_epoch: bool,
 }
 
 /// Fault injection for tests: names containing this text have their content withheld.
@@ -181,27 +183,40 @@ pub fn sync_workspace(
     progress: &dyn Progress,
 ) -> Result<SyncReport, AgentError> {
     let mut folder = FolderReplica::open(&entry.path, &device.device_name)?;
-    let base = HubClient::new(&device.hub, Some(&device.token))?;
+    let base = HubClient::new(&device.hub, Some(&device.token))?.for_device(&device.device);
     let mut report = SyncReport::default();
 
     // The hub's knowledge first: it tells us if our state went back in time.
     let identity = folder.store().identity().clone();
-    let mut client = base.for_replica(identity.replica, identity.epoch);
+    let mut client = base.for_replica(&entry.id, identity.replica, identity.epoch);
     let offer = match client.upload_offer(&entry.id) {
-        Err(AgentError::Conflict(_)) => {
-            new_epoch(&mut folder)?;
+        Err(AgentError::StaleEpoch { known }) => {
+            // Restored from an old copy: continue in an epoch never used before, then a full
+            // exchange (our knowledge is older, so the hub sends what we lost).
+            new_epoch_after(&mut folder, known)?;
             let identity = folder.store().identity().clone();
-            client = base.for_replica(identity.replica, identity.epoch);
+            client = base.for_replica(&entry.id, identity.replica, identity.epoch);
+            report.new_epoch = true;
             client.upload_offer(&entry.id)?
         }
         other => other?,
     };
     let hub_knowledge = Knowledge::try_from(&offer.knowledge)?;
+    // The hub has seen writes of ours that we no longer have: we were restored. Our next
+    // writes must not reuse those dots.
+    let replica = folder.store().identity().replica;
     let writer = folder.store().identity().writer();
     if hub_knowledge.highest(&writer) > folder.store().tick()? {
-        new_epoch(&mut folder)?;
+        let latest = hub_knowledge
+            .writers()
+            .filter(|w| w.replica == replica)
+            .map(|w| w.epoch)
+            .max()
+            .unwrap_or(0);
+        new_epoch_after(&mut folder, latest)?;
         let identity = folder.store().identity().clone();
-        client = base.for_replica(identity.replica, identity.epoch);
+        client = base.for_replica(&entry.id, identity.replica, identity.epoch);
+        report.new_epoch = true;
     }
 
     report.scan = folder.scan(&ScanOptions::default(), progress)?;
@@ -229,9 +244,13 @@ pub fn sync_workspace(
     Ok(report)
 }
 
-fn new_epoch(folder: &mut FolderReplica) -> Result<(), AgentError> {
+/// Moves the replica to an epoch after both its own and `known`.
+fn new_epoch_after(folder: &mut FolderReplica, known: u32) -> Result<(), AgentError> {
     let mut tx = folder.store_mut().begin()?;
     tx.new_epoch()?;
+    while tx.identity().epoch <= known {
+        tx.new_epoch()?;
+    }
     tx.commit()?;
     Ok(())
 }

@@ -307,6 +307,7 @@ pub(crate) fn sync(home: &Home, name: Option<&str>, json: bool) -> anyhow::Resul
                     "download_failed": report.download_failed,
                     "conflicts": report.conflicts,
                     "recovered": report.recovered,
+                    "new_epoch": report.new_epoch,
                     "written": report.materialize.written,
                     "bytes_written": report.materialize.bytes,
                     "local_changes": report.scan.created + report.scan.modified + report.scan.moved + report.scan.deleted + report.scan.resolved,

@@ -153,3 +153,63 @@ fn agents_propagate_changes_without_polling_and_survive_the_hub_going_away() -> 
     );
     Ok(())
 }
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_device_restored_from_a_backup_starts_a_new_epoch_and_catches_up() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (_hub, laptop, _desktop, bob) = team(root.path())?;
+    laptop.write("f1.txt", "one")?;
+    laptop.sync()?;
+    let backup = root.path().join("laptop-backup");
+    copy_tree(&laptop.folder, &backup)?;
+    let restore = || -> TestResult {
+        std::fs::remove_dir_all(&laptop.folder)?;
+        copy_tree(&backup, &laptop.folder)?;
+        Ok(())
+    };
+
+    laptop.write("f2.txt", "two")?;
+    laptop.sync()?;
+    // Restored once: the hub has seen writes the laptop no longer has.
+    restore()?;
+    let summary = laptop.sync()?;
+    assert_eq!(summary[0]["new_epoch"], true, "{summary}");
+    laptop.write("f3.txt", "three")?;
+    laptop.sync()?;
+    // Restored again, to a copy older than the epoch it has since synced in: the hub answers
+    // 409 and the laptop moves to an epoch it never used.
+    restore()?;
+    let summary = laptop.sync()?;
+    assert_eq!(summary[0]["new_epoch"], true, "{summary}");
+    laptop.write("f4.txt", "four")?;
+    sync_all(&[&laptop, &bob])?;
+    let tree = bob.tree();
+    assert_eq!(laptop.tree(), tree);
+    for (name, text) in [
+        ("f1.txt", "one"),
+        ("f2.txt", "two"),
+        ("f3.txt", "three"),
+        ("f4.txt", "four"),
+    ] {
+        assert_eq!(tree.get(name), Some(&Some(text.to_string())), "{tree:?}");
+    }
+    assert!(
+        !tree.keys().any(|k| k.contains(".conflict-")),
+        "a reused dot made a false conflict: {tree:?}"
+    );
+    Ok(())
+}

@@ -62,6 +62,10 @@ impl IntoResponse for ApiError {
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(request = %self.request, error = %self.error, "request failed");
         }
+        let known_epoch = match &self.error {
+            HubError::StaleEpoch { known, .. } => Some(*known),
+            _ => None,
+        };
         let body = ErrorBody {
             error: self.error.to_string(),
             request: self.request,
@@ -71,6 +75,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Some(known) = known_epoch {
+            // The caller restarts in a later epoch than any it used before.
+            if let Ok(value) = HeaderValue::from_str(&known.to_string()) {
+                response.headers_mut().insert(headers::EPOCH, value);
+            }
         }
         if status == StatusCode::UNAUTHORIZED {
             response
