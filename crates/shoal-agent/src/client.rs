@@ -289,6 +289,11 @@ impl HubClient {
                     continue;
                 }
             };
+            if response.status() == StatusCode::ACCEPTED {
+                // Busy: not chunk bytes. Wait and ask again.
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
             if !bytes.is_empty() && response.status() != StatusCode::PARTIAL_CONTENT {
                 bytes.clear();
             }

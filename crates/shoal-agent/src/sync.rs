@@ -265,9 +265,12 @@ fn upload(
 ) -> Result<(), AgentError> {
     let mut missing = Vec::new();
     let store = folder.store();
+    let mut withheld_refused = false;
     for (item, version) in store.missing_for(hub_knowledge)? {
         // A refused version stays refused until an owner lifts it; it is not offered again.
-        if !store.is_refused(&version.dot)? {
+        if store.is_refused(&version.dot)? {
+            withheld_refused = true;
+        } else {
             missing.push((item, version));
         }
     }
@@ -281,7 +284,9 @@ fn upload(
     let skip = std::env::var(FAULT_SKIP_UPLOAD)
         .ok()
         .filter(|s| !s.is_empty());
-    let mut failed_before = false;
+    // With a version held back, the hub must not learn our whole knowledge (which includes
+    // it); it learns only the dots it receives.
+    let mut failed_before = withheld_refused;
     let mut refused: Vec<(ItemId, Version, String)> = Vec::new();
     for batch in plan_batches(missing, &offer, limits) {
         let mut contents: HashMap<ContentHash, ChunkedContent> = HashMap::new();

@@ -262,6 +262,12 @@ impl Accounts {
         if inviter.role != Role::Owner {
             return Err(HubError::Forbidden("only an owner can invite".into()));
         }
+        if user == inviter.owner || self.user_id(user)? == Some(by) {
+            // The owner's own role never changes: a workspace always keeps someone who can invite.
+            return Err(HubError::BadRequest(format!(
+                "{user} owns or already administers this workspace; their role cannot change"
+            )));
+        }
         let invitee: Option<i64> = self
             .conn
             .query_row("SELECT id FROM users WHERE name = ?1", params![user], |r| {
@@ -279,6 +285,15 @@ impl Accounts {
             params![workspace.to_vec(), invitee, role.as_str()],
         )?;
         Ok(())
+    }
+
+    fn user_id(&self, name: &str) -> Result<Option<i64>, HubError> {
+        Ok(self
+            .conn
+            .query_row("SELECT id FROM users WHERE name = ?1", params![name], |r| {
+                r.get(0)
+            })
+            .optional()?)
     }
 
     /// Accepts an invitation.

@@ -505,10 +505,14 @@ async fn recovery(
     Path(ws): Path<String>,
     JsonBody(body): JsonBody<RecoveryRequest>,
 ) -> Result<Json<shoal_protocol::RecoveryResponse>, ApiError> {
+    let (replica, epoch) = caller.replica()?;
     let device = caller.device.clone();
     let response = blocking(&caller.request, move || {
         let (workspace, _) = hub.member(&device, &ws)?;
-        with_replica(&workspace, |r| r.recovery(&body.candidates))
+        with_replica(&workspace, |r| {
+            r.check_epoch(&replica, epoch)?;
+            r.recovery(&body.candidates)
+        })
     })
     .await?;
     Ok(Json(response))
@@ -557,10 +561,14 @@ async fn commit(
     Path((ws, batch)): Path<(String, String)>,
     JsonBody(body): JsonBody<CommitRequest>,
 ) -> Result<Json<shoal_protocol::CommitResponse>, ApiError> {
+    let (replica, epoch) = caller.replica()?;
     let device = caller.device.clone();
     let response = blocking(&caller.request, move || {
         let (workspace, _) = hub.member(&device, &ws)?;
-        let (response, changed) = with_replica(&workspace, |r| r.commit(&batch, &body))?;
+        let (response, changed) = with_replica(&workspace, |r| {
+            r.check_epoch(&replica, epoch)?;
+            r.commit(&batch, &body)
+        })?;
         if changed {
             // Nobody listening is fine: the change is stored for whoever comes next.
             let _ = workspace.events.send(ChangeEvent {
@@ -663,9 +671,7 @@ async fn put_chunk(
         if role == Role::Reader {
             return Err(HubError::Forbidden("readers cannot upload content".into()));
         }
-        // Writing a chunk file needs no replica lock: chunk files are written atomically.
-        let replica = lock(&workspace.replica)?;
-        replica.put_chunk(&hash, &body)
+        with_replica(&workspace, |replica| replica.put_chunk(&hash, &body))
     })
     .await?;
     Ok(if stored {

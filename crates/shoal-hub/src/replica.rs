@@ -429,14 +429,15 @@ impl WorkspaceReplica {
         batch_id: &str,
         request: &CommitRequest,
     ) -> Result<(CommitResponse, bool), HubError> {
-        let Some(pending) = self.uploads.remove(batch_id) else {
-            return Err(HubError::NotFound);
-        };
-        // The caller's transfer statuses are checked for form; the hub trusts only what it
-        // holds itself when deciding whether content arrived.
+        // Check the request before taking the batch, so a malformed commit can be corrected
+        // and sent again. The caller's transfer statuses are checked for form only: the hub
+        // trusts only what it holds itself when deciding whether content arrived.
         for status in &request.items {
             Dot::try_from(&status.dot)?;
         }
+        let Some(pending) = self.uploads.remove(batch_id) else {
+            return Err(HubError::NotFound);
+        };
         let knowledge_before = self.store.knowledge()?;
         let mut outcomes: HashMap<Dot, (String, Option<String>)> = HashMap::new();
         let mut arrived: HashSet<Dot> = HashSet::new();
