@@ -15,8 +15,8 @@ use shoal_folder::{
 };
 use shoal_protocol::{
     CommitRequest, DownloadRequest, DownloadResult, ItemDot, ItemResult, Location, RecoveryRequest,
-    TransferStatus, UploadBatch, WireBatch, WireChunk, WireContent, WireDot, WireKnowledge,
-    WireLimits, WireVersion, hex16, hex32, parse_hash, parse_item,
+    TransferStatus, UploadBatch, WireBatch, WireContent, WireDot, WireKnowledge, WireLimits,
+    WireVersion, hex16, hex32, parse_item,
 };
 use shoal_store::{ChunkRef, ChunkedContent};
 
@@ -57,39 +57,6 @@ pub struct SyncReport {
 
 /// Fault injection for tests: names containing this text have their content withheld.
 const FAULT_SKIP_UPLOAD: &str = "SHOAL_FAULT_SKIP_UPLOAD";
-
-fn wire_content(content: &ChunkedContent) -> WireContent {
-    WireContent {
-        hash: hex32(&content.hash.0),
-        size: content.size,
-        chunks: content
-            .chunks
-            .iter()
-            .map(|c| WireChunk {
-                hash: hex32(&c.hash.0),
-                len: c.len,
-            })
-            .collect(),
-    }
-}
-
-fn content_from_wire(wire: &WireContent) -> Result<ChunkedContent, AgentError> {
-    let mut offset = 0;
-    let mut chunks = Vec::with_capacity(wire.chunks.len());
-    for chunk in &wire.chunks {
-        chunks.push(ChunkRef {
-            hash: parse_hash(&chunk.hash)?,
-            offset,
-            len: chunk.len,
-        });
-        offset += u64::from(chunk.len);
-    }
-    Ok(ChunkedContent {
-        hash: parse_hash(&wire.hash)?,
-        size: offset,
-        chunks,
-    })
-}
 
 fn batch_from_wire(wire: &WireBatch) -> Result<Batch, AgentError> {
     let mut versions = Vec::with_capacity(wire.versions.len());
@@ -309,7 +276,7 @@ fn upload(
                 .iter()
                 .map(|(id, v)| WireVersion::new(id, v))
                 .collect(),
-            contents: contents.values().map(wire_content).collect(),
+            contents: contents.values().map(WireContent::from).collect(),
             learned: WireKnowledge::from(&learned),
             last: batch.last,
         };
@@ -458,7 +425,7 @@ fn download(
         let batch = batch_from_wire(&wire)?;
         let mut contents = Vec::new();
         for content in &wire.contents {
-            let content = content_from_wire(content)?;
+            let content = ChunkedContent::try_from(content)?;
             all_contents.insert(content.hash, content.clone());
             contents.push(content);
         }

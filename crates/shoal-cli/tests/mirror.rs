@@ -5,6 +5,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod support;
+use support::tree;
+
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 fn shoal() -> Command {
@@ -43,34 +46,6 @@ impl Pair {
     fn mirror_raw(&self) -> std::io::Result<Output> {
         shoal().args(["mirror"]).arg(&self.a).arg(&self.b).output()
     }
-}
-
-/// Every file and folder below `root` (minus `.shoal`), with file contents.
-fn tree(root: &Path) -> BTreeMap<String, Option<String>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            let relative = path
-                .strip_prefix(root)
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if relative == ".shoal" {
-                continue;
-            }
-            if path.is_dir() {
-                out.insert(relative, None);
-                stack.push(path);
-            } else {
-                out.insert(
-                    relative,
-                    Some(fs::read_to_string(&path).unwrap_or_else(|_| "<binary>".into())),
-                );
-            }
-        }
-    }
-    out
 }
 
 fn write(path: impl AsRef<Path>, text: &str) -> std::io::Result<()> {

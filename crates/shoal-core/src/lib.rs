@@ -6,6 +6,7 @@
 //! times in, so every function gives the same answer everywhere.
 
 mod codec;
+mod content;
 mod ids;
 mod item;
 mod knowledge;
@@ -16,6 +17,7 @@ mod sync;
 mod vector;
 
 pub use codec::{DecodeError, Decoder, Encoder};
+pub use content::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkRef, ChunkedContent};
 pub use ids::{Dot, Epoch, ItemId, ReplicaId, WriterId, parse_hex16};
 pub use item::{ContentHash, Entry, ItemConflict, ItemKind, ItemState, MergeOutcome, Version};
 pub use knowledge::{CompactKnowledge, Knowledge};

@@ -14,9 +14,8 @@ use shoal_core::{
 };
 use shoal_protocol::{
     CommitItem, CommitRequest, CommitResponse, DownloadResponse, ItemDot, Location,
-    RecoveryResponse, UploadBatch, UploadOffer, UploadPlan, UploadPlanItem, WireBatch, WireChunk,
-    WireContent, WireDot, WireKnowledge, WireLimits, WireVector, WireVersion, hex16, hex32,
-    parse_hash, parse_item, routes,
+    RecoveryResponse, UploadBatch, UploadOffer, UploadPlan, UploadPlanItem, WireBatch, WireContent,
+    WireDot, WireKnowledge, WireLimits, WireVector, WireVersion, hex16, hex32, parse_item, routes,
 };
 use shoal_store::{CHUNK_MAX, ChunkStore, ChunkedContent, Store};
 
@@ -69,52 +68,6 @@ fn random_id() -> String {
 /// The replica tag: the compact knowledge, in hex.
 pub(crate) fn tag(knowledge: &Knowledge) -> String {
     knowledge.compact().to_string()
-}
-
-fn wire_content(content: &ChunkedContent) -> WireContent {
-    WireContent {
-        hash: hex32(&content.hash.0),
-        size: content.size,
-        chunks: content
-            .chunks
-            .iter()
-            .map(|c| WireChunk {
-                hash: hex32(&c.hash.0),
-                len: c.len,
-            })
-            .collect(),
-    }
-}
-
-fn content_from_wire(wire: &WireContent) -> Result<ChunkedContent, HubError> {
-    let hash = parse_hash(&wire.hash)?;
-    let mut offset = 0u64;
-    let mut chunks = Vec::with_capacity(wire.chunks.len());
-    for chunk in &wire.chunks {
-        if chunk.len as usize > CHUNK_MAX || chunk.len == 0 {
-            return Err(HubError::BadRequest(format!(
-                "chunk of {} bytes is outside the protocol's limits",
-                chunk.len
-            )));
-        }
-        chunks.push(shoal_store::ChunkRef {
-            hash: parse_hash(&chunk.hash)?,
-            offset,
-            len: chunk.len,
-        });
-        offset += u64::from(chunk.len);
-    }
-    if offset != wire.size {
-        return Err(HubError::BadRequest(format!(
-            "chunks of content {} add up to {offset}, not {}",
-            wire.hash, wire.size
-        )));
-    }
-    Ok(ChunkedContent {
-        hash,
-        size: wire.size,
-        chunks,
-    })
 }
 
 impl WorkspaceReplica {
@@ -197,7 +150,7 @@ impl WorkspaceReplica {
                     .content
                     .filter(|h| !version.entry.deleted && seen.insert(*h));
                 if let Some(content) = hash.map(|h| self.store.content(&h)).transpose()?.flatten() {
-                    contents.push(wire_content(&content));
+                    contents.push(WireContent::from(&content));
                 }
             }
             batches.push(WireBatch {
@@ -328,7 +281,7 @@ impl WorkspaceReplica {
         }
         let mut contents = HashMap::new();
         for wire in &batch.contents {
-            let content = content_from_wire(wire)?;
+            let content = ChunkedContent::try_from(wire)?;
             contents.insert(content.hash, content);
         }
         let mut items = Vec::with_capacity(versions.len());

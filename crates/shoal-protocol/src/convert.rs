@@ -1,11 +1,13 @@
 //! Conversions between wire messages and core types. Everything from the wire is validated.
 
 use shoal_core::{
-    ContentHash, Dot, Entry, ItemId, ItemKind, Knowledge, ReplicaId, Version, VersionVector,
-    WriterId,
+    CHUNK_MAX, ChunkRef, ChunkedContent, ContentHash, Dot, Entry, ItemId, ItemKind, Knowledge,
+    ReplicaId, Version, VersionVector, WriterId,
 };
 
-use crate::messages::{WireDot, WireEntry, WireKnowledge, WireSeen, WireVector, WireVersion};
+use crate::messages::{
+    WireChunk, WireContent, WireDot, WireEntry, WireKnowledge, WireSeen, WireVector, WireVersion,
+};
 
 /// A wire message that does not describe a valid value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -120,6 +122,57 @@ impl TryFrom<&WireKnowledge> for Knowledge {
             }
         }
         Ok(knowledge)
+    }
+}
+
+impl From<&ChunkedContent> for WireContent {
+    fn from(content: &ChunkedContent) -> Self {
+        WireContent {
+            hash: hex32(&content.hash.0),
+            size: content.size,
+            chunks: content
+                .chunks
+                .iter()
+                .map(|c| WireChunk {
+                    hash: hex32(&c.hash.0),
+                    len: c.len,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<&WireContent> for ChunkedContent {
+    type Error = WireError;
+    /// Checks every chunk is within the protocol's sizes and that they add up to the size.
+    fn try_from(wire: &WireContent) -> Result<Self, WireError> {
+        let mut offset = 0u64;
+        let mut chunks = Vec::with_capacity(wire.chunks.len());
+        for chunk in &wire.chunks {
+            if chunk.len == 0 || chunk.len as usize > CHUNK_MAX {
+                return Err(WireError::Invalid(format!(
+                    "a chunk of {} bytes is outside the protocol's limits",
+                    chunk.len
+                )));
+            }
+            chunks.push(ChunkRef {
+                hash: parse_hash(&chunk.hash)?,
+                offset,
+                len: chunk.len,
+            });
+            offset += u64::from(chunk.len);
+        }
+        if offset != wire.size {
+            return Err(WireError::Invalid(format!(
+                "chunks of content {} add up to {offset}, not {}",
+                wire.hash, wire.size
+            )));
+        }
+        Ok(ChunkedContent {
+            hash: parse_hash(&wire.hash)?,
+            size: wire.size,
+            chunks,
+        })
     }
 }
 

@@ -14,7 +14,7 @@ use shoal_core::{
     Knowledge, ReplicaId, Role, Version, VersionVector, WriterId,
 };
 
-use crate::chunks::ChunkedContent;
+use shoal_core::ChunkedContent;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -7,8 +7,6 @@
 mod chunks;
 mod db;
 
-pub use chunks::{
-    CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkError, ChunkRef, ChunkStore, ChunkedContent, chunk_bytes,
-    chunk_reader,
-};
+pub use chunks::{ChunkError, ChunkStore, chunk_bytes, chunk_reader};
 pub use db::{ContentIndex, Identity, LocalFile, Store, StoreError, Transaction};
+pub use shoal_core::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkRef, ChunkedContent};
