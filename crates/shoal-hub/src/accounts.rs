@@ -89,6 +89,36 @@ pub(crate) struct Accounts {
     conn: Connection,
 }
 
+/// Argon2 takes 19 MiB per hash by design. Every check runs on one dedicated thread: the
+/// allocator keeps memory per thread, so checks spread over many request threads would each
+/// leave 19 MiB behind.
+fn password_matches(password: &str, hash: &str) -> bool {
+    type Job = (String, String, std::sync::mpsc::Sender<bool>);
+    static WORKER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    let sender = WORKER.get_or_init(|| {
+        let (sender, jobs) = std::sync::mpsc::channel::<Job>();
+        std::thread::spawn(move || {
+            for (password, hash, answer) in jobs {
+                let ok = Argon2::default()
+                    .verify_password(password.as_bytes(), hash.as_str())
+                    .is_ok();
+                let _ = answer.send(ok);
+            }
+        });
+        std::sync::Mutex::new(sender)
+    });
+    let (answer, result) = std::sync::mpsc::channel();
+    let sent = sender
+        .lock()
+        .map(|s| {
+            s.send((password.to_owned(), hash.to_owned(), answer))
+                .is_ok()
+        })
+        .unwrap_or(false);
+    sent && result.recv().unwrap_or(false)
+}
+
 fn hash_token(token: &str) -> Vec<u8> {
     blake3::derive_key("shoal device token v1", token.as_bytes()).to_vec()
 }
@@ -152,10 +182,7 @@ impl Accounts {
         let Some((user, hash)) = found else {
             return Err(HubError::Unauthorized);
         };
-        if Argon2::default()
-            .verify_password(password.as_bytes(), hash.as_str())
-            .is_err()
-        {
+        if !password_matches(password, &hash) {
             return Err(HubError::Unauthorized);
         }
         let device: [u8; 16] = rand::random();

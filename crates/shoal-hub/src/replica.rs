@@ -361,14 +361,20 @@ impl WorkspaceReplica {
         Ok(self.chunks.get(hash)?)
     }
 
-    /// Whether every chunk of `content` is held and together they hash to its name.
+    /// Whether every chunk of `content` is held and together they hash to its name. A chunk
+    /// found damaged (a crash before its flush) is removed, so the next upload asks for it.
     fn complete(&self, content: &ChunkedContent) -> Result<bool, HubError> {
         let mut whole = blake3::Hasher::new();
         for chunk in &content.chunks {
-            match self.chunks.get(&chunk.hash)? {
-                Some(bytes) if bytes.len() == chunk.len as usize => {
+            match self.chunks.get(&chunk.hash) {
+                Ok(Some(bytes)) if bytes.len() == chunk.len as usize => {
                     whole.update(&bytes);
                 }
+                Err(shoal_store::ChunkError::Corrupt(hash)) => {
+                    self.chunks.remove(&hash)?;
+                    return Ok(false);
+                }
+                Err(error) => return Err(error.into()),
                 _ => return Ok(false),
             }
         }
@@ -439,6 +445,10 @@ impl WorkspaceReplica {
             last: pending.last,
             forgotten: Default::default(),
         };
+        // The chunks these versions need must be durable before the versions are.
+        if !arrived.is_empty() {
+            self.chunks.flush()?;
+        }
         let now = now_ns();
         let mut tx = self.store.begin()?;
         for (_, version) in &pending.versions {

@@ -103,7 +103,8 @@ impl ChunkStore {
     }
 
     /// Stores bytes that must hash to `hash`; storing a chunk twice is a no-op. The chunk
-    /// becomes visible only complete and durable (temp file, fsync, rename).
+    /// becomes visible only complete (temp file, rename); it is durable after the next
+    /// [`ChunkStore::flush`], so many chunks cost one flush instead of one fsync each.
     pub fn put(&self, hash: &ContentHash, bytes: &[u8]) -> Result<bool, ChunkError> {
         if ContentHash::of(bytes) != *hash {
             return Err(ChunkError::Mismatch(*hash));
@@ -124,11 +125,20 @@ impl ChunkStore {
             rand::random::<u64>()
         ));
         let mut file = fs::File::create(&temp).map_err(io(&temp))?;
-        file.write_all(bytes)
-            .and_then(|()| file.sync_all())
-            .map_err(io(&temp))?;
+        file.write_all(bytes).map_err(io(&temp))?;
         fs::rename(&temp, &path).map_err(io(&path))?;
         Ok(true)
+    }
+
+    /// Makes every chunk stored so far durable: one file-system flush. Call it before
+    /// committing metadata that refers to the chunks.
+    pub fn flush(&self) -> Result<(), ChunkError> {
+        let io = |source| ChunkError::Io {
+            path: self.root.clone(),
+            source,
+        };
+        let dir = fs::File::open(&self.root).map_err(io)?;
+        rustix::fs::syncfs(&dir).map_err(|e| io(e.into()))
     }
 
     /// Reads a chunk, checking it still matches its name.
