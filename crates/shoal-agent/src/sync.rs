@@ -3,7 +3,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
 use shoal_core::{
@@ -106,41 +105,117 @@ impl HubSource<'_> {
 }
 
 impl ContentSource for HubSource<'_> {
+    /// Fetches the chunks several at a time, each written at its offset; every chunk is
+    /// checked against its name, so the assembled file is the content named `hash`.
     fn copy_to(&self, hash: &ContentHash, dest: &std::path::Path) -> bool {
         let Some(content) = self.contents.get(hash) else {
             return false;
         };
-        let Ok(mut file) = File::create(dest) else {
+        let Ok(file) = File::create(dest) else {
             return false;
         };
-        let mut whole = blake3::Hasher::new();
-        for chunk in &content.chunks {
-            let Some(bytes) = self.chunk(chunk) else {
-                return false;
-            };
-            whole.update(&bytes);
-            if file.write_all(&bytes).is_err() {
-                return false;
-            }
+        if file.set_len(content.size).is_err() {
+            return false;
         }
-        ContentHash(*whole.finalize().as_bytes()) == *hash
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            for _ in 0..PARALLEL_TRANSFERS.min(content.chunks.len().max(1)) {
+                scope.spawn(|| {
+                    while !failed.load(std::sync::atomic::Ordering::Relaxed) {
+                        let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(chunk) = content.chunks.get(index) else {
+                            return;
+                        };
+                        let written = self.chunk(chunk).is_some_and(|bytes| {
+                            std::os::unix::fs::FileExt::write_all_at(&file, &bytes, chunk.offset)
+                                .is_ok()
+                        });
+                        if !written {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        !failed.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
 /// Reads one chunk of a local content from the file that holds it, checking the bytes.
-fn read_local_chunk(
+/// How many chunk transfers run at once: enough to keep the connection busy while one side
+/// hashes or writes.
+const PARALLEL_TRANSFERS: usize = 4;
+
+/// Uploads the chunks of one local content that the hub lacks, several at a time, reading the
+/// file that holds the content once per worker. Returns (chunks, bytes), or `None` when the
+/// file changed or is gone (the item is then reported as not transferred).
+fn upload_content(
     folder: &FolderReplica,
+    client: &HubClient,
+    location: &str,
     content: &ChunkedContent,
-    chunk: &ChunkRef,
-) -> Option<Vec<u8>> {
-    let file = folder.store().local_file_with(&content.hash).ok()??;
+    wanted: &HashSet<&str>,
+) -> Result<Option<(usize, u64)>, AgentError> {
+    let Some(file) = folder.store().local_file_with(&content.hash)? else {
+        return Ok(None);
+    };
     let mut path = folder.root().to_path_buf();
     path.extend(file.path.split('/'));
-    let mut handle = File::open(path).ok()?;
-    handle.seek(SeekFrom::Start(chunk.offset)).ok()?;
-    let mut bytes = vec![0u8; chunk.len as usize];
-    handle.read_exact(&mut bytes).ok()?;
-    (ContentHash::of(&bytes) == chunk.hash).then_some(bytes)
+    let mut seen = HashSet::new();
+    let todo: Vec<&ChunkRef> = content
+        .chunks
+        .iter()
+        .filter(|c| wanted.contains(hex32(&c.hash.0).as_str()) && seen.insert(c.hash))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Result<Option<(usize, u64)>, AgentError>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..PARALLEL_TRANSFERS.min(todo.len().max(1)))
+            .map(|_| {
+                scope.spawn(|| -> Result<Option<(usize, u64)>, AgentError> {
+                    let Ok(handle) = File::open(&path) else {
+                        return Ok(None);
+                    };
+                    let (mut chunks, mut bytes_sent) = (0, 0u64);
+                    loop {
+                        let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(chunk) = todo.get(index) else {
+                            return Ok(Some((chunks, bytes_sent)));
+                        };
+                        let mut bytes = vec![0u8; chunk.len as usize];
+                        if std::os::unix::fs::FileExt::read_exact_at(
+                            &handle,
+                            &mut bytes,
+                            chunk.offset,
+                        )
+                        .is_err()
+                            || ContentHash::of(&bytes) != chunk.hash
+                        {
+                            return Ok(None);
+                        }
+                        bytes_sent += bytes.len() as u64;
+                        client.put_chunk(location, &chunk.hash, bytes)?;
+                        chunks += 1;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or(Ok(None)))
+            .collect()
+    });
+    let (mut chunks, mut bytes) = (0, 0);
+    for result in results {
+        match result? {
+            Some((c, b)) => {
+                chunks += c;
+                bytes += b;
+            }
+            None => return Ok(None),
+        }
+    }
+    Ok(Some((chunks, bytes)))
 }
 
 /// Syncs one workspace with the hub, once.
@@ -302,23 +377,12 @@ fn upload(
                     (false, Some(content)) => {
                         let wanted: HashSet<&str> =
                             planned.missing.iter().map(String::as_str).collect();
-                        let mut sent = HashSet::new();
-                        for chunk in &content.chunks {
-                            let name = hex32(&chunk.hash.0);
-                            if !wanted.contains(name.as_str()) || !sent.insert(chunk.hash) {
-                                continue;
+                        match upload_content(folder, client, &location, content, &wanted)? {
+                            Some((chunks, bytes)) => {
+                                report.chunks_uploaded += chunks;
+                                report.bytes_uploaded += bytes;
                             }
-                            match read_local_chunk(folder, content, chunk) {
-                                Some(bytes) => {
-                                    report.bytes_uploaded += bytes.len() as u64;
-                                    client.put_chunk(&location, &chunk.hash, bytes)?;
-                                    report.chunks_uploaded += 1;
-                                }
-                                None => {
-                                    transferred = false;
-                                    break;
-                                }
-                            }
+                            None => transferred = false,
                         }
                     }
                     _ => transferred = false,

@@ -616,7 +616,8 @@ async fn get_chunk(
     let device = caller.device.clone();
     let bytes = blocking(&caller.request, move || {
         let (workspace, _) = hub.member(&device, &ws)?;
-        with_replica(&workspace, |r| r.chunk(&hash))?.ok_or(HubError::NotFound)
+        let chunks = with_replica(&workspace, |r| Ok(r.chunk_store()))?;
+        chunks.get(&hash)?.ok_or(HubError::NotFound)
     })
     .await?;
     // Ranged reads let a client resume a chunk it half received.
@@ -671,7 +672,16 @@ async fn put_chunk(
         if role == Role::Reader {
             return Err(HubError::Forbidden("readers cannot upload content".into()));
         }
-        with_replica(&workspace, |replica| replica.put_chunk(&hash, &body))
+        // Chunk files need no replica lock, so uploads run in parallel with each other and
+        // with a commit.
+        let chunks = with_replica(&workspace, |r| Ok(r.chunk_store()))?;
+        if body.len() > shoal_store::CHUNK_MAX {
+            return Err(HubError::TooLarge(format!(
+                "a chunk is at most {} bytes",
+                shoal_store::CHUNK_MAX
+            )));
+        }
+        Ok(chunks.put(&hash, &body)?)
     })
     .await?;
     Ok(if stored {

@@ -17,7 +17,7 @@ use shoal_protocol::{
     RecoveryResponse, UploadBatch, UploadOffer, UploadPlan, UploadPlanItem, WireBatch, WireContent,
     WireDot, WireKnowledge, WireLimits, WireVector, WireVersion, hex16, hex32, parse_item, routes,
 };
-use shoal_store::{CHUNK_MAX, ChunkStore, ChunkedContent, Store};
+use shoal_store::{ChunkStore, ChunkedContent, Store};
 
 use crate::HubError;
 use crate::accounts::Role;
@@ -341,24 +341,15 @@ impl WorkspaceReplica {
         })
     }
 
-    /// Stores one uploaded chunk after checking its hash.
-    pub(crate) fn put_chunk(&self, hash: &ContentHash, bytes: &[u8]) -> Result<bool, HubError> {
-        if bytes.len() > CHUNK_MAX {
-            return Err(HubError::TooLarge(format!(
-                "a chunk is at most {CHUNK_MAX} bytes"
-            )));
-        }
-        Ok(self.chunks.put(hash, bytes)?)
+    /// The workspace's chunks, for reads and writes that need no lock on the replica (chunk
+    /// files are written whole and named by their content).
+    pub(crate) fn chunk_store(&self) -> ChunkStore {
+        self.chunks.clone()
     }
 
     /// Whether a chunk is held.
     pub(crate) fn has_chunk(&self, hash: &ContentHash) -> bool {
         self.chunks.contains(hash)
-    }
-
-    /// Reads a chunk, if this workspace references it.
-    pub(crate) fn chunk(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>, HubError> {
-        Ok(self.chunks.get(hash)?)
     }
 
     /// Whether every chunk of `content` is held and together they hash to its name. A chunk
