@@ -46,7 +46,7 @@ fn now_ns() -> i64 {
 
 /// Listens to one workspace's change events; asks for a sync when the hub's tag is not the
 /// one this device last synced to. Reconnects with backoff.
-fn listen(home: Home, client: HubClient, workspace: String, signals: Sender<String>) {
+fn listen(home: Home, client: HubClient, workspace: String, signals: Sender<Signal>) {
     let mut backoff = Duration::from_millis(250);
     loop {
         match client.events(&workspace) {
@@ -62,13 +62,13 @@ fn listen(home: Home, client: HubClient, workspace: String, signals: Sender<Stri
                     };
                     let known = home.sync_record(&workspace).ok().and_then(|r| r.hub_tag);
                     if known.as_deref() != Some(event.tag.as_str())
-                        && signals.send(workspace.clone()).is_err()
+                        && signals.send(Signal::hub(&workspace)).is_err()
                     {
                         return;
                     }
                 }
                 // The stream ended: the hub went away. Sync when it is back, to catch up.
-                if signals.send(workspace.clone()).is_err() {
+                if signals.send(Signal::hub(&workspace)).is_err() {
                     return;
                 }
             }
@@ -83,11 +83,27 @@ fn listen(home: Home, client: HubClient, workspace: String, signals: Sender<Stri
     }
 }
 
+/// A request to sync one workspace, and whether it came from the file watcher (whose events
+/// come in bursts worth waiting out) or from the hub (act at once).
+struct Signal {
+    workspace: String,
+    from_files: bool,
+}
+
+impl Signal {
+    fn hub(workspace: &str) -> Signal {
+        Signal {
+            workspace: workspace.to_owned(),
+            from_files: false,
+        }
+    }
+}
+
 /// Runs until the process is stopped.
 pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> {
     let device = home.device()?;
     let workspaces = home.workspaces()?;
-    let (signals, inbox) = mpsc::channel::<String>();
+    let (signals, inbox) = mpsc::channel::<Signal>();
     let client = HubClient::new(&device.hub, Some(&device.token))?;
 
     let mut watchers = Vec::new();
@@ -105,7 +121,10 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
                         })
                 });
                 if relevant && !event.kind.is_access() {
-                    let _ = sender.send(id.clone());
+                    let _ = sender.send(Signal {
+                        workspace: id.clone(),
+                        from_files: true,
+                    });
                 }
             })
             .map_err(|e| {
@@ -125,7 +144,7 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
             signals.clone(),
         );
         std::thread::spawn(move || listen(home, client, id, sender));
-        let _ = signals.send(workspace.id.clone());
+        let _ = signals.send(Signal::hub(&workspace.id));
     }
     tracing::info!(workspaces = workspaces.len(), hub = %device.hub, "agent running");
     println!("shoal agent running with {} workspace(s)", workspaces.len());
@@ -138,14 +157,17 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
         let next_retry = retry_at.values().map(|(at, _)| *at).min();
         let wake = next_retry.map_or(next_rescan, |r| r.min(next_rescan));
         match inbox.recv_timeout(wake.saturating_duration_since(now)) {
-            Ok(id) => {
-                pending.insert(id);
-                // Coalesce a burst of events into one sync.
-                let until = Instant::now() + options.debounce;
-                while let Ok(id) =
-                    inbox.recv_timeout(until.saturating_duration_since(Instant::now()))
-                {
-                    pending.insert(id);
+            Ok(signal) => {
+                let wait = signal.from_files;
+                pending.insert(signal.workspace);
+                // Coalesce a burst of file events into one sync; a hub event needs no wait.
+                if wait {
+                    let until = Instant::now() + options.debounce;
+                    while let Ok(signal) =
+                        inbox.recv_timeout(until.saturating_duration_since(Instant::now()))
+                    {
+                        pending.insert(signal.workspace);
+                    }
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}

@@ -200,11 +200,11 @@ impl Accounts {
     /// The device a bearer token belongs to.
     pub(crate) fn authenticate(&self, token: &str) -> Result<Device, HubError> {
         self.conn
-            .query_row(
+            .prepare_cached(
                 "SELECT devices.id, users.id, users.name FROM devices JOIN users ON users.id = devices.user
                  WHERE token_hash = ?1",
-                params![hash_token(token)],
-                |row| {
+            )?
+            .query_row(params![hash_token(token)], |row| {
                     let id: Vec<u8> = row.get(0)?;
                     Ok((id, row.get(1)?, row.get(2)?))
                 },
@@ -262,15 +262,15 @@ impl Accounts {
         workspace: &[u8; 16],
         user: i64,
     ) -> Result<Option<Membership>, HubError> {
+        // Every request checks membership and authenticates: keep these statements prepared.
         Ok(self
             .conn
-            .query_row(
+            .prepare_cached(
                 "SELECT w.id, w.name, m.role, m.joined, u.name FROM members m
                  JOIN workspaces w ON w.id = m.workspace JOIN users u ON u.id = w.owner
                  WHERE m.workspace = ?1 AND m.user = ?2",
-                params![workspace.to_vec(), user],
-                membership_from,
-            )
+            )?
+            .query_row(params![workspace.to_vec(), user], membership_from)
             .optional()?
             .flatten())
     }
