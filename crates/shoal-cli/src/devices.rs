@@ -189,18 +189,24 @@ fn prepare_folder(path: &Path) -> anyhow::Result<PathBuf> {
     Ok(path.canonicalize()?)
 }
 
+/// Records that this device holds a workspace in `path` (created if missing).
+fn hold(home: &Home, info: shoal_protocol::WorkspaceInfo, path: &Path) -> anyhow::Result<PathBuf> {
+    let path = prepare_folder(path)?;
+    home.put_workspace(WorkspaceEntry {
+        id: info.id,
+        name: info.name,
+        path: path.clone(),
+        role: info.role,
+    })?;
+    Ok(path)
+}
+
 pub(crate) fn workspace(home: &Home, command: WorkspaceCommand) -> anyhow::Result<()> {
     let (_, client) = client(home)?;
     match command {
         WorkspaceCommand::Create { name, path } => {
             let info = client.create_workspace(&name)?;
-            let path = prepare_folder(&path)?;
-            home.put_workspace(WorkspaceEntry {
-                id: info.id.clone(),
-                name: info.name,
-                path: path.clone(),
-                role: info.role,
-            })?;
+            let path = hold(home, info.clone(), &path)?;
             println!(
                 "created workspace {name} ({}) in {}",
                 info.id,
@@ -219,13 +225,7 @@ pub(crate) fn workspace(home: &Home, command: WorkspaceCommand) -> anyhow::Resul
             } else {
                 client.join(&found.id)?
             };
-            let path = prepare_folder(&path)?;
-            home.put_workspace(WorkspaceEntry {
-                id: info.id.clone(),
-                name: info.name,
-                path: path.clone(),
-                role: info.role,
-            })?;
+            let path = hold(home, info, &path)?;
             println!(
                 "joined {name} in {}; run `shoal sync` or `shoal agent`",
                 path.display()
