@@ -33,6 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TOOLS = ("shoal", "unison")
@@ -83,27 +86,13 @@ def parse_args() -> argparse.Namespace:
 
 def import_shared(path: str) -> None:
     global C, W, R
-    p = Path(path).resolve()
-    if not (p / "pb_workloads.py").is_file():
-        sys.exit(f"shared bench modules not found in {p} (use --shared)")
-    sys.path.insert(0, str(p))
-    import pb_common
-    import pb_report
-    import pb_workloads
-    C, W, R = pb_common, pb_workloads, pb_report
-    # shoal keeps its state in <root>/.shoal: not part of the synced tree
-    W.IGNORE_TOP = set(W.IGNORE_TOP) | {".shoal"}
+    C, W, R = bench_common.import_shared(path)
 
 
 # --------------------------------------------------------------------------
 # machine and version facts
 
-def sh(cmd: list[str], timeout: float = 30) -> str:
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        return (r.stdout + r.stderr).strip()
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"unavailable ({e})"
+sh = bench_common.sh
 
 
 def first_line(s: str) -> str:
