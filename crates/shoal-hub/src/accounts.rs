@@ -3,6 +3,7 @@
 //! Passwords are stored as argon2id PHC strings; device tokens as their BLAKE3 hash, so a copy
 //! of the database lets nobody log in.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use argon2::{Argon2, PasswordHasher, PasswordVerifier};
@@ -53,6 +54,19 @@ pub(crate) struct Device {
     pub(crate) user_name: String,
 }
 
+/// What peers are shown about a device besides its presence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DeviceCard {
+    /// Its user's id.
+    pub(crate) user: i64,
+    /// Its user's name.
+    pub(crate) user_name: String,
+    /// The device's name.
+    pub(crate) name: String,
+    /// The key fingerprint the hub vouches for, if the device registered one.
+    pub(crate) key: Option<String>,
+}
+
 /// One workspace as a user sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Membership {
@@ -72,7 +86,7 @@ const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, password TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
     id BLOB PRIMARY KEY, user INTEGER NOT NULL REFERENCES users (id), name TEXT NOT NULL,
-    token_hash BLOB NOT NULL UNIQUE
+    token_hash BLOB NOT NULL UNIQUE, key TEXT
 );
 CREATE TABLE IF NOT EXISTS workspaces (
     id BLOB PRIMARY KEY, name TEXT NOT NULL, owner INTEGER NOT NULL REFERENCES users (id),
@@ -132,6 +146,7 @@ impl Accounts {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
+        add_key_column(&conn)?;
         Ok(Accounts { conn })
     }
 
@@ -170,7 +185,12 @@ impl Accounts {
         name: &str,
         password: &str,
         device_name: &str,
+        key: Option<&str>,
     ) -> Result<([u8; 16], String), HubError> {
+        // Checked before the password, so a bad key registers no device.
+        if let Some(key) = key {
+            check_key(key)?;
+        }
         let found: Option<(i64, String)> = self
             .conn
             .query_row(
@@ -191,10 +211,57 @@ impl Accounts {
             .map(|b| format!("{b:02x}"))
             .collect();
         self.conn.execute(
-            "INSERT INTO devices (id, user, name, token_hash) VALUES (?1, ?2, ?3, ?4)",
-            params![device.to_vec(), user, device_name, hash_token(&token)],
+            "INSERT INTO devices (id, user, name, token_hash, key) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![device.to_vec(), user, device_name, hash_token(&token), key],
         )?;
         Ok((device, token))
+    }
+
+    /// Sets (replaces) a device's key fingerprint.
+    pub(crate) fn set_device_key(&self, device: &[u8; 16], key: &str) -> Result<(), HubError> {
+        check_key(key)?;
+        let updated = self.conn.execute(
+            "UPDATE devices SET key = ?1 WHERE id = ?2",
+            params![key, device.to_vec()],
+        )?;
+        if updated == 0 {
+            return Err(HubError::Unauthorized);
+        }
+        Ok(())
+    }
+
+    /// A device's user, name and key, if the device exists.
+    pub(crate) fn device_card(&self, device: &[u8; 16]) -> Result<Option<DeviceCard>, HubError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT users.id, users.name, devices.name, devices.key FROM devices
+                 JOIN users ON users.id = devices.user WHERE devices.id = ?1",
+            )?
+            .query_row(params![device.to_vec()], |row| {
+                Ok(DeviceCard {
+                    user: row.get(0)?,
+                    user_name: row.get(1)?,
+                    name: row.get(2)?,
+                    key: row.get(3)?,
+                })
+            })
+            .optional()?)
+    }
+
+    /// The workspaces a user has joined (invitations not yet accepted do not count).
+    pub(crate) fn joined_workspaces(&self, user: i64) -> Result<HashSet<[u8; 16]>, HubError> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT workspace FROM members WHERE user = ?1 AND joined = 1")?;
+        let rows = statement.query_map(params![user], |row| row.get::<_, Vec<u8>>(0))?;
+        let mut out = HashSet::new();
+        for row in rows {
+            if let Ok(id) = <[u8; 16]>::try_from(row?) {
+                out.insert(id);
+            }
+        }
+        Ok(out)
     }
 
     /// The device a bearer token belongs to.
@@ -336,6 +403,32 @@ impl Accounts {
     }
 }
 
+/// Adds `devices.key` to a database made before devices had keys.
+fn add_key_column(conn: &Connection) -> Result<(), HubError> {
+    let mut columns = conn.prepare("SELECT name FROM pragma_table_info('devices')")?;
+    let names = columns.query_map([], |row| row.get::<_, String>(0))?;
+    for name in names {
+        if name? == "key" {
+            return Ok(());
+        }
+    }
+    conn.execute("ALTER TABLE devices ADD COLUMN key TEXT", [])?;
+    Ok(())
+}
+
+/// A key fingerprint is BLAKE3 output in lowercase hex: one spelling per key, so peers can
+/// compare it as a string.
+fn check_key(key: &str) -> Result<(), HubError> {
+    if key.len() == 64 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(())
+    } else {
+        Err(HubError::BadRequest(format!(
+            "device key: expected 64 lowercase hex digits, got {:?}",
+            key.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
 fn membership_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Membership>> {
     let id: Vec<u8> = row.get(0)?;
     let role: String = row.get(2)?;
@@ -353,4 +446,69 @@ fn membership_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Membershi
         joined: joined != 0,
         owner: row.get(4)?,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    #[test]
+    fn databases_from_before_device_keys_gain_the_column() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        {
+            // The devices table as it was before keys.
+            let conn = Connection::open(dir.path().join("hub.db"))?;
+            conn.execute_batch(
+                "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, password TEXT NOT NULL);
+                 CREATE TABLE devices (id BLOB PRIMARY KEY, user INTEGER NOT NULL REFERENCES users (id),
+                     name TEXT NOT NULL, token_hash BLOB NOT NULL UNIQUE);
+                 INSERT INTO users (id, name, password) VALUES (1, 'old', 'x');
+                 INSERT INTO devices (id, user, name, token_hash) VALUES (x'00000000000000000000000000000001', 1, 'box', x'01');",
+            )?;
+        }
+        let accounts = Accounts::open(dir.path())?;
+        let old = [0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let card = accounts.device_card(&old)?.ok_or("no card")?;
+        assert_eq!((card.name.as_str(), card.key), ("box", None));
+        let key = "ab".repeat(32);
+        accounts.set_device_key(&old, &key)?;
+        assert_eq!(accounts.device_card(&old)?.ok_or("no card")?.key, Some(key));
+        // Opening again finds the column and leaves it.
+        drop(accounts);
+        Accounts::open(dir.path())?;
+        Ok(())
+    }
+
+    #[test]
+    fn keys_are_64_lowercase_hex_digits() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let accounts = Accounts::open(dir.path())?;
+        accounts.add_user("ann", "ann-pw")?;
+        let key = "0f".repeat(32);
+        let (device, _) = accounts.login("ann", "ann-pw", "laptop", Some(&key))?;
+        for bad in [
+            "AB".repeat(32),
+            "ab".repeat(31),
+            "zz".repeat(32),
+            String::new(),
+        ] {
+            assert!(matches!(
+                accounts.set_device_key(&device, &bad),
+                Err(HubError::BadRequest(_))
+            ));
+            assert!(matches!(
+                accounts.login("ann", "ann-pw", "phone", Some(&bad)),
+                Err(HubError::BadRequest(_))
+            ));
+        }
+        let card = accounts.device_card(&device)?.ok_or("no card")?;
+        assert_eq!(card.key, Some(key));
+        let devices: i64 = accounts
+            .conn
+            .query_row("SELECT count(*) FROM devices", [], |r| r.get(0))?;
+        assert_eq!(devices, 1, "a refused key registers no device");
+        Ok(())
+    }
 }

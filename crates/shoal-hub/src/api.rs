@@ -15,13 +15,15 @@ use axum::{Json, Router};
 use futures_util::StreamExt;
 use shoal_core::{ContentHash, Knowledge, ReplicaId};
 use shoal_protocol::{
-    ChangeEvent, CommitRequest, CreateWorkspace, DownloadRequest, DownloadResult, ErrorBody,
-    Invite, LoginRequest, LoginResponse, RecoveryRequest, UploadBatch, WorkspaceInfo, headers,
-    hex16, parse_hash, parse_replica,
+    ChangeEvent, CommitRequest, CreateWorkspace, DeviceKey, DownloadRequest, DownloadResult,
+    ErrorBody, Invite, LoginRequest, LoginResponse, Negotiation, PresenceUpdate, RecoveryRequest,
+    Relayed, UploadBatch, WorkspaceInfo, headers, hex16, parse_hash, parse_replica, routes,
 };
 use tokio::sync::broadcast;
 
 use crate::accounts::{Accounts, Device, Membership, Role};
+use crate::metrics::{CountingListener, Metrics, bump};
+use crate::presence::{self, Presence};
 use crate::replica::WorkspaceReplica;
 use crate::{HubConfig, HubError};
 
@@ -34,6 +36,8 @@ struct Hub {
     data: std::path::PathBuf,
     accounts: Mutex<Accounts>,
     workspaces: Mutex<HashMap<[u8; 16], Arc<Workspace>>>,
+    presence: Presence,
+    metrics: Arc<Metrics>,
 }
 
 type Shared = Arc<Hub>;
@@ -265,6 +269,32 @@ impl Hub {
             _ => Err(HubError::NotFound),
         }
     }
+
+    /// Sends the hub replica's new tag to the members' presence streams. The commit is done
+    /// whatever happens here, so a failure is only logged.
+    fn tell_hub_changed(&self, ws: &str, tag: &str) {
+        let told = shoal_protocol::parse_item(ws)
+            .map_err(HubError::from)
+            .and_then(|id| {
+                let accounts = lock(&self.accounts)?;
+                self.presence.hub_changed(&accounts, id.0, tag)
+            });
+        if let Err(error) = told {
+            tracing::warn!(workspace = ws, %error, "telling presence streams of a change");
+        }
+    }
+
+    /// The hub replica's tag of every workspace the user has joined.
+    fn tags(&self, user: i64) -> Result<Vec<([u8; 16], String)>, HubError> {
+        let joined = lock(&self.accounts)?.joined_workspaces(user)?;
+        let mut tags = Vec::with_capacity(joined.len());
+        for id in joined {
+            let workspace = self.workspace(id)?;
+            tags.push((id, with_replica(&workspace, |r| r.tag())?));
+        }
+        tags.sort();
+        Ok(tags)
+    }
 }
 
 /// Locks a workspace replica, waiting a little; a long wait answers 202 so the caller retries.
@@ -292,10 +322,13 @@ fn with_replica<T>(
 /// Runs the hub until the process is stopped.
 pub async fn serve(config: HubConfig) -> Result<(), HubError> {
     let accounts = Accounts::open(&config.data)?;
+    let metrics = Arc::new(Metrics::default());
     let hub = Arc::new(Hub {
         data: config.data.clone(),
         accounts: Mutex::new(accounts),
         workspaces: Mutex::new(HashMap::new()),
+        presence: Presence::default(),
+        metrics: metrics.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -306,7 +339,7 @@ pub async fn serve(config: HubConfig) -> Result<(), HubError> {
     tracing::info!(%address, data = %config.data.display(), "hub listening");
     // A line tests and scripts can wait for.
     println!("shoal hub listening on http://{address}");
-    axum::serve(listener, router(hub))
+    axum::serve(CountingListener::new(listener, metrics), router(hub))
         .await
         .map_err(|e| HubError::Io(config.data, e))
 }
@@ -315,6 +348,10 @@ fn router(hub: Shared) -> Router {
     let chunk_limit = shoal_store::CHUNK_MAX + 4096;
     Router::new()
         .route("/v1/login", post(login))
+        .route(routes::DEVICE_KEY, put(set_device_key))
+        .route(routes::PRESENCE, get(presence_stream).put(put_presence))
+        .route(routes::NEGOTIATE, post(negotiate))
+        .route(routes::METRICS, get(metrics))
         .route(
             "/v1/workspaces",
             get(list_workspaces).post(create_workspace),
@@ -349,11 +386,12 @@ fn router(hub: Shared) -> Router {
         )
         .route("/v1/workspaces/{ws}/events", get(events))
         .layer(DefaultBodyLimit::max(32 << 20))
-        .layer(middleware::from_fn(add_request_id))
+        .layer(middleware::from_fn_with_state(hub.clone(), add_request_id))
         .with_state(hub)
 }
 
-async fn add_request_id(mut request: Request, next: Next) -> Response {
+async fn add_request_id(State(hub): State<Shared>, mut request: Request, next: Next) -> Response {
+    bump(&hub.metrics.requests);
     let id = hex16(&rand::random());
     request.extensions_mut().insert(RequestId(id.clone()));
     let mut response = next.run(request).await;
@@ -370,7 +408,12 @@ async fn login(
 ) -> Result<Json<LoginResponse>, ApiError> {
     let user = body.user.clone();
     let (device, token) = blocking(&request, move || {
-        lock(&hub.accounts)?.login(&body.user, &body.password, &body.device_name)
+        lock(&hub.accounts)?.login(
+            &body.user,
+            &body.password,
+            &body.device_name,
+            body.device_key.as_deref(),
+        )
     })
     .await?;
     Ok(Json(LoginResponse {
@@ -453,6 +496,7 @@ async fn download(
     JsonBody(body): JsonBody<DownloadRequest>,
 ) -> Result<Json<shoal_protocol::DownloadResponse>, ApiError> {
     let (replica, epoch) = caller.replica()?;
+    let metrics = hub.metrics.clone();
     let device = caller.device.clone();
     let response = blocking(&caller.request, move || {
         let (workspace, _) = hub.member(&device, &ws)?;
@@ -463,6 +507,7 @@ async fn download(
         })
     })
     .await?;
+    bump(&metrics.download_sessions);
     Ok(Json(response))
 }
 
@@ -543,6 +588,7 @@ async fn upload_batch(
     JsonBody(body): JsonBody<UploadBatch>,
 ) -> Result<Json<shoal_protocol::UploadPlan>, ApiError> {
     let (replica, epoch) = caller.replica()?;
+    let metrics = hub.metrics.clone();
     let device = caller.device.clone();
     let plan = blocking(&caller.request, move || {
         let (workspace, role) = hub.member(&device, &ws)?;
@@ -552,6 +598,7 @@ async fn upload_batch(
         })
     })
     .await?;
+    bump(&metrics.upload_batches);
     Ok(Json(plan))
 }
 
@@ -562,6 +609,7 @@ async fn commit(
     JsonBody(body): JsonBody<CommitRequest>,
 ) -> Result<Json<shoal_protocol::CommitResponse>, ApiError> {
     let (replica, epoch) = caller.replica()?;
+    let metrics = hub.metrics.clone();
     let device = caller.device.clone();
     let response = blocking(&caller.request, move || {
         let (workspace, _) = hub.member(&device, &ws)?;
@@ -575,10 +623,12 @@ async fn commit(
                 workspace: ws.clone(),
                 tag: response.tag_after.clone(),
             });
+            hub.tell_hub_changed(&ws, &response.tag_after);
         }
         Ok(response)
     })
     .await?;
+    bump(&metrics.upload_commits);
     Ok(Json(response))
 }
 
@@ -613,6 +663,7 @@ async fn get_chunk(
     request_headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let hash = chunk_hash(&caller, &hash)?;
+    let metrics = hub.metrics.clone();
     let device = caller.device.clone();
     let bytes = blocking(&caller.request, move || {
         let (workspace, _) = hub.member(&device, &ws)?;
@@ -620,6 +671,7 @@ async fn get_chunk(
         chunks.get(&hash)?.ok_or(HubError::NotFound)
     })
     .await?;
+    bump(&metrics.chunk_gets);
     // Ranged reads let a client resume a chunk it half received.
     match byte_range(&request_headers, bytes.len()) {
         None => Ok((StatusCode::OK, [(header::ACCEPT_RANGES, "bytes")], bytes).into_response()),
@@ -666,6 +718,7 @@ async fn put_chunk(
     body: axum::body::Bytes,
 ) -> Result<StatusCode, ApiError> {
     let hash = chunk_hash(&caller, &hash)?;
+    let metrics = hub.metrics.clone();
     let device = caller.device.clone();
     let stored = blocking(&caller.request, move || {
         let (workspace, role) = hub.member(&device, &ws)?;
@@ -684,6 +737,7 @@ async fn put_chunk(
         Ok(chunks.put(&hash, &body)?)
     })
     .await?;
+    bump(&metrics.chunk_puts);
     Ok(if stored {
         StatusCode::CREATED
     } else {
@@ -723,4 +777,162 @@ async fn events(
                 .data(serde_json::to_string(&event).unwrap_or_default()))
         });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+async fn set_device_key(
+    State(hub): State<Shared>,
+    caller: Caller,
+    JsonBody(body): JsonBody<DeviceKey>,
+) -> Result<StatusCode, ApiError> {
+    let device = caller.device.id;
+    blocking(&caller.request, move || {
+        let accounts = lock(&hub.accounts)?;
+        accounts.set_device_key(&device, &body.key)?;
+        hub.presence.key_changed(&accounts, device)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn put_presence(
+    State(hub): State<Shared>,
+    caller: Caller,
+    JsonBody(body): JsonBody<PresenceUpdate>,
+) -> Result<StatusCode, ApiError> {
+    let device = caller.device.clone();
+    blocking(&caller.request, move || {
+        let accounts = lock(&hub.accounts)?;
+        let joined = accounts.joined_workspaces(device.user)?;
+        let document = presence::Document::parse(body, &joined)?;
+        hub.presence.update(&accounts, device.id, document)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Closes a presence stream when its response is dropped (the device hung up).
+struct StreamGuard {
+    hub: Shared,
+    device: [u8; 16],
+    stream: u64,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.hub
+            .metrics
+            .presence_streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let (hub, device, stream) = (self.hub.clone(), self.device, self.stream);
+        let close = move || {
+            let closed = lock(&hub.accounts)
+                .and_then(|accounts| hub.presence.disconnect(&accounts, device, stream));
+            if let Err(error) = closed {
+                tracing::warn!(%error, "closing a presence stream");
+            }
+        };
+        // Closing reads the accounts database: off the async threads when there are some.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(close)),
+            Err(_) => close(),
+        }
+    }
+}
+
+async fn presence_stream(
+    State(hub): State<Shared>,
+    caller: Caller,
+) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError>
+{
+    let device = caller.device.clone();
+    let (subscription, guard) = blocking(&caller.request, move || {
+        let subscription = {
+            let accounts = lock(&hub.accounts)?;
+            hub.presence.connect(&accounts, device.id)?
+        };
+        hub.metrics
+            .presence_streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // From here on, an error or a hang-up closes the stream again.
+        let guard = StreamGuard {
+            hub: hub.clone(),
+            device: device.id,
+            stream: subscription.stream,
+        };
+        // Read after connecting, so a change committed meanwhile is sent live, not missed.
+        let tags = hub.tags(device.user)?;
+        hub.presence
+            .send_hub_tags(device.id, subscription.stream, &tags)?;
+        Ok((subscription, guard))
+    })
+    .await?;
+    let presence::Subscription {
+        events, overflowed, ..
+    } = subscription;
+    let stream = futures_util::stream::unfold(
+        (events, overflowed, guard),
+        |(mut events, overflowed, guard)| async move {
+            // A stream that lost events ends: its device reconnects to a fresh snapshot.
+            if overflowed.load(std::sync::atomic::Ordering::Relaxed) {
+                return None;
+            }
+            let event = events.recv().await?;
+            let data = match serde_json::to_string(&event) {
+                Ok(data) => Event::default().data(data),
+                Err(error) => Event::default().comment(format!("unencodable event: {error}")),
+            };
+            Some((Ok(data), (events, overflowed, guard)))
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+async fn negotiate(
+    State(hub): State<Shared>,
+    caller: Caller,
+    JsonBody(body): JsonBody<Negotiation>,
+) -> Result<Json<Relayed>, ApiError> {
+    let device = caller.device.clone();
+    let metrics = hub.metrics.clone();
+    let delivered = blocking(&caller.request, move || {
+        let accounts = lock(&hub.accounts)?;
+        // Membership first: a non-member learns nothing, not even what is wrong with its body.
+        let workspace = shoal_protocol::parse_item(&body.workspace)
+            .map_err(|_| HubError::NotFound)?
+            .0;
+        if !accounts
+            .membership(&workspace, device.user)?
+            .is_some_and(|m| m.joined)
+        {
+            return Err(HubError::NotFound);
+        }
+        let compact = presence::parse_compact(&body.compact)?;
+        if body.to.len() > presence::MAX_RECIPIENTS {
+            return Err(HubError::TooLarge(format!(
+                "{} recipients; at most {}",
+                body.to.len(),
+                presence::MAX_RECIPIENTS
+            )));
+        }
+        let to = body
+            .to
+            .iter()
+            .map(|id| presence::parse_id("to", id))
+            .collect::<Result<Vec<_>, _>>()?;
+        hub.presence
+            .relay(&accounts, device.id, workspace, &compact, &to)
+    })
+    .await?;
+    metrics
+        .negotiations_relayed
+        .fetch_add(delivered as u64, std::sync::atomic::Ordering::Relaxed);
+    Ok(Json(Relayed { delivered }))
+}
+
+async fn metrics(State(hub): State<Shared>, _caller: Caller) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        hub.metrics.render(),
+    )
+        .into_response()
 }

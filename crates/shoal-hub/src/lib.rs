@@ -3,9 +3,13 @@
 //!
 //! [`serve`] runs the HTTP API described in `docs/protocol.md`; [`add_user`] manages accounts.
 //! Metadata lives in SQLite under the data directory, content as chunk files beside it.
+//! Presence (who is connected, where, knowing what) is kept in memory and streamed to each
+//! device's contacts; the hub also relays sync-negotiation messages and counts its work.
 
 mod accounts;
 mod api;
+mod metrics;
+mod presence;
 mod replica;
 
 use std::net::SocketAddr;
