@@ -1,31 +1,46 @@
-//! The agent daemon: keeps every workspace of a device in sync with the hub.
+//! The agent daemon: keeps every workspace of a device in step with its peers and the hub.
 //!
-//! Three things ask for a sync: the file watcher (a hint, coalesced over a short delay), the
-//! hub's change-event stream (a long-lived connection; its first event tells a device that was
-//! away whether it missed anything), and a periodic rescan as a backstop. No loop polls the hub.
-//! While the hub is down, syncs are retried with exponential backoff; local changes wait in the
-//! folder's replica and go up when it returns.
+//! Nothing polls. Four things start work: the file watcher (a hint, coalesced over a short
+//! delay, backed by a periodic rescan), the hub's presence stream (contacts' presence and the
+//! hub's own knowledge per workspace, on one long-lived connection), negotiation messages from
+//! peers (directly over TLS, or relayed by the hub), and retries after a failure. Knowledge is
+//! compared in its compact form first: equal knowledge costs no sync session.
+//!
+//! When this device's knowledge of a workspace changes, it tells the devices sharing it
+//! (directly when it can reach them, through the hub otherwise) and updates its presence. A
+//! device whose knowledge differs from a peer's pulls from that peer; one whose knowledge
+//! differs from the hub's syncs with the hub. With the hub down, peers keep pulling from each
+//! other; when it returns, its knowledge arrives on the presence stream and whoever holds
+//! what it lacks uploads it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::BufRead;
+use std::net::SocketAddr;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use notify::{RecursiveMode, Watcher};
 use shoal_folder::NoProgress;
-use shoal_protocol::ChangeEvent;
+use shoal_protocol::{Availability, Negotiation, PeerPresence, PresenceEvent, PresenceUpdate};
 
-use crate::client::HubClient;
-use crate::home::{Home, SyncRecord};
-use crate::{AgentError, sync_workspace};
+use crate::home::{AgentState, DeviceConfig, Home, SyncRecord, WorkspaceEntry};
+use crate::peers::{AgentCounters, Contacts};
+use crate::sync::{compact_knowledge, pull_from_peer, scan_workspace};
+use crate::{AgentError, DeviceIdentity, sync_workspace};
+use shoal_client::HubClient;
 
-/// Timing of the daemon.
+/// Settings of the daemon.
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     /// Full rescan of every folder this often, whatever the watcher says.
     pub rescan: Duration,
-    /// Wait this long after a file event for more before syncing.
+    /// Wait this long after a file event for more before acting.
     pub debounce: Duration,
+    /// Where the protocol server for peers listens.
+    pub listen: SocketAddr,
+    /// Sync with peers directly; when off, everything goes through the hub.
+    pub peers: bool,
 }
 
 impl Default for AgentOptions {
@@ -33,8 +48,30 @@ impl Default for AgentOptions {
         AgentOptions {
             rescan: Duration::from_secs(300),
             debounce: Duration::from_millis(200),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            peers: true,
         }
     }
+}
+
+/// Something that may call for work.
+pub(crate) enum Signal {
+    /// Files changed in a workspace's folder.
+    Files(String),
+    /// The hub's knowledge of a workspace.
+    Hub { workspace: String, compact: String },
+    /// A peer's knowledge of a workspace (a negotiation message).
+    Peer {
+        workspace: String,
+        device: String,
+        compact: String,
+    },
+    /// A contact device's presence.
+    Presence(PeerPresence),
+    /// The presence stream (re)connected.
+    HubConnected,
+    /// The presence stream broke.
+    HubLost,
 }
 
 fn now_ns() -> i64 {
@@ -44,57 +81,451 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-/// Listens to one workspace's change events; asks for a sync when the hub's tag is not the
-/// one this device last synced to. Reconnects with backoff.
-fn listen(home: Home, client: HubClient, workspace: String, signals: Sender<Signal>) {
+/// Reads the hub's presence stream, turning its events into signals. Reconnects with backoff.
+fn listen_presence(client: HubClient, signals: Sender<Signal>) {
     let mut backoff = Duration::from_millis(250);
     loop {
-        match client.events(&workspace) {
+        match client.presence() {
             Ok(response) => {
                 backoff = Duration::from_millis(250);
+                if signals.send(Signal::HubConnected).is_err() {
+                    return;
+                }
                 for line in std::io::BufReader::new(response).lines() {
                     let Ok(line) = line else { break };
                     let Some(data) = line.strip_prefix("data:") else {
                         continue;
                     };
-                    let Ok(event) = serde_json::from_str::<ChangeEvent>(data.trim()) else {
+                    let Ok(event) = serde_json::from_str::<PresenceEvent>(data.trim()) else {
                         continue;
                     };
-                    let known = home.sync_record(&workspace).ok().and_then(|r| r.hub_tag);
-                    if known.as_deref() != Some(event.tag.as_str())
-                        && signals.send(Signal::hub(&workspace)).is_err()
-                    {
+                    let signal = match event {
+                        PresenceEvent::Peer(presence) => Signal::Presence(presence),
+                        PresenceEvent::Negotiate {
+                            from,
+                            workspace,
+                            compact,
+                        } if from == "hub" => Signal::Hub { workspace, compact },
+                        PresenceEvent::Negotiate {
+                            from,
+                            workspace,
+                            compact,
+                        } => Signal::Peer {
+                            workspace,
+                            device: from,
+                            compact,
+                        },
+                    };
+                    if signals.send(signal).is_err() {
                         return;
                     }
                 }
-                // The stream ended: the hub went away. Sync when it is back, to catch up.
-                if signals.send(Signal::hub(&workspace)).is_err() {
+                if signals.send(Signal::HubLost).is_err() {
                     return;
                 }
             }
-            Err(AgentError::NotFound(_) | AgentError::Unauthorized(_)) => {
-                tracing::warn!(%workspace, "the hub no longer lets this device see the workspace");
+            Err(shoal_client::ClientError::Unauthorized(_)) => {
+                tracing::warn!("the hub no longer accepts this device");
                 return;
             }
-            Err(error) => tracing::debug!(%workspace, %error, "event stream unavailable"),
+            Err(error) => tracing::debug!(%error, "presence stream unavailable"),
         }
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 
-/// A request to sync one workspace, and whether it came from the file watcher (whose events
-/// come in bursts worth waiting out) or from the hub (act at once).
-struct Signal {
-    workspace: String,
-    from_files: bool,
+fn watch(
+    workspace: &WorkspaceEntry,
+    signals: Sender<Signal>,
+) -> Result<notify::RecommendedWatcher, AgentError> {
+    let id = workspace.id.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        // Our own state and temporary files are not changes.
+        let relevant = event.paths.iter().any(|p| {
+            !p.components().any(|c| c.as_os_str() == ".shoal")
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(shoal_core::TEMP_PREFIX))
+        });
+        if relevant && !event.kind.is_access() {
+            let _ = signals.send(Signal::Files(id.clone()));
+        }
+    })
+    .map_err(|e| AgentError::Config(format!("cannot watch {}: {e}", workspace.path.display())))?;
+    watcher
+        .watch(&workspace.path, RecursiveMode::Recursive)
+        .map_err(|e| {
+            AgentError::Config(format!("cannot watch {}: {e}", workspace.path.display()))
+        })?;
+    Ok(watcher)
 }
 
-impl Signal {
-    fn hub(workspace: &str) -> Signal {
-        Signal {
-            workspace: workspace.to_owned(),
-            from_files: false,
+/// The daemon's view of one workspace.
+#[derive(Default)]
+struct WorkspaceView {
+    /// This device's compact knowledge.
+    ours: String,
+    /// What this device last told its peers.
+    announced: String,
+    /// The hub's compact knowledge, as last heard.
+    hub: Option<String>,
+    /// (ours, hub) right after the last successful hub sync: nothing new on either side
+    /// since means no session.
+    hub_synced: Option<(String, String)>,
+    /// A hub sync is due at this time.
+    hub_due: Option<Instant>,
+    /// Backoff after a failed hub sync.
+    hub_backoff: Option<Duration>,
+}
+
+struct Agent {
+    home: Home,
+    device: DeviceConfig,
+    identity: DeviceIdentity,
+    hub: HubClient,
+    workspaces: Vec<WorkspaceEntry>,
+    views: BTreeMap<String, WorkspaceView>,
+    contacts: Arc<RwLock<Contacts>>,
+    counters: Arc<AgentCounters>,
+    /// The protocol server's address; `None` when peer-to-peer is off.
+    listen: Option<String>,
+    hub_connected: bool,
+    /// (device, workspace) → the peer's compact knowledge we last pulled at.
+    pulled: HashMap<(String, String), String>,
+    /// Clients of peers: device → (address, key, client).
+    peer_clients: HashMap<String, (String, String, HubClient)>,
+}
+
+impl Agent {
+    fn entry(&self, ws: &str) -> Option<WorkspaceEntry> {
+        self.workspaces.iter().find(|w| w.id == ws).cloned()
+    }
+
+    fn refresh(&mut self, ws: &str) {
+        let Some(entry) = self.entry(ws) else { return };
+        match compact_knowledge(&self.device.device_name, &entry) {
+            Ok(compact) => self.views.entry(ws.to_owned()).or_default().ours = compact,
+            Err(error) => {
+                tracing::warn!(workspace = %entry.name, %error, "cannot read the replica")
+            }
+        }
+    }
+
+    fn ours(&self, ws: &str) -> String {
+        self.views
+            .get(ws)
+            .map(|v| v.ours.clone())
+            .unwrap_or_default()
+    }
+
+    fn presence(&self) -> PresenceUpdate {
+        PresenceUpdate {
+            status: Availability::Online,
+            addresses: self.listen.iter().cloned().collect(),
+            workspaces: self
+                .views
+                .iter()
+                .map(|(ws, view)| shoal_protocol::WorkspaceKnowledge {
+                    workspace: ws.clone(),
+                    compact: view.ours.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn publish_presence(&mut self) {
+        if !self.hub_connected {
+            return;
+        }
+        if let Err(error) = self.hub.update_presence(&self.presence()) {
+            tracing::debug!(%error, "cannot update presence");
+        }
+    }
+
+    fn peer_client(&mut self, peer: &PeerPresence) -> Option<HubClient> {
+        let (address, key) = (peer.addresses.first()?.clone(), peer.key.clone()?);
+        if let Some((a, k, client)) = self.peer_clients.get(&peer.device)
+            && *a == address
+            && *k == key
+        {
+            return Some(client.clone());
+        }
+        match crate::peer_client(&address, &self.identity, &key) {
+            Ok(client) => {
+                self.peer_clients
+                    .insert(peer.device.clone(), (address, key, client.clone()));
+                Some(client)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot make a peer client");
+                None
+            }
+        }
+    }
+
+    fn contacts_sharing(&self, ws: &str) -> Vec<PeerPresence> {
+        self.contacts
+            .read()
+            .map(|c| c.sharing(ws))
+            .unwrap_or_default()
+    }
+
+    /// Tells the devices sharing `ws` this device's knowledge, if it changed since last told.
+    fn announce(&mut self, ws: &str) {
+        let ours = self.ours(ws);
+        if self.views.get(ws).is_some_and(|v| v.announced == ours) {
+            return;
+        }
+        if self.listen.is_none() {
+            // Hub-only: the hub tells the others once this device uploads.
+            self.views.entry(ws.to_owned()).or_default().announced = ours;
+            self.publish_presence();
+            return;
+        }
+        let message = Negotiation {
+            workspace: ws.to_owned(),
+            compact: ours.clone(),
+            to: Vec::new(),
+        };
+        let mut relay = Vec::new();
+        for peer in self.contacts_sharing(ws) {
+            if peer.device == self.device.device {
+                continue;
+            }
+            let direct = self
+                .peer_client(&peer)
+                .map(|client| client.negotiate(&message, false));
+            match direct {
+                Some(Ok(())) => AgentCounters::bump(&self.counters.negotiations_sent, 1),
+                _ if peer.status != Availability::Offline => relay.push(peer.device.clone()),
+                _ => {}
+            }
+        }
+        if !relay.is_empty() && self.hub_connected {
+            let relayed = Negotiation {
+                to: relay,
+                ..message
+            };
+            match self.hub.negotiate(&relayed, true) {
+                Ok(()) => AgentCounters::bump(&self.counters.negotiations_sent, 1),
+                Err(error) => tracing::debug!(%error, "cannot relay a negotiation"),
+            }
+        }
+        self.views.entry(ws.to_owned()).or_default().announced = ours;
+        self.publish_presence();
+    }
+
+    /// After a change of our knowledge: a hub sync soon if the hub does not hold it.
+    fn after_change(&mut self, ws: &str, hub_delay: Duration) {
+        self.announce(ws);
+        let ours = self.ours(ws);
+        let view = self.views.entry(ws.to_owned()).or_default();
+        if view.hub.as_deref() != Some(ours.as_str()) && view.hub_due.is_none() {
+            view.hub_due = Some(Instant::now() + hub_delay);
+        }
+    }
+
+    fn on_files(&mut self, ws: &str) {
+        let Some(entry) = self.entry(ws) else { return };
+        let before = self.ours(ws);
+        if let Err(error) = scan_workspace(&self.device.device_name, &entry) {
+            tracing::warn!(workspace = %entry.name, %error, "scan failed");
+            return;
+        }
+        self.refresh(ws);
+        if self.ours(ws) != before {
+            // Peers first (the shortest way), then the hub.
+            self.after_change(ws, Duration::ZERO);
+        }
+    }
+
+    /// A peer's knowledge of `ws` is `compact`: pull from it if ours differs.
+    fn on_peer(&mut self, ws: &str, device: &str, compact: &str) {
+        if let Ok(mut contacts) = self.contacts.write() {
+            contacts.set_compact(device, ws, compact);
+        }
+        let key = (device.to_owned(), ws.to_owned());
+        if self.entry(ws).is_none()
+            || compact == self.ours(ws)
+            || self.pulled.get(&key).map(String::as_str) == Some(compact)
+        {
+            return;
+        }
+        let peer = self
+            .contacts
+            .read()
+            .ok()
+            .and_then(|c| c.get(device).cloned())
+            .filter(|_| self.listen.is_some());
+        let client = peer.as_ref().and_then(|p| self.peer_client(p));
+        let Some((client, entry)) = client.zip(self.entry(ws)) else {
+            // Not reachable directly: the hub carries it.
+            self.schedule_hub(ws, Duration::ZERO);
+            return;
+        };
+        let before = self.ours(ws);
+        let started = Instant::now();
+        AgentCounters::bump(&self.counters.peer_pulls, 1);
+        match pull_from_peer(&self.device.device_name, &entry, &client, &NoProgress) {
+            Ok(report) => {
+                tracing::info!(
+                    workspace = %entry.name,
+                    peer = %device,
+                    downloaded = report.downloaded,
+                    conflicts = report.conflicts,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "pulled from a peer"
+                );
+                self.pulled.insert(key, compact.to_owned());
+                self.refresh(ws);
+                if self.ours(ws) != before {
+                    // The author normally brings the hub up to date; check a moment later.
+                    self.after_change(ws, Duration::from_secs(2));
+                }
+            }
+            Err(error) => {
+                tracing::info!(workspace = %entry.name, peer = %device, %error, "cannot pull from a peer; using the hub");
+                self.schedule_hub(ws, Duration::ZERO);
+            }
+        }
+    }
+
+    fn on_presence(&mut self, presence: PeerPresence) {
+        let device = presence.device.clone();
+        let online = presence.status != Availability::Offline;
+        let shared = presence.workspaces.clone();
+        let list = self.contacts.write().ok().map(|mut contacts| {
+            contacts.update(presence);
+            contacts.list()
+        });
+        if let Some(list) = list
+            && let Err(error) = self.home.save_peers(&list)
+        {
+            tracing::debug!(%error, "cannot save contacts");
+        }
+        if online && device != self.device.device {
+            for entry in shared {
+                self.on_peer(&entry.workspace, &device, &entry.compact);
+            }
+        }
+    }
+
+    fn on_hub(&mut self, ws: &str, compact: &str) {
+        if self.entry(ws).is_none() {
+            return;
+        }
+        let ours = self.ours(ws);
+        let view = self.views.entry(ws.to_owned()).or_default();
+        view.hub = Some(compact.to_owned());
+        if compact != ours {
+            self.schedule_hub(ws, Duration::ZERO);
+        }
+    }
+
+    fn schedule_hub(&mut self, ws: &str, delay: Duration) {
+        let view = self.views.entry(ws.to_owned()).or_default();
+        let at = Instant::now() + delay;
+        view.hub_due = Some(view.hub_due.map_or(at, |due| due.min(at)));
+    }
+
+    fn hub_sync(&mut self, ws: &str) {
+        let Some(entry) = self.entry(ws) else { return };
+        let ours = self.ours(ws);
+        let view = self.views.entry(ws.to_owned()).or_default();
+        view.hub_due = None;
+        if let Some(hub) = &view.hub
+            && (hub == &ours || view.hub_synced.as_ref() == Some(&(ours.clone(), hub.clone())))
+        {
+            return;
+        }
+        let started = Instant::now();
+        // Other hubs holding the workspace (partnered hubs) follow the main one, each
+        // carrying only the replica's knowledge.
+        for hub in entry.hubs_or(&self.device.hub) {
+            if hub == self.device.hub {
+                continue;
+            }
+            AgentCounters::bump(&self.counters.hub_sessions, 1);
+            let other = self
+                .home
+                .login_for(&hub)
+                .and_then(|login| sync_workspace(&login, &entry, &NoProgress));
+            if let Err(error) = other {
+                tracing::warn!(workspace = %entry.name, %hub, %error, "sync with another hub failed");
+            }
+        }
+        if !entry.hubs_or(&self.device.hub).contains(&self.device.hub) {
+            self.refresh(ws);
+            return;
+        }
+        AgentCounters::bump(&self.counters.hub_sessions, 1);
+        let result = sync_workspace(&self.device, &entry, &NoProgress);
+        let mut record = self.home.sync_record(ws).unwrap_or_default();
+        record.at = now_ns();
+        match result {
+            Ok(report) => {
+                tracing::info!(
+                    workspace = %entry.name,
+                    uploaded = report.uploaded,
+                    downloaded = report.downloaded,
+                    conflicts = report.conflicts,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "synced with the hub"
+                );
+                record = SyncRecord {
+                    at: record.at,
+                    last_success: Some(record.at),
+                    error: None,
+                    hub_tag: Some(report.hub_tag.clone()),
+                };
+                let before = ours;
+                self.refresh(ws);
+                let now_ours = self.ours(ws);
+                let view = self.views.entry(ws.to_owned()).or_default();
+                view.hub = Some(report.hub_tag.clone());
+                view.hub_synced = Some((now_ours.clone(), report.hub_tag));
+                view.hub_backoff = None;
+                if now_ours != before {
+                    self.announce(ws);
+                }
+            }
+            Err(error) => {
+                let view = self.views.entry(ws.to_owned()).or_default();
+                let delay = view.hub_backoff.map_or(Duration::from_millis(500), |d| {
+                    (d * 2).min(Duration::from_secs(30))
+                });
+                view.hub_backoff = Some(delay);
+                view.hub_due = Some(Instant::now() + delay);
+                tracing::warn!(workspace = %entry.name, %error, retry_in_ms = delay.as_millis() as u64, "sync with the hub failed");
+                record.error = Some(error.to_string());
+            }
+        }
+        if let Err(error) = self.home.save_sync_record(ws, &record) {
+            tracing::warn!(%error, "cannot save the sync record");
+        }
+    }
+
+    fn on_hub_connected(&mut self) {
+        self.hub_connected = true;
+        if let Err(error) = self.hub.set_device_key(&self.identity.fingerprint()) {
+            tracing::warn!(%error, "cannot register this device's key with the hub");
+        }
+        self.publish_presence();
+    }
+
+    fn save_state(&self, last: &mut Option<AgentState>) {
+        let state = AgentState {
+            listen: self.listen.clone().unwrap_or_default(),
+            key: self.identity.fingerprint(),
+            counters: self.counters.snapshot(),
+        };
+        if last.as_ref() != Some(&state) {
+            if let Err(error) = self.home.save_agent_state(&state) {
+                tracing::debug!(%error, "cannot save the agent state");
+            }
+            *last = Some(state);
         }
     }
 }
@@ -103,126 +534,127 @@ impl Signal {
 pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> {
     let device = home.device()?;
     let workspaces = home.workspaces()?;
+    let identity = home.identity()?;
     let (signals, inbox) = mpsc::channel::<Signal>();
-    let client = HubClient::new(&device.hub, Some(&device.token))?;
+    let hub = HubClient::new(&device.hub, Some(&device.token))?.for_device(&device.device);
+    let contacts = Arc::new(RwLock::new(Contacts::from_list(home.peers()?)));
+    let counters = Arc::new(AgentCounters::default());
+
+    let server = crate::peer::PeerServer::new(
+        &workspaces,
+        &device.device_name,
+        contacts.clone(),
+        signals.clone(),
+        counters.clone(),
+    );
+    let bound = if options.peers {
+        Some(crate::peer::start(server, &identity, options.listen)?)
+    } else {
+        None
+    };
 
     let mut watchers = Vec::new();
     for workspace in &workspaces {
-        let id = workspace.id.clone();
-        let sender = signals.clone();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                let Ok(event) = event else { return };
-                // Our own state and temporary files are not changes.
-                let relevant = event.paths.iter().any(|p| {
-                    !p.components().any(|c| c.as_os_str() == ".shoal")
-                        && !p.file_name().is_some_and(|n| {
-                            n.to_string_lossy().starts_with(shoal_core::TEMP_PREFIX)
-                        })
-                });
-                if relevant && !event.kind.is_access() {
-                    let _ = sender.send(Signal {
-                        workspace: id.clone(),
-                        from_files: true,
-                    });
-                }
-            })
-            .map_err(|e| {
-                AgentError::Config(format!("cannot watch {}: {e}", workspace.path.display()))
-            })?;
-        watcher
-            .watch(&workspace.path, RecursiveMode::Recursive)
-            .map_err(|e| {
-                AgentError::Config(format!("cannot watch {}: {e}", workspace.path.display()))
-            })?;
-        watchers.push(watcher);
-
-        let (home, client, id, sender) = (
-            home.clone(),
-            client.clone(),
-            workspace.id.clone(),
-            signals.clone(),
-        );
-        std::thread::spawn(move || listen(home, client, id, sender));
-        let _ = signals.send(Signal::hub(&workspace.id));
+        watchers.push(watch(workspace, signals.clone())?);
     }
-    tracing::info!(workspaces = workspaces.len(), hub = %device.hub, "agent running");
-    println!("shoal agent running with {} workspace(s)", workspaces.len());
+    {
+        let (client, sender) = (hub.clone(), signals.clone());
+        std::thread::spawn(move || listen_presence(client, sender));
+    }
 
-    let mut pending: BTreeSet<String> = BTreeSet::new();
-    let mut retry_at: BTreeMap<String, (Instant, Duration)> = BTreeMap::new();
+    let mut agent = Agent {
+        home: home.clone(),
+        device: device.clone(),
+        identity,
+        hub,
+        workspaces: workspaces.clone(),
+        views: BTreeMap::new(),
+        contacts,
+        counters,
+        listen: bound.map(|b| b.to_string()),
+        hub_connected: false,
+        pulled: HashMap::new(),
+        peer_clients: HashMap::new(),
+    };
+    for workspace in &workspaces {
+        agent.refresh(&workspace.id);
+        // Changes made while the agent was not running.
+        let _ = signals.send(Signal::Files(workspace.id.clone()));
+    }
+    let mut last_state = None;
+    agent.save_state(&mut last_state);
+    let serving = bound.map_or_else(
+        || "not serving peers".to_owned(),
+        |b| format!("serving peers on {b}"),
+    );
+    tracing::info!(workspaces = workspaces.len(), hub = %device.hub, %serving, "agent running");
+    println!(
+        "shoal agent running with {} workspace(s), {serving}",
+        workspaces.len()
+    );
+
     let mut next_rescan = Instant::now() + options.rescan;
     loop {
-        let now = Instant::now();
-        let next_retry = retry_at.values().map(|(at, _)| *at).min();
-        let wake = next_retry.map_or(next_rescan, |r| r.min(next_rescan));
-        match inbox.recv_timeout(wake.saturating_duration_since(now)) {
-            Ok(signal) => {
-                let wait = signal.from_files;
-                pending.insert(signal.workspace);
-                // Coalesce a burst of file events into one sync; a hub event needs no wait.
-                if wait {
-                    let until = Instant::now() + options.debounce;
-                    while let Ok(signal) =
-                        inbox.recv_timeout(until.saturating_duration_since(Instant::now()))
-                    {
-                        pending.insert(signal.workspace);
+        let next_hub = agent.views.values().filter_map(|v| v.hub_due).min();
+        let tick = Instant::now() + Duration::from_secs(1);
+        let wake = [Some(next_rescan), next_hub, Some(tick)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(tick);
+        let mut files: BTreeSet<String> = BTreeSet::new();
+        let mut other = Vec::new();
+        match inbox.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+            Ok(Signal::Files(ws)) => {
+                files.insert(ws);
+                // Coalesce a burst of file events; keep other signals for after.
+                let until = Instant::now() + options.debounce;
+                while let Ok(signal) =
+                    inbox.recv_timeout(until.saturating_duration_since(Instant::now()))
+                {
+                    match signal {
+                        Signal::Files(ws) => {
+                            files.insert(ws);
+                        }
+                        signal => other.push(signal),
                     }
                 }
             }
+            Ok(signal) => other.push(signal),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         }
         let now = Instant::now();
         if now >= next_rescan {
-            pending.extend(workspaces.iter().map(|w| w.id.clone()));
+            files.extend(workspaces.iter().map(|w| w.id.clone()));
             next_rescan = now + options.rescan;
         }
-        for (id, (at, _)) in &retry_at {
-            if *at <= now {
-                pending.insert(id.clone());
+        for ws in files {
+            agent.on_files(&ws);
+        }
+        for signal in other {
+            match signal {
+                Signal::Files(ws) => agent.on_files(&ws),
+                Signal::Hub { workspace, compact } => agent.on_hub(&workspace, &compact),
+                Signal::Peer {
+                    workspace,
+                    device,
+                    compact,
+                } => agent.on_peer(&workspace, &device, &compact),
+                Signal::Presence(presence) => agent.on_presence(presence),
+                Signal::HubConnected => agent.on_hub_connected(),
+                Signal::HubLost => agent.hub_connected = false,
             }
         }
-        for id in std::mem::take(&mut pending) {
-            let Some(workspace) = workspaces.iter().find(|w| w.id == id) else {
-                continue;
-            };
-            let started = Instant::now();
-            let result = sync_workspace(&device, workspace, &NoProgress);
-            let mut record = home.sync_record(&id).unwrap_or_default();
-            record.at = now_ns();
-            match result {
-                Ok(report) => {
-                    tracing::info!(
-                        workspace = %workspace.name,
-                        uploaded = report.uploaded,
-                        downloaded = report.downloaded,
-                        conflicts = report.conflicts,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "synced"
-                    );
-                    record = SyncRecord {
-                        at: record.at,
-                        last_success: Some(record.at),
-                        error: None,
-                        hub_tag: Some(report.hub_tag),
-                    };
-                    retry_at.remove(&id);
-                }
-                Err(error) => {
-                    let delay = retry_at
-                        .get(&id)
-                        .map_or(Duration::from_millis(500), |(_, d)| {
-                            (*d * 2).min(Duration::from_secs(30))
-                        });
-                    tracing::warn!(workspace = %workspace.name, %error, retry_in_ms = delay.as_millis() as u64, "sync failed");
-                    record.error = Some(error.to_string());
-                    retry_at.insert(id.clone(), (Instant::now() + delay, delay));
-                }
-            }
-            if let Err(error) = home.save_sync_record(&id, &record) {
-                tracing::warn!(%error, "cannot save the sync record");
-            }
+        let due: Vec<String> = agent
+            .views
+            .iter()
+            .filter(|(_, v)| v.hub_due.is_some_and(|at| at <= Instant::now()))
+            .map(|(ws, _)| ws.clone())
+            .collect();
+        for ws in due {
+            agent.hub_sync(&ws);
         }
+        agent.save_state(&mut last_state);
     }
 }

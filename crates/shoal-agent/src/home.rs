@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use shoal_protocol::PeerPresence;
 
 use crate::AgentError;
 
@@ -35,6 +36,21 @@ pub struct WorkspaceEntry {
     pub path: PathBuf,
     /// This user's role.
     pub role: String,
+    /// The hubs this device syncs the workspace with (base URLs); empty means the hub of
+    /// the device's first login. A workspace partnered between hubs can be held on several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hubs: Vec<String>,
+}
+
+impl WorkspaceEntry {
+    /// The hubs to sync with, given the device's first login's hub.
+    pub fn hubs_or(&self, primary: &str) -> Vec<String> {
+        if self.hubs.is_empty() {
+            vec![primary.to_owned()]
+        } else {
+            self.hubs.clone()
+        }
+    }
 }
 
 /// What the last sync of a workspace did (kept so `status` works without a running agent).
@@ -97,6 +113,42 @@ impl Home {
         write_json(&self.dir.join("device.json"), device)
     }
 
+    /// Every login of this device: the first one, then logins at other hubs.
+    pub fn logins(&self) -> Result<Vec<DeviceConfig>, AgentError> {
+        let mut all = vec![self.device()?];
+        let others: Vec<DeviceConfig> = read_json(&self.dir.join("hubs.json"))?.unwrap_or_default();
+        all.extend(others);
+        Ok(all)
+    }
+
+    /// The login at `hub`.
+    pub fn login_for(&self, hub: &str) -> Result<DeviceConfig, AgentError> {
+        let hub = hub.trim_end_matches('/');
+        self.logins()?
+            .into_iter()
+            .find(|l| l.hub == hub)
+            .ok_or_else(|| {
+                AgentError::Config(format!(
+                    "this device is not logged in to {hub}; run `shoal login {hub} USER`"
+                ))
+            })
+    }
+
+    /// Saves a login: the first one (or a new login at the same hub) becomes the device's
+    /// main login; a login at another hub is kept beside it.
+    pub fn save_login(&self, login: &DeviceConfig) -> Result<(), AgentError> {
+        match self.device() {
+            Ok(primary) if primary.hub != login.hub => {
+                let path = self.dir.join("hubs.json");
+                let mut others: Vec<DeviceConfig> = read_json(&path)?.unwrap_or_default();
+                others.retain(|o| o.hub != login.hub);
+                others.push(login.clone());
+                write_json(&path, &others)
+            }
+            _ => self.save_device(login),
+        }
+    }
+
     /// Workspaces held here.
     pub fn workspaces(&self) -> Result<Vec<WorkspaceEntry>, AgentError> {
         Ok(read_json(&self.dir.join("workspaces.json"))?.unwrap_or_default())
@@ -139,4 +191,62 @@ impl Home {
     pub fn save_sync_record(&self, workspace: &str, record: &SyncRecord) -> Result<(), AgentError> {
         write_json(&self.dir.join(format!("sync-{workspace}.json")), record)
     }
+
+    /// This device's TLS identity, made on first use.
+    pub fn identity(&self) -> Result<crate::DeviceIdentity, AgentError> {
+        crate::DeviceIdentity::load_or_create(&self.dir)
+    }
+
+    /// The contacts' presence as last heard from the hub (so peers stay reachable while the
+    /// hub is down, even across a restart).
+    pub fn peers(&self) -> Result<Vec<PeerPresence>, AgentError> {
+        Ok(read_json(&self.dir.join("peers.json"))?.unwrap_or_default())
+    }
+
+    /// Saves the contacts' presence.
+    pub fn save_peers(&self, peers: &[PeerPresence]) -> Result<(), AgentError> {
+        write_json(&self.dir.join("peers.json"), &peers)
+    }
+
+    /// What the running agent publishes about itself (its address and counters).
+    pub fn agent_state(&self) -> Result<Option<AgentState>, AgentError> {
+        read_json(&self.dir.join("agent.json"))
+    }
+
+    /// Saves what the running agent publishes about itself.
+    pub fn save_agent_state(&self, state: &AgentState) -> Result<(), AgentError> {
+        write_json(&self.dir.join("agent.json"), state)
+    }
+}
+
+/// What a running agent publishes in its home: where peers reach it and what it has done.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    /// The address its protocol server listens on.
+    pub listen: String,
+    /// Its device key.
+    pub key: String,
+    /// Counters since it started.
+    pub counters: Counters,
+}
+
+/// Counters of a running agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Sync sessions with the hub this agent started.
+    pub hub_sessions: u64,
+    /// Downloads from peers this agent started.
+    pub peer_pulls: u64,
+    /// Downloads peers started on this agent's server.
+    pub peer_served: u64,
+    /// Negotiation messages sent (directly or through the hub).
+    pub negotiations_sent: u64,
+    /// Negotiation messages received (directly or through the hub).
+    pub negotiations_received: u64,
+    /// Bytes read on peer connections (both directions' TLS records, as on the wire).
+    pub peer_bytes_in: u64,
+    /// Bytes written on peer connections.
+    pub peer_bytes_out: u64,
+    /// TLS handshakes refused (a key the hub did not vouch for).
+    pub peer_refused: u64,
 }

@@ -1,23 +1,28 @@
 //! The shoal device agent: logs a device in to a hub, keeps its workspaces' folders in sync
 //! with the hub, online or not, and watches them for changes.
 //!
-//! [`sync_workspace`] is one round; [`run_agent`] is the daemon: it watches folders (a hint,
-//! backed by a periodic rescan), listens to the hub's change events on a long-lived
-//! connection, and syncs whenever either says so, retrying with backoff while the hub is down.
+//! [`sync_workspace`] is one round with the hub; [`pull_from_peer`] one download from a peer.
+//! [`run_agent`] is the daemon: it serves the protocol to peers over TLS (device keys vouched
+//! for by the hub), watches folders, follows the hub's presence stream, exchanges
+//! negotiation messages, and syncs with whoever holds what it lacks.
 
-mod client;
 mod daemon;
 mod home;
+mod peer;
+mod peers;
 mod status;
 mod sync;
+mod tls;
 
 use std::path::PathBuf;
 
-pub use client::HubClient;
 pub use daemon::{AgentOptions, run_agent};
-pub use home::{DeviceConfig, Home, SyncRecord, WorkspaceEntry};
+pub use home::{AgentState, Counters, DeviceConfig, Home, SyncRecord, WorkspaceEntry};
+pub use peers::Contacts;
+pub use shoal_client::{ClientError, HubClient, install_default_provider};
 pub use status::{ConflictSummary, RefusedSummary, WorkspaceStatus, status};
-pub use sync::{SyncReport, sync_workspace};
+pub use sync::{SyncReport, compact_knowledge, pull_from_peer, scan_workspace, sync_workspace};
+pub use tls::{DeviceIdentity, fingerprint, peer_client};
 
 /// Why an agent operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +78,22 @@ pub enum AgentError {
     /// A file-system error.
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
+}
+
+impl From<ClientError> for AgentError {
+    fn from(error: ClientError) -> Self {
+        match error {
+            ClientError::Unreachable(m) => AgentError::Unreachable(m),
+            ClientError::Unauthorized(m) => AgentError::Unauthorized(m),
+            ClientError::NotFound(m) => AgentError::NotFound(m),
+            ClientError::Conflict(m) => AgentError::Conflict(m),
+            ClientError::StaleEpoch { known } => AgentError::StaleEpoch { known },
+            ClientError::Server { status, message } => AgentError::Hub { status, message },
+            ClientError::Protocol(m) => AgentError::Protocol(m),
+            ClientError::Config(m) => AgentError::Config(m),
+            other => AgentError::Protocol(other.to_string()),
+        }
+    }
 }
 
 impl From<shoal_protocol::WireError> for AgentError {

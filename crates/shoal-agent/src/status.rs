@@ -4,8 +4,8 @@ use shoal_core::Knowledge;
 use shoal_folder::FolderReplica;
 
 use crate::AgentError;
-use crate::client::HubClient;
 use crate::home::{Home, WorkspaceEntry};
+use shoal_client::HubClient;
 
 /// One conflict, for listing.
 #[derive(Clone, Debug, PartialEq, Eq)]

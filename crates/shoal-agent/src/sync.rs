@@ -20,8 +20,8 @@ use shoal_protocol::{
 use shoal_store::{ChunkRef, ChunkedContent};
 
 use crate::AgentError;
-use crate::client::HubClient;
 use crate::home::{DeviceConfig, WorkspaceEntry};
+use shoal_client::HubClient;
 
 /// What one sync round did.
 #[derive(Clone, Debug, Default)]
@@ -78,12 +78,21 @@ struct HubSource<'a> {
 }
 
 impl HubSource<'_> {
-    fn chunk(&self, chunk: &ChunkRef) -> Option<Vec<u8>> {
+    fn chunk(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
         for location in &self.locations {
             let bytes = match location.transport.as_str() {
                 "http" => self
                     .client
                     .get_chunk(&location.url, &chunk.hash, chunk.len as usize)
+                    .ok(),
+                // A peer serves chunks of the files it holds, named by content and chunk.
+                "peer" => self
+                    .client
+                    .get_chunk(
+                        &format!("{}/{}", location.url, hex32(&content.0)),
+                        &chunk.hash,
+                        chunk.len as usize,
+                    )
                     .ok(),
                 "file" => {
                     let name = chunk.hash.to_string();
@@ -127,7 +136,7 @@ impl ContentSource for HubSource<'_> {
                         let Some(chunk) = content.chunks.get(index) else {
                             return;
                         };
-                        let written = self.chunk(chunk).is_some_and(|bytes| {
+                        let written = self.chunk(hash, chunk).is_some_and(|bytes| {
                             std::os::unix::fs::FileExt::write_all_at(&file, &bytes, chunk.offset)
                                 .is_ok()
                         });
@@ -231,7 +240,7 @@ pub fn sync_workspace(
     // The hub's knowledge first: it tells us if our state went back in time.
     let identity = folder.store().identity().clone();
     let mut client = base.for_replica(&entry.id, identity.replica, identity.epoch);
-    let offer = match client.upload_offer(&entry.id) {
+    let offer = match client.upload_offer(&entry.id).map_err(AgentError::from) {
         Err(AgentError::StaleEpoch { known }) => {
             // Restored from an old copy: continue in an epoch never used before, then a full
             // exchange (our knowledge is older, so the hub sends what we lost).
@@ -284,6 +293,40 @@ pub fn sync_workspace(
         &mut report,
     )?;
     Ok(report)
+}
+
+/// Downloads from a peer what this device lacks and brings the folder in line. Peers only
+/// pull, so nothing goes up; the peer pulls from us in turn when it hears our knowledge.
+pub fn pull_from_peer(
+    device_name: &str,
+    entry: &WorkspaceEntry,
+    peer: &HubClient,
+    progress: &dyn Progress,
+) -> Result<SyncReport, AgentError> {
+    let mut folder = FolderReplica::open(&entry.path, device_name)?;
+    let mut report = SyncReport::default();
+    download(
+        &mut folder,
+        peer,
+        entry,
+        &Knowledge::new(),
+        BatchLimits::default(),
+        progress,
+        &mut report,
+    )?;
+    Ok(report)
+}
+
+/// Scans a workspace's folder for local changes, without talking to anyone.
+pub fn scan_workspace(device_name: &str, entry: &WorkspaceEntry) -> Result<ScanReport, AgentError> {
+    let mut folder = FolderReplica::open(&entry.path, device_name)?;
+    Ok(folder.scan(&ScanOptions::default(), &shoal_folder::NoProgress)?)
+}
+
+/// The compact knowledge of a workspace's replica on this device (hex).
+pub fn compact_knowledge(device_name: &str, entry: &WorkspaceEntry) -> Result<String, AgentError> {
+    let folder = FolderReplica::open(&entry.path, device_name)?;
+    Ok(folder.store().knowledge()?.compact().to_string())
 }
 
 /// Moves the replica to an epoch after both its own and `known`.

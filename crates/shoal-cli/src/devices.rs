@@ -70,6 +70,10 @@ pub(crate) enum WorkspaceCommand {
         /// The folder to sync it into.
         #[arg(long)]
         path: PathBuf,
+        /// Join it at this hub (logged in with `shoal login`) rather than the first one; a
+        /// workspace partnered between hubs can be joined at each and syncs with all.
+        #[arg(long)]
+        hub: Option<String>,
     },
     /// Workspaces on the hub and on this device.
     List {
@@ -136,8 +140,12 @@ pub(crate) fn hub(args: HubArgs) -> anyhow::Result<()> {
     }
 }
 
-pub(crate) fn agent(home: &Home) -> anyhow::Result<()> {
-    let mut options = shoal_agent::AgentOptions::default();
+pub(crate) fn agent(home: &Home, listen: std::net::SocketAddr, peers: bool) -> anyhow::Result<()> {
+    let mut options = shoal_agent::AgentOptions {
+        listen,
+        peers,
+        ..Default::default()
+    };
     if let Some(seconds) = std::env::var("SHOAL_RESCAN_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -165,9 +173,14 @@ pub(crate) fn login(
     let device_name = device_name.unwrap_or_else(host_name);
     let password = password(&format!("password for {user} at {hub}: "))?;
     let answer = HubClient::new(hub, None)?
-        .login(user, &password, &device_name)
+        .login(
+            user,
+            &password,
+            &device_name,
+            Some(&home.identity()?.fingerprint()),
+        )
         .context("logging in")?;
-    home.save_device(&DeviceConfig {
+    home.save_login(&DeviceConfig {
         hub: hub.trim_end_matches('/').to_owned(),
         user: answer.user,
         token: answer.token,
@@ -189,24 +202,56 @@ fn prepare_folder(path: &Path) -> anyhow::Result<PathBuf> {
     Ok(path.canonicalize()?)
 }
 
-/// Records that this device holds a workspace in `path` (created if missing).
-fn hold(home: &Home, info: shoal_protocol::WorkspaceInfo, path: &Path) -> anyhow::Result<PathBuf> {
+/// Records that this device holds a workspace in `path` (created if missing), synced with
+/// `hub` (among the others it is already synced with).
+fn hold(
+    home: &Home,
+    info: shoal_protocol::WorkspaceInfo,
+    path: &Path,
+    hub: &str,
+) -> anyhow::Result<PathBuf> {
     let path = prepare_folder(path)?;
+    let primary = home.device()?.hub;
+    let existing = home.workspaces()?.into_iter().find(|w| w.id == info.id);
+    let mut hubs = match &existing {
+        Some(entry) if entry.path != path => bail!(
+            "workspace {} is already held here in {}",
+            entry.name,
+            entry.path.display()
+        ),
+        Some(entry) => entry.hubs_or(&primary),
+        None => Vec::new(),
+    };
+    if !hubs.iter().any(|h| h == hub) {
+        hubs.push(hub.to_owned());
+    }
+    // One hub, the main one: the short form.
+    if hubs == [primary] {
+        hubs.clear();
+    }
     home.put_workspace(WorkspaceEntry {
         id: info.id,
         name: info.name,
         path: path.clone(),
         role: info.role,
+        hubs,
     })?;
     Ok(path)
 }
 
 pub(crate) fn workspace(home: &Home, command: WorkspaceCommand) -> anyhow::Result<()> {
-    let (_, client) = client(home)?;
+    let (device, client) = match &command {
+        WorkspaceCommand::Join { hub: Some(hub), .. } => {
+            let login = home.login_for(hub)?;
+            let client = HubClient::new(&login.hub, Some(&login.token))?;
+            (login, client)
+        }
+        _ => client(home)?,
+    };
     match command {
         WorkspaceCommand::Create { name, path } => {
             let info = client.create_workspace(&name)?;
-            let path = hold(home, info.clone(), &path)?;
+            let path = hold(home, info.clone(), &path, &device.hub)?;
             println!(
                 "created workspace {name} ({}) in {}",
                 info.id,
@@ -218,16 +263,17 @@ pub(crate) fn workspace(home: &Home, command: WorkspaceCommand) -> anyhow::Resul
             client.invite(&id, &user, &role)?;
             println!("invited {user} to {name} as {role}");
         }
-        WorkspaceCommand::Join { name, path } => {
+        WorkspaceCommand::Join { name, path, .. } => {
             let found = find(&client, &name, |_| true)?;
             let info = if found.joined {
                 found
             } else {
                 client.join(&found.id)?
             };
-            let path = hold(home, info, &path)?;
+            let path = hold(home, info, &path, &device.hub)?;
             println!(
-                "joined {name} in {}; run `shoal sync` or `shoal agent`",
+                "joined {name} at {} in {}; run `shoal sync` or `shoal agent`",
+                device.hub,
                 path.display()
             );
         }
@@ -280,7 +326,7 @@ fn find(
 }
 
 pub(crate) fn sync(home: &Home, name: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let device = home.device()?;
+    let primary = home.device()?;
     let reporter = Reporter::new();
     let mut summaries = Vec::new();
     let mut failed = false;
@@ -291,13 +337,21 @@ pub(crate) fn sync(home: &Home, name: Option<&str>, json: bool) -> anyhow::Resul
             .unwrap_or(0);
         let mut record = home.sync_record(&workspace.id)?;
         record.at = now;
-        match shoal_agent::sync_workspace(&device, &workspace, &reporter) {
-            Ok(report) => {
-                record.last_success = Some(now);
-                record.error = None;
-                record.hub_tag = Some(report.hub_tag.clone());
-                summaries.push(serde_json::json!({
+        // Each hub in turn, carrying only the replica's knowledge from one to the next.
+        for hub in workspace.hubs_or(&primary.hub) {
+            let result = home
+                .login_for(&hub)
+                .and_then(|login| shoal_agent::sync_workspace(&login, &workspace, &reporter));
+            match result {
+                Ok(report) => {
+                    record.last_success = Some(now);
+                    record.error = None;
+                    if hub == primary.hub {
+                        record.hub_tag = Some(report.hub_tag.clone());
+                    }
+                    summaries.push(serde_json::json!({
                     "workspace": workspace.name,
+                    "hub": hub,
                     "uploaded": report.uploaded,
                     "refused": report.refused.iter().map(|(n, r)| serde_json::json!({"name": n, "reason": r})).collect::<Vec<_>>(),
                     "upload_failed": report.upload_failed,
@@ -312,28 +366,29 @@ pub(crate) fn sync(home: &Home, name: Option<&str>, json: bool) -> anyhow::Resul
                     "bytes_written": report.materialize.bytes,
                     "local_changes": report.scan.created + report.scan.modified + report.scan.moved + report.scan.deleted + report.scan.resolved,
                 }));
-                if !json {
-                    println!(
-                        "{}: sent {} change(s), received {}, {} conflict(s), {} refused",
-                        workspace.name,
-                        report.uploaded,
-                        report.downloaded,
-                        report.conflicts,
-                        report.refused.len()
-                    );
-                    for (name, reason) in &report.refused {
-                        println!("  refused: {name}: {reason}");
+                    if !json {
+                        println!(
+                            "{}: sent {} change(s), received {}, {} conflict(s), {} refused",
+                            workspace.name,
+                            report.uploaded,
+                            report.downloaded,
+                            report.conflicts,
+                            report.refused.len()
+                        );
+                        for (name, reason) in &report.refused {
+                            println!("  refused: {name}: {reason}");
+                        }
                     }
                 }
-            }
-            Err(error) => {
-                failed = true;
-                record.error = Some(error.to_string());
-                summaries.push(
-                    serde_json::json!({"workspace": workspace.name, "error": error.to_string()}),
+                Err(error) => {
+                    failed = true;
+                    record.error = Some(error.to_string());
+                    summaries.push(
+                    serde_json::json!({"workspace": workspace.name, "hub": hub, "error": error.to_string()}),
                 );
-                if !json {
-                    eprintln!("{}: {error}", workspace.name);
+                    if !json {
+                        eprintln!("{} at {hub}: {error}", workspace.name);
+                    }
                 }
             }
         }

@@ -42,8 +42,15 @@ enum Command {
     },
     /// Run the hub (the server), or manage its users.
     Hub(devices::HubArgs),
-    /// Run the device agent: watch folders and sync continuously with the hub.
-    Agent,
+    /// Run the device agent: watch folders, serve peers, sync continuously with peers and hub.
+    Agent {
+        /// Where to serve the protocol to peers (TLS), e.g. 127.0.0.1:7701; port 0 picks one.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Do not sync with peers directly: everything goes through the hub.
+        #[arg(long)]
+        no_peers: bool,
+    },
     /// Log this device in to a hub (password from SHOAL_PASSWORD, else a prompt).
     Login {
         /// The hub, e.g. http://127.0.0.1:7700.
@@ -202,7 +209,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print_mirror(&report, json)
         }
         Command::Hub(args) => devices::hub(args),
-        Command::Agent => devices::agent(&devices::home(cli.home)?),
+        Command::Agent { listen, no_peers } => {
+            devices::agent(&devices::home(cli.home)?, listen, !no_peers)
+        }
         Command::Login {
             hub_url,
             user,

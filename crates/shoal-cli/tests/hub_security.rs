@@ -126,6 +126,7 @@ fn outsiders_get_nothing_from_any_route() -> TestResult {
     let carol = Device::new(root.path(), "carol");
     carol.login(&hub, "carol", "carol-pw", "carol-pc")?;
     let token = carol.token()?;
+    shoal_agent::install_default_provider();
     let client = Client::builder()
         .timeout(std::time::Duration::from_secs(5))
         .build()?;
@@ -206,6 +207,7 @@ fn a_readers_change_is_refused_and_kept_as_refused() -> TestResult {
     let hub_db = rusqlite_count(&hub.data.join("workspaces").join(&ws).join("state.db"))?;
     assert_eq!(hub_db, 1);
     // A reader cannot put content either.
+    shoal_agent::install_default_provider();
     let client = Client::new();
     let put = client
         .put(format!(
@@ -234,6 +236,7 @@ fn malformed_and_oversized_requests_are_refused_and_change_nothing() -> TestResu
     let token = alice.token()?;
     // No connection reuse: the hub closes a connection after refusing an oversized body, and a
     // pooled connection could be picked up just as it closes.
+    shoal_agent::install_default_provider();
     let client = Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .pool_max_idle_per_host(0)

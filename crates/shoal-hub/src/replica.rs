@@ -14,8 +14,8 @@ use shoal_core::{
 };
 use shoal_protocol::{
     CommitItem, CommitRequest, CommitResponse, DownloadResponse, ItemDot, Location,
-    RecoveryResponse, UploadBatch, UploadOffer, UploadPlan, UploadPlanItem, WireBatch, WireContent,
-    WireDot, WireKnowledge, WireLimits, WireVector, WireVersion, hex16, hex32, parse_item, routes,
+    RecoveryResponse, UploadBatch, UploadOffer, UploadPlan, UploadPlanItem, WireBatch, WireDot,
+    WireKnowledge, WireLimits, WireVector, hex16, hex32, parse_item, routes, wire_batches,
 };
 use shoal_store::{ChunkStore, ChunkedContent, Store};
 
@@ -139,35 +139,13 @@ impl WorkspaceReplica {
         let missing = self.store.missing_for(knowledge)?;
         let session = random_id();
         let planned = plan_batches(missing, &offer, limits);
-        let count = planned.len();
-        let mut batches = Vec::with_capacity(count);
-        for (index, batch) in planned.into_iter().enumerate() {
-            let mut contents = Vec::new();
-            let mut seen = HashSet::new();
-            for (_, version) in &batch.versions {
-                let hash = version
-                    .entry
-                    .content
-                    .filter(|h| !version.entry.deleted && seen.insert(*h));
-                if let Some(content) = hash.map(|h| self.store.content(&h)).transpose()?.flatten() {
-                    contents.push(WireContent::from(&content));
-                }
-            }
-            batches.push(WireBatch {
-                versions: batch
-                    .versions
-                    .iter()
-                    .map(|(id, v)| WireVersion::new(id, v))
-                    .collect(),
-                contents,
-                locations: self.locations(),
-                learned: WireKnowledge::from(&batch.learned),
-                last: batch.last,
-                forgotten: WireVector::from(&batch.forgotten),
-                next: (index + 1 < count)
-                    .then(|| routes::download_batch(&self.id, &session, index + 1)),
-            });
-        }
+        let (store, id) = (&self.store, &self.id);
+        let batches = wire_batches(
+            planned,
+            |hash| store.content(hash),
+            &self.locations(),
+            |index| routes::download_batch(id, &session, index),
+        )?;
         let first = batches
             .first()
             .cloned()

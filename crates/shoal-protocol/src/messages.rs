@@ -308,6 +308,17 @@ pub struct LoginRequest {
     pub password: String,
     /// A name for this device.
     pub device_name: String,
+    /// The fingerprint of the device's TLS certificate (BLAKE3 of its DER, hex): the key the
+    /// hub vouches for to the device's peers.
+    #[serde(default)]
+    pub device_key: Option<String>,
+}
+
+/// `PUT /v1/device/key`: the calling device's (new) key fingerprint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceKey {
+    /// BLAKE3 of the device certificate's DER, hex.
+    pub key: String,
 }
 
 /// A device's credentials.
@@ -368,4 +379,99 @@ pub struct ChangeEvent {
     pub workspace: String,
     /// The server replica's new tag.
     pub tag: String,
+}
+
+/// A device's availability, as its user set it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Availability {
+    /// Online and receiving messages.
+    Online,
+    /// Online, away from the keyboard.
+    Away,
+    /// Online, busy.
+    Busy,
+    /// Online but not receiving messages.
+    NotReceiving,
+    /// Not connected to the hub.
+    Offline,
+}
+
+/// One workspace's compact knowledge (BLAKE3 of its canonical encoding, hex).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceKnowledge {
+    /// Workspace id (hex).
+    pub workspace: String,
+    /// The compact knowledge.
+    pub compact: String,
+}
+
+/// `PUT /v1/presence`: the calling device's presence document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceUpdate {
+    /// Availability.
+    pub status: Availability,
+    /// Where peers can reach the device's protocol server ("host:port"), nearest first.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Per workspace the device holds, its compact knowledge.
+    #[serde(default)]
+    pub workspaces: Vec<WorkspaceKnowledge>,
+}
+
+/// One contact device as the hub shows it: only the workspaces both devices share.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerPresence {
+    /// Device id (hex).
+    pub device: String,
+    /// Its device name.
+    pub device_name: String,
+    /// Its user.
+    pub user: String,
+    /// The key fingerprint the hub vouches for (absent: the device has no key, so no peer
+    /// may trust it).
+    pub key: Option<String>,
+    /// Availability; `offline` when it has no connection to the hub.
+    pub status: Availability,
+    /// Where it can be reached directly.
+    pub addresses: Vec<String>,
+    /// Compact knowledge of the workspaces it shares with the receiver.
+    pub workspaces: Vec<WorkspaceKnowledge>,
+}
+
+/// A sync-negotiation message: "my knowledge of this workspace is now this". Sent to peers
+/// directly (`POST …/{ws}/negotiate` on a peer) or relayed by the hub (`POST /v1/negotiate`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Negotiation {
+    /// Workspace id (hex).
+    pub workspace: String,
+    /// The sender's compact knowledge of it.
+    pub compact: String,
+    /// Devices to relay to (ids, hex); ignored by a peer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<String>,
+}
+
+/// `POST /v1/negotiate`'s answer: how many devices the hub delivered to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relayed {
+    /// Devices the message reached.
+    pub delivered: usize,
+}
+
+/// One event on the presence stream (`GET /v1/presence`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PresenceEvent {
+    /// A contact device's presence (sent for every contact on connect, then on each change).
+    Peer(PeerPresence),
+    /// A sync-negotiation message. `from` is a device id, or `hub` for the hub's own replica.
+    Negotiate {
+        /// The sender.
+        from: String,
+        /// Workspace id (hex).
+        workspace: String,
+        /// The sender's compact knowledge.
+        compact: String,
+    },
 }

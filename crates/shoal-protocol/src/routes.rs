@@ -2,6 +2,15 @@
 
 /// Log in a device: `POST`.
 pub const LOGIN: &str = "/v1/login";
+/// The calling device's key fingerprint: `PUT`.
+pub const DEVICE_KEY: &str = "/v1/device/key";
+/// Presence: `PUT` the caller's document, `GET` the long-lived stream of contacts' presence
+/// and negotiation messages.
+pub const PRESENCE: &str = "/v1/presence";
+/// `POST` a negotiation message for the hub to relay.
+pub const NEGOTIATE: &str = "/v1/negotiate";
+/// Counters of the server (sessions, bytes), as text.
+pub const METRICS: &str = "/v1/metrics";
 /// Workspaces of the caller: `GET` lists, `POST` creates.
 pub const WORKSPACES: &str = "/v1/workspaces";
 
@@ -52,4 +61,13 @@ pub fn chunks(ws: &str) -> String {
 /// `GET` a long-lived stream of change events.
 pub fn events(ws: &str) -> String {
     format!("{}/events", workspace(ws))
+}
+/// `POST` a negotiation message to a peer.
+pub fn peer_negotiate(ws: &str) -> String {
+    format!("{}/negotiate", workspace(ws))
+}
+/// Base of a peer's content endpoint: `GET {base}/{content}/{chunk}` (ranged) reads one
+/// chunk of a content the peer holds in its folder.
+pub fn peer_contents(ws: &str) -> String {
+    format!("{}/contents", workspace(ws))
 }

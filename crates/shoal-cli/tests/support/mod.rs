@@ -200,3 +200,110 @@ pub fn wait_for(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
     }
     condition()
 }
+
+/// A running `shoal agent`, stopped when dropped. Its log goes to `agent.log` in its home.
+pub struct Agent {
+    child: Child,
+    pub home: PathBuf,
+}
+
+impl Agent {
+    pub fn start(device: &Device, extra: &[&str]) -> AnyResult<Agent> {
+        std::fs::create_dir_all(&device.home)?;
+        // A file from an earlier run of the same home must not pass for this one.
+        let _ = std::fs::remove_file(device.home.join("agent.json"));
+        let log = std::fs::File::create(device.home.join("agent.log"))?;
+        let mut args = vec!["agent"];
+        args.extend_from_slice(extra);
+        let child = device
+            .command(&args)
+            .env("SHOAL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let agent = Agent {
+            child,
+            home: device.home.clone(),
+        };
+        if !wait_for(Duration::from_secs(20), || agent.state().is_some()) {
+            return Err("the agent did not start".into());
+        }
+        Ok(agent)
+    }
+
+    /// What the agent publishes in its home (address, key, counters).
+    pub fn state(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&std::fs::read(self.home.join("agent.json")).ok()?).ok()
+    }
+
+    pub fn counter(&self, name: &str) -> u64 {
+        self.state()
+            .and_then(|s| s["counters"][name].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Sync sessions this agent started or served.
+    pub fn sessions(&self) -> u64 {
+        self.counter("hub_sessions") + self.counter("peer_pulls") + self.counter("peer_served")
+    }
+
+    /// How many contact devices it knows with an address.
+    pub fn reachable_contacts(&self) -> usize {
+        std::fs::read(self.home.join("peers.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.as_array().cloned())
+            .map(|peers| {
+                peers
+                    .iter()
+                    .filter(|p| p["addresses"].as_array().is_some_and(|a| !a.is_empty()))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP GET on the hub with a device token; returns the body.
+pub fn hub_get(hub_url: &str, path: &str, token: &str) -> AnyResult<String> {
+    use std::io::{Read, Write};
+    let address = hub_url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or("no HTTP body")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("GET {path}: {head}").into());
+    }
+    Ok(body.to_owned())
+}
+
+/// One counter from the hub's metrics.
+pub fn hub_metric(hub_url: &str, token: &str, name: &str) -> AnyResult<u64> {
+    let body = hub_get(hub_url, "/v1/metrics", token)?;
+    body.lines()
+        .filter_map(|line| line.split_once(' '))
+        .find(|(key, _)| *key == name)
+        .and_then(|(_, value)| value.trim().parse().ok())
+        .ok_or_else(|| format!("no metric {name} in {body:?}").into())
+}

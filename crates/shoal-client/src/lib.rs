@@ -1,4 +1,6 @@
-//! A blocking client of the hub's HTTP API.
+//! A blocking client of the shoal sync protocol: a device talking to its hub or to a peer,
+//! or a hub talking to a partner hub. It speaks the routes of `shoal-protocol` and nothing
+//! else: no replica, no disk.
 
 use std::io::Read;
 use std::time::Duration;
@@ -9,13 +11,58 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shoal_core::{ContentHash, ReplicaId};
 use shoal_protocol::{
-    CommitRequest, CommitResponse, CreateWorkspace, DownloadRequest, DownloadResponse,
-    DownloadResult, ErrorBody, Invite, LoginRequest, LoginResponse, RecoveryRequest,
-    RecoveryResponse, UploadBatch, UploadOffer, UploadPlan, WireBatch, WorkspaceInfo, headers,
-    hex16, hex32, routes,
+    CommitRequest, CommitResponse, CreateWorkspace, DeviceKey, DownloadRequest, DownloadResponse,
+    DownloadResult, ErrorBody, Invite, LoginRequest, LoginResponse, Negotiation, PresenceUpdate,
+    RecoveryRequest, RecoveryResponse, UploadBatch, UploadOffer, UploadPlan, WireBatch,
+    WorkspaceInfo, headers, hex16, hex32, routes,
 };
 
-use crate::AgentError;
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server could not be reached (or the connection broke).
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The server refused the credentials.
+    #[error("the server refused the credentials: {0}")]
+    Unauthorized(String),
+    /// The server has no such thing (or the caller may not see it).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The server reports a conflict (a taken name).
+    #[error("{0}")]
+    Conflict(String),
+    /// The caller's replica is in an older epoch than the server already saw from it.
+    #[error("stale epoch: the server saw epoch {known}")]
+    StaleEpoch {
+        /// The latest epoch the server saw.
+        known: u32,
+    },
+    /// Any other error status.
+    #[error("the server answered {status}: {message}")]
+    Server {
+        /// HTTP status.
+        status: u16,
+        /// The server's message.
+        message: String,
+    },
+    /// The server sent something this client cannot use.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The client could not be set up.
+    #[error("client: {0}")]
+    Config(String),
+}
+
+/// Installs ring as the process's default TLS provider, for clients that build their own TLS
+/// settings (an `https://` hub). Harmless when one is already installed.
+pub fn install_default_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
 
 /// Talks to one hub as one device.
 #[derive(Clone)]
@@ -31,15 +78,36 @@ pub struct HubClient {
 
 impl HubClient {
     /// A client for the hub at `base` (e.g. `http://127.0.0.1:7700`).
-    pub fn new(base: &str, token: Option<&str>) -> Result<HubClient, AgentError> {
+    pub fn new(base: &str, token: Option<&str>) -> Result<HubClient, ClientError> {
+        install_default_provider();
         let http = Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(300))
             .build()
-            .map_err(|e| AgentError::Unreachable(e.to_string()))?;
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
         Ok(HubClient {
             base: base.trim_end_matches('/').to_owned(),
             token: token.map(str::to_owned),
+            http,
+            identity: None,
+            device: None,
+            workspace: None,
+            correlation: hex16(&rand::random()),
+        })
+    }
+
+    /// A client of a peer's protocol server at `address` ("host:port") over TLS with
+    /// `tls` (which decides whom to trust and which certificate to show).
+    pub fn for_peer(address: &str, tls: rustls::ClientConfig) -> Result<HubClient, ClientError> {
+        let http = Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(300))
+            .build()
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        Ok(HubClient {
+            base: format!("https://{address}"),
+            token: None,
             http,
             identity: None,
             device: None,
@@ -104,28 +172,28 @@ impl HubClient {
     }
 
     /// Sends, retrying while the hub answers 202 (busy).
-    fn send(&self, build: impl Fn() -> RequestBuilder) -> Result<Response, AgentError> {
+    fn send(&self, build: impl Fn() -> RequestBuilder) -> Result<Response, ClientError> {
         for attempt in 0..60 {
             let response = build()
                 .send()
-                .map_err(|e| AgentError::Unreachable(e.to_string()))?;
+                .map_err(|e| ClientError::Unreachable(e.to_string()))?;
             if response.status() == StatusCode::ACCEPTED && attempt < 59 {
                 std::thread::sleep(Duration::from_millis(200));
                 continue;
             }
             return check(response);
         }
-        Err(AgentError::Unreachable("the hub stayed busy".into()))
+        Err(ClientError::Unreachable("the hub stayed busy".into()))
     }
 
     fn json<T: DeserializeOwned>(
         &self,
         build: impl Fn() -> RequestBuilder,
-    ) -> Result<T, AgentError> {
+    ) -> Result<T, ClientError> {
         let response = self.send(build)?;
         response
             .json()
-            .map_err(|e| AgentError::Protocol(format!("unreadable answer from the hub: {e}")))
+            .map_err(|e| ClientError::Protocol(format!("unreadable answer from the hub: {e}")))
     }
 
     fn with_body<B: Serialize>(builder: RequestBuilder, body: &B) -> RequestBuilder {
@@ -138,22 +206,24 @@ impl HubClient {
         user: &str,
         password: &str,
         device_name: &str,
-    ) -> Result<LoginResponse, AgentError> {
+        device_key: Option<&str>,
+    ) -> Result<LoginResponse, ClientError> {
         let body = LoginRequest {
             user: user.into(),
             password: password.into(),
             device_name: device_name.into(),
+            device_key: device_key.map(str::to_owned),
         };
         self.json(|| Self::with_body(self.request(reqwest::Method::POST, routes::LOGIN), &body))
     }
 
     /// Workspaces the user belongs to or is invited to.
-    pub fn workspaces(&self) -> Result<Vec<WorkspaceInfo>, AgentError> {
+    pub fn workspaces(&self) -> Result<Vec<WorkspaceInfo>, ClientError> {
         self.json(|| self.request(reqwest::Method::GET, routes::WORKSPACES))
     }
 
     /// Creates a workspace.
-    pub fn create_workspace(&self, name: &str) -> Result<WorkspaceInfo, AgentError> {
+    pub fn create_workspace(&self, name: &str) -> Result<WorkspaceInfo, ClientError> {
         let body = CreateWorkspace { name: name.into() };
         self.json(|| {
             Self::with_body(
@@ -164,7 +234,7 @@ impl HubClient {
     }
 
     /// Invites a user.
-    pub fn invite(&self, ws: &str, user: &str, role: &str) -> Result<(), AgentError> {
+    pub fn invite(&self, ws: &str, user: &str, role: &str) -> Result<(), ClientError> {
         let body = Invite {
             user: user.into(),
             role: role.into(),
@@ -179,7 +249,7 @@ impl HubClient {
     }
 
     /// Accepts an invitation.
-    pub fn join(&self, ws: &str) -> Result<WorkspaceInfo, AgentError> {
+    pub fn join(&self, ws: &str) -> Result<WorkspaceInfo, ClientError> {
         self.json(|| self.request(reqwest::Method::POST, &routes::join(ws)))
     }
 
@@ -188,7 +258,7 @@ impl HubClient {
         &self,
         ws: &str,
         body: &DownloadRequest,
-    ) -> Result<DownloadResponse, AgentError> {
+    ) -> Result<DownloadResponse, ClientError> {
         self.json(|| {
             Self::with_body(
                 self.request(reqwest::Method::POST, &routes::download(ws)),
@@ -198,12 +268,12 @@ impl HubClient {
     }
 
     /// Fetches a later batch.
-    pub fn batch(&self, uri: &str) -> Result<WireBatch, AgentError> {
+    pub fn batch(&self, uri: &str) -> Result<WireBatch, ClientError> {
         self.json(|| self.request(reqwest::Method::GET, uri))
     }
 
     /// Reports download results.
-    pub fn download_result(&self, uri: &str, body: &DownloadResult) -> Result<(), AgentError> {
+    pub fn download_result(&self, uri: &str, body: &DownloadResult) -> Result<(), ClientError> {
         self.send(|| Self::with_body(self.request(reqwest::Method::PUT, uri), body))?;
         Ok(())
     }
@@ -213,7 +283,7 @@ impl HubClient {
         &self,
         ws: &str,
         body: &RecoveryRequest,
-    ) -> Result<RecoveryResponse, AgentError> {
+    ) -> Result<RecoveryResponse, ClientError> {
         self.json(|| {
             Self::with_body(
                 self.request(reqwest::Method::POST, &routes::recovery(ws)),
@@ -223,7 +293,7 @@ impl HubClient {
     }
 
     /// The hub's knowledge before an upload.
-    pub fn upload_offer(&self, ws: &str) -> Result<UploadOffer, AgentError> {
+    pub fn upload_offer(&self, ws: &str) -> Result<UploadOffer, ClientError> {
         self.json(|| self.request(reqwest::Method::GET, &routes::upload(ws)))
     }
 
@@ -233,7 +303,7 @@ impl HubClient {
         ws: &str,
         batch_id: &str,
         body: &UploadBatch,
-    ) -> Result<UploadPlan, AgentError> {
+    ) -> Result<UploadPlan, ClientError> {
         self.json(|| {
             Self::with_body(
                 self.request(reqwest::Method::PUT, &routes::upload_batch(ws, batch_id)),
@@ -243,7 +313,7 @@ impl HubClient {
     }
 
     /// Commits an upload batch.
-    pub fn commit(&self, uri: &str, body: &CommitRequest) -> Result<CommitResponse, AgentError> {
+    pub fn commit(&self, uri: &str, body: &CommitRequest) -> Result<CommitResponse, ClientError> {
         self.json(|| Self::with_body(self.request(reqwest::Method::PUT, uri), body))
     }
 
@@ -253,7 +323,7 @@ impl HubClient {
         location: &str,
         hash: &ContentHash,
         bytes: Vec<u8>,
-    ) -> Result<(), AgentError> {
+    ) -> Result<(), ClientError> {
         let uri = format!("{location}/{}", hex32(&hash.0));
         self.send(|| {
             self.request(reqwest::Method::PUT, &uri)
@@ -269,7 +339,7 @@ impl HubClient {
         location: &str,
         hash: &ContentHash,
         len: usize,
-    ) -> Result<Vec<u8>, AgentError> {
+    ) -> Result<Vec<u8>, ClientError> {
         let uri = format!("{location}/{}", hex32(&hash.0));
         let mut bytes = Vec::with_capacity(len);
         let mut last_error = String::new();
@@ -280,7 +350,7 @@ impl HubClient {
             }
             let response = match builder
                 .send()
-                .map_err(|e| AgentError::Unreachable(e.to_string()))
+                .map_err(|e| ClientError::Unreachable(e.to_string()))
                 .and_then(check)
             {
                 Ok(response) => response,
@@ -313,30 +383,72 @@ impl HubClient {
                 return Ok(bytes);
             }
         }
-        Err(AgentError::Unreachable(format!(
+        Err(ClientError::Unreachable(format!(
             "chunk {hash}: {last_error}"
         )))
     }
 
+    /// Registers this device's key fingerprint with the hub.
+    pub fn set_device_key(&self, key: &str) -> Result<(), ClientError> {
+        let body = DeviceKey {
+            key: key.to_owned(),
+        };
+        self.send(|| {
+            Self::with_body(
+                self.request(reqwest::Method::PUT, routes::DEVICE_KEY),
+                &body,
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Publishes this device's presence document.
+    pub fn update_presence(&self, body: &PresenceUpdate) -> Result<(), ClientError> {
+        self.send(|| Self::with_body(self.request(reqwest::Method::PUT, routes::PRESENCE), body))?;
+        Ok(())
+    }
+
+    /// Sends a negotiation message: to a peer (`POST …/{ws}/negotiate`) when this client talks
+    /// to a peer, or for the hub to relay to `body.to` otherwise.
+    pub fn negotiate(&self, body: &Negotiation, relay: bool) -> Result<(), ClientError> {
+        let path = if relay {
+            routes::NEGOTIATE.to_owned()
+        } else {
+            routes::peer_negotiate(&body.workspace)
+        };
+        self.send(|| Self::with_body(self.request(reqwest::Method::POST, &path), body))?;
+        Ok(())
+    }
+
+    /// Opens the presence stream (read it line by line).
+    pub fn presence(&self) -> Result<Response, ClientError> {
+        self.stream(routes::PRESENCE)
+    }
+
     /// Opens the change-event stream of a workspace (read it line by line).
-    pub fn events(&self, ws: &str) -> Result<Response, AgentError> {
+    pub fn events(&self, ws: &str) -> Result<Response, ClientError> {
+        self.stream(&routes::events(ws))
+    }
+
+    fn stream(&self, path: &str) -> Result<Response, ClientError> {
+        install_default_provider();
         let client = Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .build()
-            .map_err(|e| AgentError::Unreachable(e.to_string()))?;
-        let mut builder = client.get(format!("{}{}", self.base, routes::events(ws)));
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let mut builder = client.get(format!("{}{path}", self.base));
         if let Some(token) = &self.token {
             builder = builder.bearer_auth(token);
         }
         check(
             builder
                 .send()
-                .map_err(|e| AgentError::Unreachable(e.to_string()))?,
+                .map_err(|e| ClientError::Unreachable(e.to_string()))?,
         )
     }
 }
 
-fn check(response: Response) -> Result<Response, AgentError> {
+fn check(response: Response) -> Result<Response, ClientError> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);
@@ -347,17 +459,17 @@ fn check(response: Response) -> Result<Response, AgentError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u32>().ok());
     if let (StatusCode::CONFLICT, Some(known)) = (status, known_epoch) {
-        return Err(AgentError::StaleEpoch { known });
+        return Err(ClientError::StaleEpoch { known });
     }
     let message = match response.json::<ErrorBody>() {
         Ok(body) => body.error,
         Err(_) => status.canonical_reason().unwrap_or("error").to_owned(),
     };
     Err(match status {
-        StatusCode::UNAUTHORIZED => AgentError::Unauthorized(message),
-        StatusCode::NOT_FOUND => AgentError::NotFound(message),
-        StatusCode::CONFLICT => AgentError::Conflict(message),
-        _ => AgentError::Hub {
+        StatusCode::UNAUTHORIZED => ClientError::Unauthorized(message),
+        StatusCode::NOT_FOUND => ClientError::NotFound(message),
+        StatusCode::CONFLICT => ClientError::Conflict(message),
+        _ => ClientError::Server {
             status: status.as_u16(),
             message,
         },

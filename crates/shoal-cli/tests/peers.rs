@@ -1,0 +1,324 @@
+//! Peer-to-peer sync beside the hub, with real `shoal hub` and `shoal agent` processes on
+//! 127.0.0.1 in temporary directories: agents serve the protocol to each other over TLS with
+//! device keys the hub vouches for, hear of each other through presence, and tell each other
+//! of changes with negotiation messages.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{Agent, AnyResult, Device, Hub, TestResult, hub_metric, wait_for};
+
+/// alice on two devices and bob on one, all in workspace "team", synced once.
+fn team(root: &std::path::Path) -> AnyResult<(Hub, Device, Device, Device)> {
+    let data = root.join("hub");
+    Hub::add_user(&data, "alice", "alice-pw")?;
+    Hub::add_user(&data, "bob", "bob-pw")?;
+    let hub = Hub::start(&data)?;
+    let (laptop, desktop, phone) = (
+        Device::new(root, "laptop"),
+        Device::new(root, "desktop"),
+        Device::new(root, "phone"),
+    );
+    laptop.login(&hub, "alice", "alice-pw", "laptop")?;
+    desktop.login(&hub, "alice", "alice-pw", "desktop")?;
+    phone.login(&hub, "bob", "bob-pw", "phone")?;
+    laptop.create("team")?;
+    laptop.run(&["workspace", "invite", "team", "bob", "--role", "editor"])?;
+    desktop.join("team")?;
+    phone.join("team")?;
+    laptop.write("start.txt", "before the agents")?;
+    for device in [&laptop, &desktop, &phone] {
+        device.sync()?;
+    }
+    Ok((hub, laptop, desktop, phone))
+}
+
+/// Waits until every agent knows the addresses of `contacts` other devices.
+fn wait_for_contacts(agents: &[&Agent], contacts: usize) -> TestResult {
+    let known = wait_for(Duration::from_secs(20), || {
+        agents.iter().all(|a| a.reachable_contacts() >= contacts)
+    });
+    if !known {
+        let logs: Vec<String> = agents.iter().map(|a| a.log()).collect();
+        return Err(format!(
+            "agents did not learn of each other:\n{}",
+            logs.join("\n---\n")
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn conflict_copies(device: &Device) -> Vec<String> {
+    device
+        .tree()
+        .into_keys()
+        .filter(|name| name.contains(".conflict-"))
+        .collect()
+}
+
+#[test]
+fn peers_keep_syncing_while_the_hub_is_down_and_the_hub_catches_up() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (hub, laptop, desktop, phone) = team(root.path())?;
+    let agents = [
+        Agent::start(&laptop, &[])?,
+        Agent::start(&desktop, &[])?,
+        Agent::start(&phone, &[])?,
+    ];
+    wait_for_contacts(&agents.iter().collect::<Vec<_>>(), 2)?;
+
+    // With the hub up, a change goes straight to the peers.
+    laptop.write("notes/live.txt", "from the laptop")?;
+    let arrived = wait_for(Duration::from_secs(10), || {
+        desktop.folder.join("notes/live.txt").exists()
+            && phone.folder.join("notes/live.txt").exists()
+    });
+    assert!(
+        arrived,
+        "a change did not reach the peers:\n{}",
+        agents[1].log()
+    );
+    // Counters reach agent.json within a second.
+    assert!(
+        wait_for(Duration::from_secs(5), || agents[1].counter("peer_pulls")
+            + agents[2].counter("peer_pulls")
+            > 0
+            && agents[0].counter("peer_served") > 0),
+        "the change did not travel peer-to-peer:\n{}\n---\n{}",
+        agents[0].log(),
+        agents[1].log()
+    );
+
+    // The hub goes down: the peers still exchange changes, both ways.
+    let (port, data) = (hub.port, hub.data.clone());
+    hub.stop();
+    let token = laptop.token()?;
+    laptop.write("while-down.txt", "the hub is gone")?;
+    phone.write("from-phone.txt", "bob too")?;
+    let started = Instant::now();
+    let exchanged = wait_for(Duration::from_secs(10), || {
+        [&laptop, &desktop, &phone].iter().all(|d| {
+            d.folder.join("while-down.txt").exists() && d.folder.join("from-phone.txt").exists()
+        })
+    });
+    assert!(
+        exchanged,
+        "peers did not sync without the hub:\n{}\n---\n{}",
+        agents[0].log(),
+        agents[2].log()
+    );
+    eprintln!("exchanged without the hub in {:?}", started.elapsed());
+
+    // The hub returns and catches up from whoever has the changes; nothing is duplicated.
+    let hub = Hub::start_on(&data, port)?;
+    let caught_up = wait_for(Duration::from_secs(30), || {
+        hub_metric(&hub.url, &token, "upload_commits").is_ok_and(|n| n > 0)
+    });
+    assert!(caught_up, "nobody uploaded to the returned hub");
+    // A device that was never online with the others gets everything from the hub alone.
+    let tablet = Device::new(root.path(), "tablet");
+    tablet.login(&hub, "bob", "bob-pw", "tablet")?;
+    tablet.join("team")?;
+    let complete = wait_for(Duration::from_secs(30), || {
+        tablet.sync().is_ok() && tablet.tree() == laptop.tree()
+    });
+    for agent in agents {
+        agent.stop();
+    }
+    assert!(
+        complete,
+        "the hub did not catch up: {:?} vs {:?}",
+        tablet.tree(),
+        laptop.tree()
+    );
+    for device in [&laptop, &desktop, &phone, &tablet] {
+        assert_eq!(
+            device.tree(),
+            laptop.tree(),
+            "{} differs",
+            device.folder.display()
+        );
+        assert!(
+            conflict_copies(device).is_empty(),
+            "false conflict on {}",
+            device.folder.display()
+        );
+        let status: serde_json::Value = serde_json::from_str(&device.run(&["status", "--json"])?)?;
+        assert_eq!(
+            status[0]["conflicts"].as_array().map(Vec::len),
+            Some(0),
+            "{status}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_key_the_hub_did_not_vouch_for_gets_nothing() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (_hub, laptop, desktop, _phone) = team(root.path())?;
+    let agents = [Agent::start(&laptop, &[])?, Agent::start(&desktop, &[])?];
+    wait_for_contacts(&agents.iter().collect::<Vec<_>>(), 1)?;
+    let state = agents[1].state().ok_or("no agent state")?;
+    let address = state["listen"].as_str().ok_or("no address")?.to_owned();
+    let key = state["key"].as_str().ok_or("no key")?.to_owned();
+    let workspaces: serde_json::Value =
+        serde_json::from_str(&laptop.run(&["workspace", "list", "--json"])?)?;
+    let ws = workspaces[0]["id"]
+        .as_str()
+        .ok_or("no workspace id")?
+        .to_owned();
+    let request = shoal_protocol::DownloadRequest {
+        knowledge: shoal_protocol::WireKnowledge(Vec::new()),
+        limits: shoal_protocol::WireLimits {
+            max_items: 100,
+            max_bytes: 1 << 20,
+        },
+    };
+
+    // The laptop's own key, vouched for by the hub: served.
+    let vouched = shoal_agent::Home::open(&laptop.home)?.identity()?;
+    let client = shoal_agent::peer_client(&address, &vouched, &key)?;
+    let answer = client.download(&ws, &request)?;
+    assert!(
+        !answer.batch.versions.is_empty(),
+        "a vouched peer got nothing"
+    );
+
+    // A fresh key nobody vouched for: the handshake fails, nothing is served.
+    let refused_before = agents[1].counter("peer_refused");
+    let stranger = shoal_agent::DeviceIdentity::generate()?;
+    let client = shoal_agent::peer_client(&address, &stranger, &key)?;
+    let error = client
+        .download(&ws, &request)
+        .expect_err("an unvouched key was served");
+    assert!(
+        matches!(error, shoal_agent::ClientError::Unreachable(_)),
+        "{error}"
+    );
+    assert!(wait_for(Duration::from_secs(5), || agents[1]
+        .counter("peer_refused")
+        > refused_before));
+
+    // A vouched key calling a server that is not the device it meant: refused by the client.
+    let wrong = shoal_agent::peer_client(&address, &vouched, &stranger.fingerprint())?;
+    assert!(
+        wrong.download(&ws, &request).is_err(),
+        "the client trusted the wrong server"
+    );
+
+    // A vouched peer asking about a workspace it does not share: not found.
+    let made_up = "0123456789abcdef0123456789abcdef";
+    let client = shoal_agent::peer_client(&address, &vouched, &key)?;
+    let error = client
+        .download(made_up, &request)
+        .expect_err("served an unknown workspace");
+    assert!(
+        matches!(error, shoal_agent::ClientError::NotFound(_)),
+        "{error}"
+    );
+    Ok(())
+}
+
+#[test]
+fn twenty_idle_agents_start_no_sync_session() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let data = root.path().join("hub");
+    let users: Vec<String> = (0..5).map(|u| format!("user{u}")).collect();
+    for user in &users {
+        Hub::add_user(&data, user, "pass")?;
+    }
+    let hub = Hub::start(&data)?;
+    // Workspace k belongs to user k and is shared with user k+1; each workspace is held by
+    // two devices of each of its two users: 20 devices, 5 workspaces.
+    let mut devices = Vec::new();
+    for (u, user) in users.iter().enumerate() {
+        for d in 0..4 {
+            let device = Device::new(root.path(), &format!("u{u}d{d}"));
+            device.login(&hub, user, "pass", &format!("u{u}d{d}"))?;
+            devices.push((u, d, device));
+        }
+    }
+    for (u, d, device) in &devices {
+        if *d == 0 {
+            device.create(&format!("ws{u}"))?;
+            device.run(&[
+                "workspace",
+                "invite",
+                &format!("ws{u}"),
+                &users[(u + 1) % 5],
+            ])?;
+            device.write("readme.txt", &format!("workspace {u}"))?;
+        }
+    }
+    for (u, d, device) in &devices {
+        if *d == 1 {
+            device.join(&format!("ws{u}"))?;
+        } else if *d >= 2 {
+            device.join(&format!("ws{}", (u + 4) % 5))?;
+        }
+    }
+    for (_, _, device) in &devices {
+        device.sync()?;
+    }
+    let agents: Vec<Agent> = devices
+        .iter()
+        .map(|(_, _, device)| Agent::start(device, &[]))
+        .collect::<AnyResult<_>>()?;
+    wait_for_contacts(&agents.iter().collect::<Vec<_>>(), 3)?;
+
+    // Let the start-up settle: nothing changes for 3 s.
+    let mut last = (0, Instant::now());
+    let settled = wait_for(Duration::from_secs(60), || {
+        let total: u64 = agents.iter().map(Agent::sessions).sum();
+        if total != last.0 {
+            last = (total, Instant::now());
+        }
+        last.1.elapsed() > Duration::from_secs(3)
+    });
+    assert!(settled, "the agents never settled");
+
+    let token = devices[0].2.token()?;
+    let sessions_before: u64 = agents.iter().map(Agent::sessions).sum();
+    let peer_bytes = |agents: &[Agent]| -> u64 {
+        agents
+            .iter()
+            .map(|a| a.counter("peer_bytes_in") + a.counter("peer_bytes_out"))
+            .sum()
+    };
+    let peer_bytes_before = peer_bytes(&agents);
+    let hub_sessions = |hub: &Hub| -> AnyResult<u64> {
+        Ok(hub_metric(&hub.url, &token, "download_sessions")?
+            + hub_metric(&hub.url, &token, "upload_batches")?)
+    };
+    let hub_sessions_before = hub_sessions(&hub)?;
+    let hub_bytes_before =
+        hub_metric(&hub.url, &token, "bytes_out")? + hub_metric(&hub.url, &token, "bytes_in")?;
+
+    std::thread::sleep(Duration::from_secs(60));
+
+    let sessions = agents.iter().map(Agent::sessions).sum::<u64>() - sessions_before;
+    let hub_new_sessions = hub_sessions(&hub)? - hub_sessions_before;
+    let peer_traffic = peer_bytes(&agents) - peer_bytes_before;
+    // The metrics requests themselves cross the same counters; count only what is beyond them.
+    let hub_traffic = hub_metric(&hub.url, &token, "bytes_out")?
+        + hub_metric(&hub.url, &token, "bytes_in")?
+        - hub_bytes_before;
+    eprintln!(
+        "60 s idle, 20 agents: {sessions} sessions, hub {hub_new_sessions} sessions, {hub_traffic} B through the hub, {peer_traffic} B between peers"
+    );
+    assert_eq!(sessions, 0, "idle agents started sync sessions");
+    assert_eq!(
+        hub_new_sessions, 0,
+        "the hub served sync sessions to idle agents"
+    );
+    assert_eq!(peer_traffic, 0, "idle peers talked to each other");
+    // Keep-alives on 20 presence streams and the metrics calls; well under 1 KiB per agent.
+    assert!(
+        hub_traffic < 20 * 1024,
+        "{hub_traffic} bytes through the hub while idle"
+    );
+    Ok(())
+}
