@@ -32,6 +32,26 @@ enum HubCommand {
     /// Manage the hub's users.
     #[command(subcommand)]
     User(UserCommand),
+    /// Partner this hub with another for a workspace, so both hold it and converge.
+    #[command(subcommand)]
+    Partner(PartnerCommand),
+}
+
+#[derive(Subcommand)]
+enum PartnerCommand {
+    /// Hold a workspace of the hub at URL here too (password of USER there from
+    /// SHOAL_PASSWORD, else a prompt). Takes effect when the hub (re)starts.
+    Add {
+        /// The partner hub, e.g. http://127.0.0.1:7700.
+        url: String,
+        /// A user there who has joined the workspace.
+        user: String,
+        /// The workspace's name there.
+        workspace: String,
+        /// The local user who owns the workspace here (and invites this hub's users).
+        #[arg(long)]
+        owner: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -125,6 +145,18 @@ pub(crate) fn hub(args: HubArgs) -> anyhow::Result<()> {
             let password = password(&format!("password for {name}: "))?;
             shoal_hub::add_user(&args.data, &name, &password)?;
             println!("user {name} added to the hub at {}", args.data.display());
+            Ok(())
+        }
+        Some(HubCommand::Partner(PartnerCommand::Add {
+            url,
+            user,
+            workspace,
+            owner,
+        })) => {
+            let password = password(&format!("password for {user} at {url}: "))?;
+            let id = shoal_hub::add_partner(&args.data, &url, &user, &password, &workspace, &owner)
+                .context("adding the partnership")?;
+            println!("workspace {workspace} ({id}) is now held here too, partnered with {url}");
             Ok(())
         }
         None => {

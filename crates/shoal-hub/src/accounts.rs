@@ -92,6 +92,10 @@ CREATE TABLE IF NOT EXISTS workspaces (
     id BLOB PRIMARY KEY, name TEXT NOT NULL, owner INTEGER NOT NULL REFERENCES users (id),
     UNIQUE (owner, name)
 );
+CREATE TABLE IF NOT EXISTS partners (
+    workspace BLOB NOT NULL REFERENCES workspaces (id), url TEXT NOT NULL, token TEXT NOT NULL,
+    device TEXT NOT NULL, PRIMARY KEY (workspace, url)
+);
 CREATE TABLE IF NOT EXISTS members (
     workspace BLOB NOT NULL REFERENCES workspaces (id), user INTEGER NOT NULL REFERENCES users (id),
     role TEXT NOT NULL, joined INTEGER NOT NULL, PRIMARY KEY (workspace, user)
@@ -283,12 +287,21 @@ impl Accounts {
 
     /// Creates a workspace owned by `user`.
     pub(crate) fn create_workspace(&self, user: i64, name: &str) -> Result<Membership, HubError> {
+        self.create_workspace_with_id(user, rand::random(), name)
+    }
+
+    /// Creates a workspace with a given id (a partner hub's workspace, held here too).
+    pub(crate) fn create_workspace_with_id(
+        &self,
+        user: i64,
+        id: [u8; 16],
+        name: &str,
+    ) -> Result<Membership, HubError> {
         if name.is_empty() || name.len() > 128 || name.contains(['/', '\0']) {
             return Err(HubError::BadRequest(format!(
                 "invalid workspace name {name:?}"
             )));
         }
-        let id: [u8; 16] = rand::random();
         let inserted = self.conn.execute(
             "INSERT OR IGNORE INTO workspaces (id, name, owner) VALUES (?1, ?2, ?3)",
             params![id.to_vec(), name, user],
@@ -381,7 +394,7 @@ impl Accounts {
         Ok(())
     }
 
-    fn user_id(&self, name: &str) -> Result<Option<i64>, HubError> {
+    pub(crate) fn user_id(&self, name: &str) -> Result<Option<i64>, HubError> {
         Ok(self
             .conn
             .query_row("SELECT id FROM users WHERE name = ?1", params![name], |r| {
@@ -510,5 +523,63 @@ mod tests {
             .query_row("SELECT count(*) FROM devices", [], |r| r.get(0))?;
         assert_eq!(devices, 1, "a refused key registers no device");
         Ok(())
+    }
+}
+
+/// A partner hub that holds one of this hub's workspaces too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Partner {
+    /// The workspace.
+    pub(crate) workspace: [u8; 16],
+    /// The partner hub's base URL.
+    pub(crate) url: String,
+    /// This hub's device token there.
+    pub(crate) token: String,
+    /// This hub's device id there.
+    pub(crate) device: String,
+}
+
+impl Accounts {
+    /// Records (or replaces) a partnership.
+    pub(crate) fn add_partner(&self, partner: &Partner) -> Result<(), HubError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO partners (workspace, url, token, device) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                partner.workspace.to_vec(),
+                partner.url,
+                partner.token,
+                partner.device
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every partnership.
+    pub(crate) fn partners(&self) -> Result<Vec<Partner>, HubError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT workspace, url, token, device FROM partners ORDER BY url")?;
+        let rows = statement.query_map([], |row| {
+            Ok((
+                row.get::<_, Vec<u8>>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut partners = Vec::new();
+        for row in rows {
+            let (workspace, url, token, device) = row?;
+            let workspace = workspace.try_into().map_err(|_| {
+                HubError::Internal("a partner's workspace id is not 16 bytes".into())
+            })?;
+            partners.push(Partner {
+                workspace,
+                url,
+                token,
+                device,
+            });
+        }
+        Ok(partners)
     }
 }

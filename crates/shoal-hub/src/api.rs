@@ -27,12 +27,12 @@ use crate::presence::{self, Presence};
 use crate::replica::WorkspaceReplica;
 use crate::{HubConfig, HubError};
 
-struct Workspace {
+pub(crate) struct Workspace {
     replica: Mutex<WorkspaceReplica>,
-    events: broadcast::Sender<ChangeEvent>,
+    pub(crate) events: broadcast::Sender<ChangeEvent>,
 }
 
-struct Hub {
+pub(crate) struct Hub {
     data: std::path::PathBuf,
     accounts: Mutex<Accounts>,
     workspaces: Mutex<HashMap<[u8; 16], Arc<Workspace>>>,
@@ -241,7 +241,7 @@ fn info(membership: &Membership) -> WorkspaceInfo {
 }
 
 impl Hub {
-    fn workspace(&self, id: [u8; 16]) -> Result<Arc<Workspace>, HubError> {
+    pub(crate) fn workspace(&self, id: [u8; 16]) -> Result<Arc<Workspace>, HubError> {
         let mut open = lock(&self.workspaces)?;
         if let Some(workspace) = open.get(&id) {
             return Ok(workspace.clone());
@@ -268,6 +268,17 @@ impl Hub {
             Some(m) if m.joined => Ok((self.workspace(id)?, m.role)),
             _ => Err(HubError::NotFound),
         }
+    }
+
+    /// Tells everyone listening that a workspace replica changed: its change-event stream
+    /// (devices, partner hubs) and the members' presence streams.
+    pub(crate) fn announce_change(&self, workspace: &Workspace, ws: &str, tag: &str) {
+        // Nobody listening is fine: the change is stored for whoever comes next.
+        let _ = workspace.events.send(ChangeEvent {
+            workspace: ws.to_owned(),
+            tag: tag.to_owned(),
+        });
+        self.tell_hub_changed(ws, tag);
     }
 
     /// Sends the hub replica's new tag to the members' presence streams. The commit is done
@@ -298,7 +309,7 @@ impl Hub {
 }
 
 /// Locks a workspace replica, waiting a little; a long wait answers 202 so the caller retries.
-fn with_replica<T>(
+pub(crate) fn with_replica<T>(
     workspace: &Workspace,
     work: impl FnOnce(&mut WorkspaceReplica) -> Result<T, HubError>,
 ) -> Result<T, HubError> {
@@ -337,6 +348,12 @@ pub async fn serve(config: HubConfig) -> Result<(), HubError> {
         .local_addr()
         .map_err(|e| HubError::Io(config.data.clone(), e))?;
     tracing::info!(%address, data = %config.data.display(), "hub listening");
+    let partners = lock(&hub.accounts)?.partners()?;
+    for partner in partners {
+        tracing::info!(partner = %partner.url, workspace = %hex16(&partner.workspace), "partnership");
+        let hub = hub.clone();
+        std::thread::spawn(move || crate::partner::run(hub, partner));
+    }
     // A line tests and scripts can wait for.
     println!("shoal hub listening on http://{address}");
     axum::serve(CountingListener::new(listener, metrics), router(hub))
@@ -618,12 +635,7 @@ async fn commit(
             r.commit(&batch, &body)
         })?;
         if changed {
-            // Nobody listening is fine: the change is stored for whoever comes next.
-            let _ = workspace.events.send(ChangeEvent {
-                workspace: ws.clone(),
-                tag: response.tag_after.clone(),
-            });
-            hub.tell_hub_changed(&ws, &response.tag_after);
+            hub.announce_change(&workspace, &ws, &response.tag_after);
         }
         Ok(response)
     })

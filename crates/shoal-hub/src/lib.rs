@@ -9,6 +9,7 @@
 mod accounts;
 mod api;
 mod metrics;
+mod partner;
 mod presence;
 mod replica;
 
@@ -75,6 +76,9 @@ pub enum HubError {
     /// 500: a file-system error.
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
+    /// A partner hub could not be reached or refused a request.
+    #[error("partner hub: {0}")]
+    Partner(String),
     /// 500: anything else.
     #[error("{0}")]
     Internal(String),
@@ -100,4 +104,56 @@ impl From<shoal_protocol::WireError> for HubError {
 /// Adds a user to the hub at `data` (or resets their password).
 pub fn add_user(data: &std::path::Path, name: &str, password: &str) -> Result<(), HubError> {
     accounts::Accounts::open(data)?.add_user(name, password)
+}
+
+/// Partners this hub with the hub at `url` for one workspace, so both hold it and converge.
+/// This hub logs in there as `user` (a member of the workspace named `workspace`) and holds
+/// the workspace here under the same id, owned by the local user `owner` (who can then invite
+/// this hub's users). A running hub picks partnerships up when it starts. Returns the
+/// workspace id.
+pub fn add_partner(
+    data: &std::path::Path,
+    url: &str,
+    user: &str,
+    password: &str,
+    workspace: &str,
+    owner: &str,
+) -> Result<String, HubError> {
+    let accounts = accounts::Accounts::open(data)?;
+    let owner_id = accounts
+        .user_id(owner)?
+        .ok_or_else(|| HubError::BadRequest(format!("no user {owner:?} on this hub")))?;
+    let url = url.trim_end_matches('/');
+    let login =
+        shoal_client::HubClient::new(url, None)?.login(user, password, "hub-partner", None)?;
+    let client = shoal_client::HubClient::new(url, Some(&login.token))?.for_device(&login.device);
+    let found: Vec<_> = client
+        .workspaces()?
+        .into_iter()
+        .filter(|w| w.name == workspace && w.joined)
+        .collect();
+    let remote = match found.as_slice() {
+        [one] => one.clone(),
+        [] => {
+            return Err(HubError::BadRequest(format!(
+                "{user} has not joined a workspace named {workspace:?} at {url}"
+            )));
+        }
+        _ => {
+            return Err(HubError::BadRequest(format!(
+                "{user} has several workspaces named {workspace:?} at {url}"
+            )));
+        }
+    };
+    let id = shoal_protocol::parse_item(&remote.id)?.0;
+    if accounts.membership(&id, owner_id)?.is_none() {
+        accounts.create_workspace_with_id(owner_id, id, &remote.name)?;
+    }
+    accounts.add_partner(&accounts::Partner {
+        workspace: id,
+        url: url.to_owned(),
+        token: login.token,
+        device: login.device,
+    })?;
+    Ok(remote.id)
 }

@@ -14,8 +14,8 @@ use shoal_core::{
 };
 use shoal_protocol::{
     CommitItem, CommitRequest, CommitResponse, DownloadResponse, ItemDot, Location,
-    RecoveryResponse, UploadBatch, UploadOffer, UploadPlan, UploadPlanItem, WireBatch, WireDot,
-    WireKnowledge, WireLimits, WireVector, hex16, hex32, parse_item, routes, wire_batches,
+    RecoveryResponse, UploadBatch, UploadOffer, UploadPlan, UploadPlanItem, WireBatch, WireContent,
+    WireDot, WireKnowledge, WireLimits, WireVector, hex16, hex32, parse_item, routes, wire_batches,
 };
 use shoal_store::{ChunkStore, ChunkedContent, Store};
 
@@ -92,6 +92,50 @@ impl WorkspaceReplica {
             .retain(|_, s| s.created.elapsed() < SESSION_TTL);
         self.uploads
             .retain(|_, s| s.created.elapsed() < SESSION_TTL);
+    }
+
+    /// The replica's id and epoch (the hub's identity when it syncs with a partner hub).
+    pub(crate) fn identity(&self) -> (ReplicaId, u32) {
+        let identity = self.store.identity();
+        (identity.replica, identity.epoch)
+    }
+
+    /// The replica's knowledge.
+    pub(crate) fn knowledge(&self) -> Result<Knowledge, HubError> {
+        Ok(self.store.knowledge()?)
+    }
+
+    /// What a partner holding `theirs` lacks, in batches, each with the chunk lists of its
+    /// contents.
+    pub(crate) fn plan_upload(
+        &self,
+        theirs: &Knowledge,
+        limits: BatchLimits,
+    ) -> Result<Vec<(shoal_core::Batch, Vec<WireContent>)>, HubError> {
+        let missing = self.store.missing_for(theirs)?;
+        if missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        let offer = SyncOffer {
+            knowledge: self.store.knowledge()?,
+            forgotten: self.store.forgotten()?,
+        };
+        let mut planned = Vec::new();
+        for batch in plan_batches(missing, &offer, limits) {
+            let mut contents = Vec::new();
+            let mut seen = HashSet::new();
+            for (_, version) in &batch.versions {
+                let hash = version
+                    .entry
+                    .content
+                    .filter(|h| !version.entry.deleted && seen.insert(*h));
+                if let Some(content) = hash.map(|h| self.store.content(&h)).transpose()?.flatten() {
+                    contents.push(WireContent::from(&content));
+                }
+            }
+            planned.push((batch, contents));
+        }
+        Ok(planned)
     }
 
     /// The replica's current tag.
