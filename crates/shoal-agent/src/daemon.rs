@@ -27,7 +27,7 @@ use shoal_protocol::{Availability, Negotiation, PeerPresence, PresenceEvent, Pre
 use crate::home::{AgentState, DeviceConfig, Home, SyncRecord, WorkspaceEntry};
 use crate::peers::{AgentCounters, Contacts};
 use crate::sync::{compact_knowledge, pull_from_peer, scan_workspace};
-use crate::{AgentError, DeviceIdentity, sync_workspace};
+use crate::{AgentError, DeviceIdentity, sync_workspace, sync_workspace_with};
 use shoal_client::HubClient;
 
 /// Settings of the daemon.
@@ -265,6 +265,34 @@ impl Agent {
         }
     }
 
+    /// Clients of the online peers that can be called directly and hold what the hub holds
+    /// of `ws` (same compact knowledge, so every content the hub sends is theirs too): content
+    /// comes from them before the hub. A peer missing a content would cost a request per file.
+    fn nearby(&mut self, ws: &str) -> Vec<HubClient> {
+        let Some(hub) = self.views.get(ws).and_then(|v| v.hub.clone()) else {
+            return Vec::new();
+        };
+        if self.listen.is_none() {
+            return Vec::new();
+        }
+        let peers = self
+            .contacts
+            .read()
+            .map(|c| c.reachable(ws))
+            .unwrap_or_default();
+        let me = self.device.device.clone();
+        peers
+            .iter()
+            .filter(|p| p.device != me && p.status != Availability::Offline)
+            .filter(|p| {
+                p.workspaces
+                    .iter()
+                    .any(|w| w.workspace == ws && w.compact == hub)
+            })
+            .filter_map(|p| self.peer_client(p))
+            .collect()
+    }
+
     fn contacts_sharing(&self, ws: &str) -> Vec<PeerPresence> {
         self.contacts
             .read()
@@ -419,7 +447,28 @@ impl Agent {
         let ours = self.ours(ws);
         let view = self.views.entry(ws.to_owned()).or_default();
         view.hub = Some(compact.to_owned());
-        if compact != ours {
+        if compact == ours {
+            return;
+        }
+        // A reachable peer that already holds what the hub holds is nearer: pull from it, and
+        // the hub session is then only needed if something is left.
+        let nearer = self.contacts.read().ok().and_then(|c| {
+            c.reachable(ws)
+                .into_iter()
+                .filter(|p| p.device != self.device.device && p.status != Availability::Offline)
+                .find(|p| {
+                    p.workspaces
+                        .iter()
+                        .any(|w| w.workspace == ws && w.compact == compact)
+                })
+                .map(|p| p.device)
+        });
+        if let Some(device) = nearer
+            && self.listen.is_some()
+        {
+            self.on_peer(ws, &device, compact);
+        }
+        if self.ours(ws) != compact {
             self.schedule_hub(ws, Duration::ZERO);
         }
     }
@@ -461,7 +510,8 @@ impl Agent {
             return;
         }
         AgentCounters::bump(&self.counters.hub_sessions, 1);
-        let result = sync_workspace(&self.device, &entry, &NoProgress);
+        let peers = self.nearby(ws);
+        let result = sync_workspace_with(&self.device, &entry, &peers, &NoProgress);
         let mut record = self.home.sync_record(ws).unwrap_or_default();
         record.at = now_ns();
         match result {

@@ -21,7 +21,10 @@ pub use home::{AgentState, Counters, DeviceConfig, Home, SyncRecord, WorkspaceEn
 pub use peers::Contacts;
 pub use shoal_client::{ClientError, HubClient, install_default_provider};
 pub use status::{ConflictSummary, RefusedSummary, WorkspaceStatus, status};
-pub use sync::{SyncReport, compact_knowledge, pull_from_peer, scan_workspace, sync_workspace};
+pub use sync::{
+    SyncReport, compact_knowledge, pull_from_peer, scan_workspace, sync_workspace,
+    sync_workspace_with,
+};
 pub use tls::{DeviceIdentity, fingerprint, peer_client};
 
 /// Why an agent operation failed.

@@ -52,6 +52,11 @@ pub struct SyncReport {
     pub hub_tag: String,
     /// Whether the replica had to start a new epoch (it was restored from an old copy).
     pub new_epoch: bool,
+    /// Bytes of content fetched from peers rather than from the hub.
+    pub bytes_from_peers: u64,
+    /// Bytes of content fetched from the other side of the session (the hub, or the peer a
+    /// pull is from).
+    pub bytes_from_hub: u64,
 }
 
 /// Fault injection for tests: names containing this text have their content withheld.
@@ -70,15 +75,79 @@ fn batch_from_wire(wire: &WireBatch) -> Result<Batch, AgentError> {
     })
 }
 
-/// Content held by the hub, fetched chunk by chunk with the first transport that works.
+/// Content held by the hub, fetched chunk by chunk with the first transport that works;
+/// peers that may hold it are asked first (they are nearer).
 struct HubSource<'a> {
     client: &'a HubClient,
     contents: HashMap<ContentHash, ChunkedContent>,
     locations: Vec<Location>,
+    workspace: &'a str,
+    peers: &'a [HubClient],
+    /// (peer, content) pairs a peer did not have: not asked again.
+    misses: std::sync::Mutex<HashSet<(usize, ContentHash)>>,
+    from_peers: std::sync::atomic::AtomicU64,
+    from_hub: std::sync::atomic::AtomicU64,
 }
 
-impl HubSource<'_> {
+impl<'a> HubSource<'a> {
+    fn new(
+        client: &'a HubClient,
+        contents: HashMap<ContentHash, ChunkedContent>,
+        locations: Vec<Location>,
+        workspace: &'a str,
+        peers: &'a [HubClient],
+    ) -> HubSource<'a> {
+        HubSource {
+            client,
+            contents,
+            locations,
+            workspace,
+            peers,
+            misses: Default::default(),
+            from_peers: Default::default(),
+            from_hub: Default::default(),
+        }
+    }
+
+    fn from_peer(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
+        let base = format!(
+            "{}/{}",
+            shoal_protocol::routes::peer_contents(self.workspace),
+            hex32(&content.0)
+        );
+        for (index, peer) in self.peers.iter().enumerate() {
+            let missed = self
+                .misses
+                .lock()
+                .map(|m| m.contains(&(index, *content)))
+                .unwrap_or(true);
+            if missed {
+                continue;
+            }
+            match peer.get_chunk(&base, &chunk.hash, chunk.len as usize) {
+                Ok(bytes) if ContentHash::of(&bytes) == chunk.hash => return Some(bytes),
+                _ => {
+                    if let Ok(mut misses) = self.misses.lock() {
+                        misses.insert((index, *content));
+                    }
+                }
+            }
+        }
+        None
+    }
+
     fn chunk(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(bytes) = self.from_peer(content, chunk) {
+            self.from_peers.fetch_add(bytes.len() as u64, Relaxed);
+            return Some(bytes);
+        }
+        let bytes = self.from_locations(content, chunk)?;
+        self.from_hub.fetch_add(bytes.len() as u64, Relaxed);
+        Some(bytes)
+    }
+
+    fn from_locations(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
         for location in &self.locations {
             let bytes = match location.transport.as_str() {
                 "http" => self
@@ -233,6 +302,17 @@ pub fn sync_workspace(
     entry: &WorkspaceEntry,
     progress: &dyn Progress,
 ) -> Result<SyncReport, AgentError> {
+    sync_workspace_with(device, entry, &[], progress)
+}
+
+/// Syncs one workspace with the hub, once, fetching content from `peers` (clients of peers
+/// sharing the workspace) before the hub when they hold it.
+pub fn sync_workspace_with(
+    device: &DeviceConfig,
+    entry: &WorkspaceEntry,
+    peers: &[HubClient],
+    progress: &dyn Progress,
+) -> Result<SyncReport, AgentError> {
     let mut folder = FolderReplica::open(&entry.path, &device.device_name)?;
     let base = HubClient::new(&device.hub, Some(&device.token))?.for_device(&device.device);
     let mut report = SyncReport::default();
@@ -289,6 +369,7 @@ pub fn sync_workspace(
         entry,
         &hub_knowledge,
         limits,
+        peers,
         progress,
         &mut report,
     )?;
@@ -311,6 +392,7 @@ pub fn pull_from_peer(
         entry,
         &Knowledge::new(),
         BatchLimits::default(),
+        &[],
         progress,
         &mut report,
     )?;
@@ -488,6 +570,7 @@ fn download(
     entry: &WorkspaceEntry,
     hub_knowledge: &Knowledge,
     limits: BatchLimits,
+    peers: &[HubClient],
     progress: &dyn Progress,
     report: &mut SyncReport,
 ) -> Result<(), AgentError> {
@@ -541,12 +624,16 @@ fn download(
         } else {
             wire.locations.clone()
         };
-        let source = HubSource {
+        let source = HubSource::new(
             client,
-            contents: all_contents.clone(),
-            locations: locations.clone(),
-        };
+            all_contents.clone(),
+            locations.clone(),
+            &entry.id,
+            peers,
+        );
         let applied = folder.apply_batch(&mut session, &batch, &contents, &source, progress)?;
+        report.bytes_from_peers += source.from_peers.into_inner();
+        report.bytes_from_hub += source.from_hub.into_inner();
         report.downloaded += applied.received;
         report.conflicts += applied.conflicts;
         report.download_failed += applied.failed;
@@ -576,12 +663,10 @@ fn download(
         },
     )?;
     if folder.store().needs_materialize()? {
-        let source = HubSource {
-            client,
-            contents: all_contents,
-            locations,
-        };
+        let source = HubSource::new(client, all_contents, locations, &entry.id, peers);
         report.materialize = folder.materialize(Some(&source), progress)?;
+        report.bytes_from_peers += source.from_peers.into_inner();
+        report.bytes_from_hub += source.from_hub.into_inner();
     }
     Ok(())
 }

@@ -362,7 +362,33 @@ pub(crate) fn sync(home: &Home, name: Option<&str>, json: bool) -> anyhow::Resul
     let reporter = Reporter::new();
     let mut summaries = Vec::new();
     let mut failed = false;
+    // Peers this device heard of (a running agent keeps the list): pulled from first, as the
+    // nearest holders; one that cannot be reached is simply skipped.
+    let contacts = shoal_agent::Contacts::from_list(home.peers()?);
+    let identity = home.identity()?;
     for workspace in home.workspace(name)? {
+        for peer in contacts.reachable(&workspace.id) {
+            let (Some(address), Some(key)) = (peer.addresses.first(), peer.key.as_deref()) else {
+                continue;
+            };
+            let pulled = shoal_agent::peer_client(address, &identity, key).and_then(|client| {
+                shoal_agent::pull_from_peer(&primary.device_name, &workspace, &client, &reporter)
+            });
+            let Ok(report) = pulled else { continue };
+            summaries.push(serde_json::json!({
+                "workspace": workspace.name,
+                "peer": peer.device_name,
+                "downloaded": report.downloaded,
+                "bytes_downloaded": report.bytes_from_hub,
+                "conflicts": report.conflicts,
+            }));
+            if !json {
+                println!(
+                    "{}: received {} from peer {}",
+                    workspace.name, report.downloaded, peer.device_name
+                );
+            }
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
@@ -395,6 +421,8 @@ pub(crate) fn sync(home: &Home, name: Option<&str>, json: bool) -> anyhow::Resul
                     "recovered": report.recovered,
                     "new_epoch": report.new_epoch,
                     "written": report.materialize.written,
+                    "bytes_from_peers": report.bytes_from_peers,
+                    "bytes_from_hub": report.bytes_from_hub,
                     "bytes_written": report.materialize.bytes,
                     "local_changes": report.scan.created + report.scan.modified + report.scan.moved + report.scan.deleted + report.scan.resolved,
                 }));

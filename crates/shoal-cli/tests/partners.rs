@@ -111,7 +111,10 @@ fn partnered_hubs_and_a_device_on_both_converge_as_one_hub_would() -> TestResult
                 d.folder.join("via-partners.txt").exists() && d.folder.join("back.txt").exists()
             })
     });
-    assert!(carried, "the partner hubs did not carry changes between their devices");
+    assert!(
+        carried,
+        "the partner hubs did not carry changes between their devices"
+    );
     std::fs::remove_file(world.laptop.folder.join("via-partners.txt"))?;
     std::fs::remove_file(world.laptop.folder.join("back.txt"))?;
     converge(&world, &files(&[("plan.txt", "from the start")]))?;

@@ -322,3 +322,48 @@ fn twenty_idle_agents_start_no_sync_session() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn content_comes_from_a_peer_before_the_hub() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (hub, laptop, desktop, _phone) = team(root.path())?;
+    let token = laptop.token()?;
+    let laptop_agent = Agent::start(&laptop, &[])?;
+    let desktop_agent = Agent::start(&desktop, &[])?;
+    wait_for_contacts(&[&laptop_agent, &desktop_agent], 1)?;
+    // The desktop goes quiet; it keeps the contacts it heard of.
+    desktop_agent.stop();
+
+    let commits = hub_metric(&hub.url, &token, "upload_commits")?;
+    let big: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(laptop.folder.join("big.bin"), &big)?;
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            hub_metric(&hub.url, &token, "upload_commits").is_ok_and(|n| n > commits)
+        }),
+        "the laptop's agent did not upload"
+    );
+
+    let chunk_gets = hub_metric(&hub.url, &token, "chunk_gets")?;
+    let summary = desktop.sync()?;
+    assert_eq!(std::fs::read(desktop.folder.join("big.bin"))?, big);
+    let from_peer: u64 = summary
+        .as_array()
+        .ok_or("no summary")?
+        .iter()
+        .filter(|round| round.get("peer").is_some())
+        .filter_map(|round| round["bytes_downloaded"].as_u64())
+        .sum();
+    assert!(
+        from_peer >= big.len() as u64,
+        "not from the peer: {summary}"
+    );
+    assert_eq!(
+        hub_metric(&hub.url, &token, "chunk_gets")?,
+        chunk_gets,
+        "the hub served content a peer held: {summary}"
+    );
+    Ok(())
+}

@@ -354,6 +354,13 @@ impl HubClient {
                 .and_then(check)
             {
                 Ok(response) => response,
+                // The server does not hold it (or will not give it): asking again won't help.
+                Err(error @ (ClientError::NotFound(_) | ClientError::Unauthorized(_))) => {
+                    return Err(error);
+                }
+                Err(error @ ClientError::Server { status, .. }) if status < 500 => {
+                    return Err(error);
+                }
                 Err(error) => {
                     last_error = error.to_string();
                     continue;
