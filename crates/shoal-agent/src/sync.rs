@@ -317,10 +317,16 @@ pub fn sync_workspace_with(
     let base = HubClient::new(&device.hub, Some(&device.token))?.for_device(&device.device);
     let mut report = SyncReport::default();
 
-    // The hub's knowledge first: it tells us if our state went back in time.
+    // The hub's knowledge first: it tells us if our state went back in time. When the hub
+    // already knows exactly what we know, it says so in one small answer.
     let identity = folder.store().identity().clone();
     let mut client = base.for_replica(&entry.id, identity.replica, identity.epoch);
-    let offer = match client.upload_offer(&entry.id).map_err(AgentError::from) {
+    let ours = folder.store().knowledge()?.compact().to_string();
+    let mut scanned = None;
+    let offer = match client
+        .upload_offer_unless(&entry.id, &ours)
+        .map_err(AgentError::from)
+    {
         Err(AgentError::StaleEpoch { known }) => {
             // Restored from an old copy: continue in an epoch never used before, then a full
             // exchange (our knowledge is older, so the hub sends what we lost).
@@ -330,7 +336,20 @@ pub fn sync_workspace_with(
             report.new_epoch = true;
             client.upload_offer(&entry.id)?
         }
-        other => other?,
+        Ok(None) => {
+            let scan = folder.scan(&ScanOptions::default(), progress)?;
+            let unchanged = folder.store().knowledge()?.compact().to_string() == ours;
+            // A folder still waiting to be brought in line may need content from the hub.
+            if unchanged && !folder.store().needs_materialize()? {
+                // Nothing new on either side.
+                report.scan = scan;
+                report.hub_tag = ours;
+                return Ok(report);
+            }
+            scanned = Some(scan);
+            client.upload_offer(&entry.id)?
+        }
+        other => other?.ok_or_else(|| AgentError::Protocol("no offer".into()))?,
     };
     let hub_knowledge = Knowledge::try_from(&offer.knowledge)?;
     // The hub has seen writes of ours that we no longer have: we were restored. Our next
@@ -350,7 +369,10 @@ pub fn sync_workspace_with(
         report.new_epoch = true;
     }
 
-    report.scan = folder.scan(&ScanOptions::default(), progress)?;
+    report.scan = match scanned {
+        Some(scan) => scan,
+        None => folder.scan(&ScanOptions::default(), progress)?,
+    };
     let limits = BatchLimits::default().negotiate(BatchLimits {
         max_items: offer.limits.max_items,
         max_bytes: offer.limits.max_bytes,

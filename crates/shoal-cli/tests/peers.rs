@@ -367,3 +367,40 @@ fn content_comes_from_a_peer_before_the_hub() -> TestResult {
     );
     Ok(())
 }
+
+/// Bytes the hub's connections carried during `work`, less one metrics call's own cost.
+fn hub_bytes_during(hub: &Hub, token: &str, work: impl FnOnce() -> TestResult) -> AnyResult<u64> {
+    let total = || -> AnyResult<u64> {
+        Ok(hub_metric(&hub.url, token, "bytes_in")? + hub_metric(&hub.url, token, "bytes_out")?)
+    };
+    let (before, again) = (total()?, total()?);
+    let metrics_cost = again - before;
+    work()?;
+    let after = total()?;
+    Ok((after - again).saturating_sub(metrics_cost))
+}
+
+#[test]
+fn a_round_with_nothing_new_costs_under_a_kibibyte_whatever_the_size() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (hub, laptop, desktop, _phone) = team(root.path())?;
+    let token = laptop.token()?;
+    laptop.sync()?;
+    desktop.sync()?;
+    let small = hub_bytes_during(&hub, &token, || desktop.sync().map(drop))?;
+
+    for i in 0..2000 {
+        laptop.write(&format!("many/{:02}/{i}.txt", i % 40), &format!("file {i}"))?;
+    }
+    laptop.sync()?;
+    desktop.sync()?;
+    laptop.sync()?;
+    let large = hub_bytes_during(&hub, &token, || desktop.sync().map(drop))?;
+    eprintln!("no-op round: {small} B with 1 file, {large} B with 2001 files");
+    assert!(small < 1024, "{small} bytes for a no-op round");
+    assert!(
+        large < 1024,
+        "{large} bytes for a no-op round over 2001 files"
+    );
+    Ok(())
+}

@@ -297,6 +297,26 @@ impl HubClient {
         self.json(|| self.request(reqwest::Method::GET, &routes::upload(ws)))
     }
 
+    /// The server's knowledge before an upload, unless its compact form is `compact` (then
+    /// `None`: both sides know the same, nothing to exchange).
+    pub fn upload_offer_unless(
+        &self,
+        ws: &str,
+        compact: &str,
+    ) -> Result<Option<UploadOffer>, ClientError> {
+        let response = self.send(|| {
+            self.request(reqwest::Method::GET, &routes::upload(ws))
+                .header(reqwest::header::IF_NONE_MATCH, format!("\"{compact}\""))
+        })?;
+        if response.status() == StatusCode::NOT_MODIFIED {
+            return Ok(None);
+        }
+        response
+            .json()
+            .map(Some)
+            .map_err(|e| ClientError::Protocol(format!("unreadable answer from the hub: {e}")))
+    }
+
     /// Sends upload batch metadata.
     pub fn upload_batch(
         &self,
@@ -457,7 +477,7 @@ impl HubClient {
 
 fn check(response: Response) -> Result<Response, ClientError> {
     let status = response.status();
-    if status.is_success() {
+    if status.is_success() || status == StatusCode::NOT_MODIFIED {
         return Ok(response);
     }
     let known_epoch = response

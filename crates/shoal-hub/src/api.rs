@@ -584,7 +584,8 @@ async fn upload_offer(
     State(hub): State<Shared>,
     caller: Caller,
     Path(ws): Path<String>,
-) -> Result<Json<shoal_protocol::UploadOffer>, ApiError> {
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let (replica, epoch) = caller.replica()?;
     let device = caller.device.clone();
     let offer = blocking(&caller.request, move || {
@@ -595,7 +596,17 @@ async fn upload_offer(
         })
     })
     .await?;
-    Ok(Json(offer))
+    // The tag is the compact knowledge: a caller holding the same has nothing to exchange,
+    // and learns it in a few hundred bytes whatever the workspace's size.
+    let etag = format!("\"{}\"", offer.tag);
+    let unchanged = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    if unchanged {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    Ok(([(header::ETAG, etag)], Json(offer)).into_response())
 }
 
 async fn upload_batch(
