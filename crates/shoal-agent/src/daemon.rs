@@ -72,6 +72,8 @@ pub(crate) enum Signal {
     HubConnected,
     /// The presence stream broke.
     HubLost,
+    /// The user changed this device's availability.
+    Availability,
 }
 
 fn now_ns() -> i64 {
@@ -162,6 +164,28 @@ fn watch(
     Ok(watcher)
 }
 
+/// Watches the home for `shoal presence STATUS`, which rewrites the availability file.
+fn watch_availability(
+    home: &Home,
+    signals: Sender<Signal>,
+) -> Result<notify::RecommendedWatcher, AgentError> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let ours = event.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|n| n == crate::home::PRESENCE_FILE)
+        });
+        if ours && !event.kind.is_access() {
+            let _ = signals.send(Signal::Availability);
+        }
+    })
+    .map_err(|e| AgentError::Config(format!("cannot watch {}: {e}", home.dir().display())))?;
+    watcher
+        .watch(home.dir(), RecursiveMode::NonRecursive)
+        .map_err(|e| AgentError::Config(format!("cannot watch {}: {e}", home.dir().display())))?;
+    Ok(watcher)
+}
+
 /// The daemon's view of one workspace.
 #[derive(Default)]
 struct WorkspaceView {
@@ -222,7 +246,7 @@ impl Agent {
 
     fn presence(&self) -> PresenceUpdate {
         PresenceUpdate {
-            status: Availability::Online,
+            status: self.home.availability().unwrap_or(Availability::Online),
             addresses: self.listen.iter().cloned().collect(),
             workspaces: self
                 .views
@@ -542,12 +566,15 @@ impl Agent {
                 }
             }
             Err(error) => {
+                let waiting = !self.hub_connected && error.is_transient();
                 let view = self.views.entry(ws.to_owned()).or_default();
                 let delay = view.hub_backoff.map_or(Duration::from_millis(500), |d| {
                     (d * 2).min(Duration::from_secs(30))
                 });
                 view.hub_backoff = Some(delay);
-                view.hub_due = Some(Instant::now() + delay);
+                // With the hub gone, its return (the presence stream reconnecting and sending
+                // its knowledge) starts the next attempt; no need to knock meanwhile.
+                view.hub_due = (!waiting).then(|| Instant::now() + delay);
                 tracing::warn!(workspace = %entry.name, %error, retry_in_ms = delay.as_millis() as u64, "sync with the hub failed");
                 record.error = Some(error.to_string());
             }
@@ -607,6 +634,7 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
     for workspace in &workspaces {
         watchers.push(watch(workspace, signals.clone())?);
     }
+    watchers.push(watch_availability(home, signals.clone())?);
     {
         let (client, sender) = (hub.clone(), signals.clone());
         std::thread::spawn(move || listen_presence(client, sender));
@@ -694,6 +722,7 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
                 Signal::Presence(presence) => agent.on_presence(presence),
                 Signal::HubConnected => agent.on_hub_connected(),
                 Signal::HubLost => agent.hub_connected = false,
+                Signal::Availability => agent.publish_presence(),
             }
         }
         let due: Vec<String> = agent

@@ -6,7 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use shoal_protocol::PeerPresence;
+use shoal_protocol::{Availability, PeerPresence};
+
+/// The file holding the availability the user set.
+pub(crate) const PRESENCE_FILE: &str = "presence.json";
 
 use crate::AgentError;
 
@@ -206,6 +209,16 @@ impl Home {
     /// Saves the contacts' presence.
     pub fn save_peers(&self, peers: &[PeerPresence]) -> Result<(), AgentError> {
         write_json(&self.dir.join("peers.json"), &peers)
+    }
+
+    /// The availability this device shows its contacts (online unless set).
+    pub fn availability(&self) -> Result<Availability, AgentError> {
+        Ok(read_json(&self.dir.join(PRESENCE_FILE))?.unwrap_or(Availability::Online))
+    }
+
+    /// Sets the availability this device shows; a running agent publishes it at once.
+    pub fn save_availability(&self, status: Availability) -> Result<(), AgentError> {
+        write_json(&self.dir.join(PRESENCE_FILE), &status)
     }
 
     /// What the running agent publishes about itself (its address and counters).

@@ -109,7 +109,7 @@ impl<'a> HubSource<'a> {
         }
     }
 
-    fn from_peer(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
+    fn fetch_from_peers(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
         let base = format!(
             "{}/{}",
             shoal_protocol::routes::peer_contents(self.workspace),
@@ -138,16 +138,16 @@ impl<'a> HubSource<'a> {
 
     fn chunk(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
         use std::sync::atomic::Ordering::Relaxed;
-        if let Some(bytes) = self.from_peer(content, chunk) {
+        if let Some(bytes) = self.fetch_from_peers(content, chunk) {
             self.from_peers.fetch_add(bytes.len() as u64, Relaxed);
             return Some(bytes);
         }
-        let bytes = self.from_locations(content, chunk)?;
+        let bytes = self.fetch_from_locations(content, chunk)?;
         self.from_hub.fetch_add(bytes.len() as u64, Relaxed);
         Some(bytes)
     }
 
-    fn from_locations(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
+    fn fetch_from_locations(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
         for location in &self.locations {
             let bytes = match location.transport.as_str() {
                 "http" => self
@@ -385,16 +385,13 @@ pub fn sync_workspace_with(
         limits,
         &mut report,
     )?;
-    download(
-        &mut folder,
-        &client,
-        entry,
-        &hub_knowledge,
+    let remote = Remote {
+        client: &client,
+        knowledge: &hub_knowledge,
         limits,
         peers,
-        progress,
-        &mut report,
-    )?;
+    };
+    download(&mut folder, remote, entry, progress, &mut report)?;
     Ok(report)
 }
 
@@ -408,16 +405,13 @@ pub fn pull_from_peer(
 ) -> Result<SyncReport, AgentError> {
     let mut folder = FolderReplica::open(&entry.path, device_name)?;
     let mut report = SyncReport::default();
-    download(
-        &mut folder,
-        peer,
-        entry,
-        &Knowledge::new(),
-        BatchLimits::default(),
-        &[],
-        progress,
-        &mut report,
-    )?;
+    let remote = Remote {
+        client: peer,
+        knowledge: &Knowledge::new(),
+        limits: BatchLimits::default(),
+        peers: &[],
+    };
+    download(&mut folder, remote, entry, progress, &mut report)?;
     Ok(report)
 }
 
@@ -586,16 +580,28 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// The other side of a download: who to ask, what it knows, limits, and the peers to try
+/// first for content.
+struct Remote<'a> {
+    client: &'a HubClient,
+    knowledge: &'a Knowledge,
+    limits: BatchLimits,
+    peers: &'a [HubClient],
+}
+
 fn download(
     folder: &mut FolderReplica,
-    client: &HubClient,
+    remote: Remote<'_>,
     entry: &WorkspaceEntry,
-    hub_knowledge: &Knowledge,
-    limits: BatchLimits,
-    peers: &[HubClient],
     progress: &dyn Progress,
     report: &mut SyncReport,
 ) -> Result<(), AgentError> {
+    let Remote {
+        client,
+        knowledge: hub_knowledge,
+        limits,
+        peers,
+    } = remote;
     let request = DownloadRequest {
         knowledge: WireKnowledge::from(&folder.store().knowledge()?),
         limits: WireLimits {

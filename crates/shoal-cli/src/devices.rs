@@ -515,3 +515,71 @@ pub(crate) fn status(home: &Home, name: Option<&str>, json: bool) -> anyhow::Res
     }
     Ok(())
 }
+
+pub(crate) fn presence(home: &Home, status: Option<&str>, json: bool) -> anyhow::Result<()> {
+    if let Some(status) = status {
+        let status: shoal_protocol::Availability =
+            serde_json::from_value(serde_json::Value::String(status.to_owned()))?;
+        home.save_availability(status)?;
+        println!("this device now shows as {}", availability_name(status));
+        return Ok(());
+    }
+    let own = home.availability()?;
+    let names: std::collections::HashMap<String, String> = home
+        .workspaces()?
+        .into_iter()
+        .map(|w| (w.id, w.name))
+        .collect();
+    let contacts = home.peers()?;
+    if json {
+        let rows: Vec<serde_json::Value> = contacts
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "device": p.device, "device_name": p.device_name, "user": p.user,
+                    "status": p.status, "addresses": p.addresses, "key": p.key,
+                    "workspaces": p.workspaces.iter()
+                        .map(|w| names.get(&w.workspace).cloned().unwrap_or_else(|| w.workspace.clone()))
+                        .collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let out = serde_json::json!({ "status": own, "contacts": rows });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("this device: {}", availability_name(own));
+    if contacts.is_empty() {
+        println!("no contacts heard of yet (the agent learns them from the hub)");
+    }
+    for peer in &contacts {
+        let shared: Vec<&str> = peer
+            .workspaces
+            .iter()
+            .map(|w| {
+                names
+                    .get(&w.workspace)
+                    .map_or(w.workspace.as_str(), String::as_str)
+            })
+            .collect();
+        println!(
+            "{} ({}) — {}; shares {}",
+            peer.device_name,
+            peer.user,
+            availability_name(peer.status),
+            shared.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn availability_name(status: shoal_protocol::Availability) -> &'static str {
+    use shoal_protocol::Availability::*;
+    match status {
+        Online => "online",
+        Away => "away",
+        Busy => "busy",
+        NotReceiving => "online, not receiving messages",
+        Offline => "offline",
+    }
+}

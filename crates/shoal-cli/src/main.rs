@@ -80,6 +80,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Set this device's presence, or show its contacts' (as the hub last said).
+    Presence {
+        /// The status to show contacts; the running agent publishes it at once.
+        #[arg(value_parser = ["online", "away", "busy", "not_receiving"])]
+        status: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// A progress bar on a terminal, log lines otherwise.
@@ -223,6 +232,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status { name, json } => {
             devices::status(&devices::home(cli.home)?, name.as_deref(), json)
+        }
+        Command::Presence { status, json } => {
+            devices::presence(&devices::home(cli.home)?, status.as_deref(), json)
         }
     }
 }

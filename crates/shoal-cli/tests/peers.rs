@@ -404,3 +404,41 @@ fn a_round_with_nothing_new_costs_under_a_kibibyte_whatever_the_size() -> TestRe
     );
     Ok(())
 }
+
+#[test]
+fn a_status_set_on_one_device_shows_on_its_contacts() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (_hub, laptop, _desktop, phone) = team(root.path())?;
+    let agents = [Agent::start(&laptop, &[])?, Agent::start(&phone, &[])?];
+    wait_for_contacts(&agents.iter().collect::<Vec<_>>(), 1)?;
+    let status_of = |viewer: &Device, name: &str| -> Option<String> {
+        let out = viewer.run(&["presence", "--json"]).ok()?;
+        let value: serde_json::Value = serde_json::from_str(&out).ok()?;
+        value["contacts"]
+            .as_array()?
+            .iter()
+            .find(|c| c["device_name"] == name)
+            .and_then(|c| c["status"].as_str().map(str::to_owned))
+    };
+    assert_eq!(status_of(&phone, "laptop").as_deref(), Some("online"));
+    laptop.run(&["presence", "busy"])?;
+    assert!(
+        wait_for(Duration::from_secs(10), || status_of(&phone, "laptop")
+            .as_deref()
+            == Some("busy")),
+        "bob's phone did not see the laptop become busy"
+    );
+    // The list names the workspaces the two share.
+    let out: serde_json::Value = serde_json::from_str(&phone.run(&["presence", "--json"])?)?;
+    let laptop_row = out["contacts"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["device_name"] == "laptop").cloned())
+        .ok_or("the laptop is not listed")?;
+    assert_eq!(
+        laptop_row["workspaces"],
+        serde_json::json!(["team"]),
+        "{out}"
+    );
+    assert_eq!(laptop_row["user"], "alice", "{out}");
+    Ok(())
+}
