@@ -137,3 +137,80 @@ impl AgentCounters {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn presence(
+        device: &str,
+        status: Availability,
+        addresses: &[&str],
+        ws: &[&str],
+    ) -> PeerPresence {
+        PeerPresence {
+            device: device.into(),
+            device_name: device.into(),
+            user: "u".into(),
+            key: Some(format!("key-{device}")),
+            status,
+            addresses: addresses.iter().map(|a| (*a).to_owned()).collect(),
+            workspaces: ws
+                .iter()
+                .map(|w| WorkspaceKnowledge {
+                    workspace: (*w).to_owned(),
+                    compact: "c".into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_device_the_hub_calls_offline_stays_reachable_at_its_last_address() {
+        let mut contacts = Contacts::default();
+        contacts.update(presence(
+            "a",
+            Availability::Online,
+            &["127.0.0.1:1"],
+            &["w"],
+        ));
+        contacts.update(presence("a", Availability::Offline, &[], &[]));
+        let a = contacts.get("a").expect("known");
+        assert_eq!(a.status, Availability::Offline);
+        assert_eq!(a.addresses, vec!["127.0.0.1:1".to_owned()]);
+        assert!(contacts.shares("a", "w"));
+        assert_eq!(contacts.reachable("w").len(), 1);
+    }
+
+    #[test]
+    fn only_vouched_keys_and_shared_workspaces_count() {
+        let mut contacts = Contacts::default();
+        contacts.update(presence(
+            "a",
+            Availability::Online,
+            &["127.0.0.1:1"],
+            &["w"],
+        ));
+        let mut keyless = presence("b", Availability::Online, &["127.0.0.1:2"], &["w"]);
+        keyless.key = None;
+        contacts.update(keyless);
+        assert_eq!(
+            contacts.by_key("key-a").map(|p| p.device.as_str()),
+            Some("a")
+        );
+        assert!(contacts.by_key("key-b").is_none());
+        assert!(!contacts.shares("a", "other"));
+        // A device without a key cannot be called: it could not prove who it is.
+        let reachable: Vec<String> = contacts
+            .reachable("w")
+            .into_iter()
+            .map(|p| p.device)
+            .collect();
+        assert_eq!(reachable, vec!["a".to_owned()]);
+        contacts.set_compact("a", "w", "new");
+        assert_eq!(
+            contacts.get("a").map(|p| p.workspaces[0].compact.as_str()),
+            Some("new")
+        );
+    }
+}
