@@ -355,6 +355,7 @@ impl Agent {
                 _ => {}
             }
         }
+        tracing::debug!(workspace = %ws, relay = relay.len(), "announced");
         if !relay.is_empty() && self.hub_connected {
             let relayed = Negotiation {
                 to: relay,
@@ -362,7 +363,7 @@ impl Agent {
             };
             match self.hub.negotiate(&relayed, true) {
                 Ok(()) => AgentCounters::bump(&self.counters.negotiations_sent, 1),
-                Err(error) => tracing::debug!(%error, "cannot relay a negotiation"),
+                Err(error) => tracing::warn!(%error, "cannot relay a negotiation"),
             }
         }
         self.views.entry(ws.to_owned()).or_default().announced = ours;
@@ -445,6 +446,7 @@ impl Agent {
     }
 
     fn on_presence(&mut self, presence: PeerPresence) {
+        tracing::debug!(device = %presence.device_name, status = ?presence.status, workspaces = presence.workspaces.len(), addresses = presence.addresses.len(), "presence");
         let device = presence.device.clone();
         let online = presence.status != Availability::Offline;
         let shared = presence.workspaces.clone();
@@ -707,9 +709,8 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
             files.extend(workspaces.iter().map(|w| w.id.clone()));
             next_rescan = now + options.rescan;
         }
-        for ws in files {
-            agent.on_files(&ws);
-        }
+        // What others said first (it arrived first, or during the debounce), so a change is
+        // announced to the contacts as they are now.
         for signal in other {
             match signal {
                 Signal::Files(ws) => agent.on_files(&ws),
@@ -724,6 +725,9 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
                 Signal::HubLost => agent.hub_connected = false,
                 Signal::Availability => agent.publish_presence(),
             }
+        }
+        for ws in files {
+            agent.on_files(&ws);
         }
         let due: Vec<String> = agent
             .views

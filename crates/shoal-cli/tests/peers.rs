@@ -442,3 +442,44 @@ fn a_status_set_on_one_device_shows_on_its_contacts() -> TestResult {
     assert_eq!(laptop_row["user"], "alice", "{out}");
     Ok(())
 }
+
+#[test]
+fn a_device_that_cannot_be_reached_hears_through_the_hub() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (hub, laptop, _desktop, phone) = team(root.path())?;
+    let token = laptop.token()?;
+    // The phone serves no peers (say, behind a firewall): the laptop cannot call it.
+    let agents = [
+        Agent::start(&laptop, &[])?,
+        Agent::start(&phone, &["--no-peers"])?,
+    ];
+    assert!(
+        wait_for(Duration::from_secs(20), || agents[0]
+            .home
+            .join("peers.json")
+            .exists()),
+        "the laptop heard of nobody"
+    );
+    let relayed = hub_metric(&hub.url, &token, "negotiations_relayed")?;
+    laptop.write("relayed.txt", "told through the hub")?;
+    assert!(
+        wait_for(Duration::from_secs(10), || phone
+            .folder
+            .join("relayed.txt")
+            .exists()),
+        "the change did not reach the phone:\n{}",
+        agents[1].log()
+    );
+    assert!(
+        hub_metric(&hub.url, &token, "negotiations_relayed")? > relayed,
+        "nothing relayed:\n{}\n{}",
+        agents[0].log(),
+        agents[1].log()
+    );
+    assert_eq!(
+        agents[1].counter("peer_pulls"),
+        0,
+        "the phone pulled from a peer"
+    );
+    Ok(())
+}

@@ -217,7 +217,10 @@ impl Agent {
         args.extend_from_slice(extra);
         let child = device
             .command(&args)
-            .env("SHOAL_LOG", "info")
+            .env(
+                "SHOAL_LOG",
+                std::env::var("SHOAL_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
