@@ -1,13 +1,24 @@
 #!/usr/bin/env python3
-"""Benchmark shoal through its hub: propagation, initial sync, hub memory.
+"""Benchmark shoal through its hub and peer to peer: propagation, initial
+sync, hub memory, bytes of a round with nothing new.
 
-Everything runs on this machine and talks to 127.0.0.1 only. Three parts:
+Everything runs on this machine and talks to 127.0.0.1 only. Four parts:
 
   prop   Two devices, each running `shoal agent`. A small new file is written
          on device A (written outside the folder, then renamed into it), and
          the clock runs until it is on device B with the right content
          (polled every 5 ms). Both agents and the hub are idle before every
-         sample. Default 20 samples (+1 warm-up, not counted).
+         sample. Default 20 samples (+1 warm-up, not counted) per mode
+         (--prop-modes): `p2p`, agents as by default (serving peers on
+         127.0.0.1); `hub`, both agents with `--no-peers`. B's agent.json
+         counters (peer pulls, hub sessions) show which path carried them.
+  noop   Bytes on the wire for a round with nothing new. One workspace grown
+         to each of --noop-sizes files (default 10,000 then 50,000), synced by
+         A and B; then the hub's bytes_in+bytes_out (GET /v1/metrics) across
+         `shoal sync --json` of B, less the cost of one metrics read; then
+         both agents running idle for --idle-seconds (60): hub bytes, agents'
+         peer bytes and sessions; then B's no-op `shoal sync` again with the
+         agents running (it asks the peer first, then the hub).
   w1,w2  Initial sync through the hub of W1 (10,000 x 4 KiB in 100 dirs) and
          W2 (one 512 MiB file), seeded data from pb_workloads (same bytes as
          the peer benchmark). The data is put in A's folder (not yet synced),
@@ -45,6 +56,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,7 +64,8 @@ import bench_common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-PARTS = ("prop", "w1", "w2", "fleet")
+PARTS = ("prop", "w1", "w2", "fleet", "noop")
+PROP_MODES = ("p2p", "hub")
 USER = "alice"
 PASSWORD = "hub-bench-pw"  # the hub wants at least 4 characters
 READY = "shoal hub listening on"
@@ -73,12 +86,23 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--work", default="/tmp/hubbench",
                     help="scratch dir for data, homes, hubs and logs (default %(default)s)")
     ap.add_argument("--parts", default=",".join(PARTS),
-                    help="comma list of prop,w1,w2,fleet (default all)")
+                    help="comma list of prop,w1,w2,fleet,noop (default all)")
     ap.add_argument("--reps", type=int, default=3, help="samples of W1 and of W2 (default 3)")
     ap.add_argument("--prop-samples", type=int, default=20,
                     help="propagation samples (default 20)")
     ap.add_argument("--prop-warmup", type=int, default=1,
                     help="propagation warm-up samples, not counted (default 1)")
+    ap.add_argument("--prop-modes", default=",".join(PROP_MODES),
+                    help="prop: p2p (agents serve peers, the default agent) and/or hub "
+                         "(agents with --no-peers); default %(default)s")
+    ap.add_argument("--noop-sizes", default="10000,50000",
+                    help="noop: workspace sizes in files, ascending (default %(default)s)")
+    ap.add_argument("--noop-file-bytes", type=int, default=4096,
+                    help="noop: size of each file (default %(default)s)")
+    ap.add_argument("--noop-reps", type=int, default=5,
+                    help="noop: no-op syncs measured per size (default %(default)s)")
+    ap.add_argument("--idle-seconds", type=float, default=60.0,
+                    help="noop: idle window with both agents running (default %(default)s)")
     ap.add_argument("--idle-hold", type=float, default=1.0,
                     help="prop: agents and hub count as idle after this many seconds "
                          "with no CPU tick and no log line (default %(default)s)")
@@ -96,9 +120,10 @@ def parse_args() -> argparse.Namespace:
                     help="work dir of the Syncthing run (default %(default)s)")
     ap.add_argument("--peers-reps", type=int, default=None,
                     help="Syncthing reps (default: --reps)")
-    ap.add_argument("--no-peers", action="store_true",
-                    help="do not run the Syncthing harness; use --syncthing-results "
-                         "or leave the Syncthing columns empty")
+    ap.add_argument("--no-peers", "--no-syncthing", dest="no_peers", action="store_true",
+                    help="do not run the Syncthing harness (the team's peer benchmark; "
+                         "nothing to do with the agent's --no-peers); use "
+                         "--syncthing-results or leave the Syncthing columns empty")
     ap.add_argument("--syncthing-results", default=None,
                     help="peer results (.jsonl file, or a dir: its newest results-*.jsonl "
                          "with Syncthing rows). Default: those of the run made here")
@@ -119,6 +144,15 @@ def parse_args() -> argparse.Namespace:
     if a.reps < 1 or a.prop_samples < 1 or a.agents < 2 or a.fleet_workspaces < 1:
         ap.error("--reps, --prop-samples >= 1, --agents >= 2, --fleet-workspaces >= 1")
     a.peers_reps = a.peers_reps or a.reps
+    a.prop_modes = [m.strip().lower() for m in a.prop_modes.split(",") if m.strip()]
+    if not a.prop_modes or set(a.prop_modes) - set(PROP_MODES):
+        ap.error(f"--prop-modes: choose from {','.join(PROP_MODES)}")
+    try:
+        a.noop_sizes = [int(x) for x in a.noop_sizes.split(",") if x.strip()]
+    except ValueError:
+        ap.error("--noop-sizes: comma list of file counts")
+    if not a.noop_sizes or a.noop_sizes != sorted(a.noop_sizes) or a.noop_sizes[0] < 1:
+        ap.error("--noop-sizes: ascending file counts >= 1 (one workspace grows)")
     return a
 
 
@@ -232,13 +266,23 @@ def file_size(p: Path) -> int:
         return 0
 
 
-def count_synced(logfile: Path) -> tuple[int, int]:
-    """(successful syncs, failed syncs) logged by an agent so far."""
+def log_counts(logfile: Path) -> dict:
+    """What an agent logged so far: hub syncs, peer pulls, failed hub syncs, and
+    pulls that fell back to the hub."""
     try:
         text = ANSI.sub("", logfile.read_text(errors="replace"))
     except OSError:
-        return 0, 0
-    return (len(re.findall(r" synced ", text)), len(re.findall(r"sync failed", text)))
+        text = ""
+    return {"hub": text.count("synced with the hub"),
+            "peer": text.count("pulled from a peer"),
+            "failed": text.count("sync with the hub failed"),
+            "fallback": text.count("cannot pull from a peer; using the hub")}
+
+
+def count_synced(logfile: Path) -> tuple[int, int]:
+    """(successful syncs, hub or peer; failed hub syncs) logged by an agent so far."""
+    c = log_counts(logfile)
+    return c["hub"] + c["peer"], c["failed"]
 
 
 def du_bytes(root: Path) -> int:
@@ -392,6 +436,20 @@ class Hub:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def metrics(self, token: str) -> dict:
+        """GET /v1/metrics: `name value` lines -> {name: int}. The request and the
+        response themselves count in bytes_in/bytes_out (see metrics_cost)."""
+        req = urllib.request.Request(f"{self.url}/v1/metrics",
+                                     headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            text = r.read().decode()
+        out = {}
+        for ln in text.splitlines():
+            k, _, v = ln.partition(" ")
+            if v.strip().isdigit():
+                out[k] = int(v)
+        return out
+
     @property
     def pid(self) -> int:
         return self.d.pid
@@ -434,18 +492,76 @@ class Device:
         return self.b.run(self.base, ["--home", str(self.home), "sync", "--json"],
                           tag, self.logs, check=False)
 
-    def start_agent(self) -> None:
+    def start_agent(self, peers: bool = True) -> None:
+        """`shoal agent`: serving peers on a free loopback port, or `--no-peers`."""
         self.agent_log = self.logs / f"agent-{self.name}.log"
-        self.agent = C.Daemon([self.b.shoal, "--home", str(self.home), "agent"],
+        for f in ("agent.json", "peers.json"):  # written afresh by this agent
+            (self.home / f).unlink(missing_ok=True)
+        extra = ["--listen", "127.0.0.1:0"] if peers else ["--no-peers"]
+        self.agent = C.Daemon([self.b.shoal, "--home", str(self.home), "agent", *extra],
                               self.agent_log, env=self.b.env(self.base, agent=True))
         LIVE.append(self.agent)
+
+    def token(self) -> str:
+        return json.loads((self.home / "device.json").read_text())["token"]
+
+    def agent_state(self) -> dict | None:
+        """The running agent's agent.json (listen, key, counters), or None."""
+        try:
+            return json.loads((self.home / "agent.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def counters(self) -> dict:
+        return dict((self.agent_state() or {}).get("counters") or {})
+
+    def knows_peer(self, other: str) -> bool:
+        """peers.json lists device `other`, online, with a key and an address."""
+        try:
+            peers = json.loads((self.home / "peers.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return any(p.get("device_name") == other and p.get("addresses") and p.get("key")
+                   and p.get("status") != "offline" for p in peers)
+
+
+def wait_agents_ready(hub: Hub, devs: list, peers: bool, timeout: float = 60) -> float:
+    """Until every agent published agent.json, the hub has a presence stream per
+    agent (how agents hear of changes) and, with peers, each lists the others in
+    peers.json with an address. An agent whose knowledge equals the hub's logs
+    no sync at start, so the log cannot tell. Returns the seconds waited."""
+    t0 = C.now()
+    token = devs[0].token()
+
+    def ready() -> bool:
+        if not all(d.agent_state() for d in devs):
+            return False
+        if hub.metrics(token).get("presence_streams", 0) < len(devs):
+            return False
+        return not peers or all(d.knows_peer(o.name) for d in devs for o in devs if o is not d)
+    C.wait_for(ready, timeout, interval=0.1,
+               what="agents ready (agent.json, presence streams"
+                    + (", peers.json)" if peers else ")"))
+    return round(C.now() - t0, 3)
+
+
+def counter_delta(after: dict, before: dict) -> dict:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
+
+
+def settle_state(devs: list) -> None:
+    """agent.json is rewritten within ~1 s of a change: give it time."""
+    time.sleep(1.5)
 
 
 # --------------------------------------------------------------------------
 # part 1: propagation with agents running
 
-def part_prop(b: Bench, work: Path, a, sink) -> None:
-    base = work / "runs" / "prop"
+def part_prop(b: Bench, work: Path, a, sink, mode: str = "p2p") -> None:
+    """Propagation A -> B with both agents running. mode p2p: agents as by default
+    (serving peers on loopback); mode hub: both with --no-peers."""
+    peers = mode == "p2p"
+    base = work / "runs" / f"prop-{mode}"
     shutil.rmtree(base, ignore_errors=True)
     stage = base / "stage"  # outside the folder, same file system: rename is atomic
     stage.mkdir(parents=True)
@@ -458,14 +574,14 @@ def part_prop(b: Bench, work: Path, a, sink) -> None:
         db.login(hub)
         da.create("prop")
         db.join("prop")
-        da.start_agent()
-        db.start_agent()
-        C.wait_for(lambda: count_synced(da.agent_log)[0] >= 1
-                   and count_synced(db.agent_log)[0] >= 1,
-                   60, what="first sync of both agents")
+        da.start_agent(peers)
+        db.start_agent(peers)
+        ready_s = wait_agents_ready(hub, [da, db], peers)
         pids = [hub.pid, da.agent.pid, db.agent.pid]
         logs = [da.agent_log, db.agent_log, hub.logf]
+        token = da.token()
         total = a.prop_warmup + a.prop_samples
+        start = None  # counters when the counted samples begin (after the warm-up)
         for i in range(total):
             warm = i < a.prop_warmup
             n = i - a.prop_warmup + 1
@@ -474,7 +590,12 @@ def part_prop(b: Bench, work: Path, a, sink) -> None:
             tmp = stage / name
             tmp.write_bytes(data)
             q = wait_quiet(pids, logs, a.idle_hold, 120)
-            sa0, sb0 = count_synced(da.agent_log), count_synced(db.agent_log)
+            if i == a.prop_warmup:
+                settle_state([da, db])
+                start = {"A": da.counters(), "B": db.counters(), "hub": hub.metrics(token),
+                         "logA": log_counts(da.agent_log), "logB": log_counts(db.agent_log)}
+                q = wait_quiet(pids, logs, a.idle_hold, 120)
+            la0, lb0 = log_counts(da.agent_log), log_counts(db.agent_log)
             target = db.folder / name
             cpu0 = sum(C.proc_cpu_s(p) for p in pids)
             host = C.HostCPU()
@@ -501,7 +622,7 @@ def part_prop(b: Bench, work: Path, a, sink) -> None:
             hostinfo = host.stop(sum(C.proc_cpu_s(p) for p in pids) - cpu0)
             q2 = wait_quiet(pids, logs, a.idle_hold, 120)
             settle = q2["last_change"] - t0m  # last CPU tick / log line after the rename
-            sa1, sb1 = count_synced(da.agent_log), count_synced(db.agent_log)
+            la1, lb1 = log_counts(da.agent_log), log_counts(db.agent_log)
             problems = []
             if not q["ok"]:
                 problems.append(f"not idle before the sample ({q['waited_s']} s)")
@@ -509,23 +630,36 @@ def part_prop(b: Bench, work: Path, a, sink) -> None:
                 problems.append("did not arrive with the right content within "
                                 f"{deadline - t0:.0f} s"
                                 + (f" (first seen at {first_seen:.3f} s)" if first_seen else ""))
-            if sa1[1] > sa0[1] or sb1[1] > sb0[1]:
-                problems.append("an agent logged 'sync failed'")
-            row = {"kind": "sample", "part": "prop", "rep": n if not warm else 0,
+            if la1["failed"] > la0["failed"] or lb1["failed"] > lb0["failed"]:
+                problems.append("an agent logged 'sync with the hub failed'")
+            row = {"kind": "sample", "part": "prop", "mode": mode, "rep": n if not warm else 0,
                    "warmup": warm, "verified": ok and not problems,
                    "status": "ok" if ok and not problems else "FAILED",
                    "seconds": round(t1, 4),
                    "first_seen_s": round(first_seen, 4) if first_seen is not None else None,
                    "settle_s": round(settle, 3),
-                   "syncs_a": sa1[0] - sa0[0], "syncs_b": sb1[0] - sb0[0],
+                   "syncs_a": sum(la1[k] - la0[k] for k in ("hub", "peer")),
+                   "syncs_b": sum(lb1[k] - lb0[k] for k in ("hub", "peer")),
+                   "log_a": counter_delta(la1, la0), "log_b": counter_delta(lb1, lb0),
                    "idle_wait_s": q["waited_s"], "problems": problems, "extra": hostinfo}
             sink(row)
+        # which path carried the counted samples: agent.json counters and hub metrics
+        settle_state([da, db])
+        paths = {}
+        if start is not None:
+            paths = {"A": counter_delta(da.counters(), start["A"]),
+                     "B": counter_delta(db.counters(), start["B"]),
+                     "hub": counter_delta(hub.metrics(token), start["hub"]),
+                     "logA": counter_delta(log_counts(da.agent_log), start["logA"]),
+                     "logB": counter_delta(log_counts(db.agent_log), start["logB"])}
         # whole-tree check at the end: both sides equal, no strays, no conflicts
         ta, tb = W.tree_digest(da.folder), W.tree_digest(db.folder)
         mems = {"hub": hub.mem(), "agent_A": mem(da.agent.pid), "agent_B": mem(db.agent.pid)}
-        sink({"kind": "prop_end", "part": "prop", "trees_equal": ta["digest"] == tb["digest"],
+        sink({"kind": "prop_end", "part": "prop", "mode": mode,
+              "trees_equal": ta["digest"] == tb["digest"],
               "files_a": ta["files"], "files_b": tb["files"],
-              "expected_files": total, "mem": mems})
+              "expected_files": total, "mem": mems, "ready_s": ready_s,
+              "samples": a.prop_samples, "paths": paths})
     finally:
         stop_all([d.agent for d in (da, db) if d.agent] + ([hub.d] if hub.d else []))
 
@@ -732,6 +866,180 @@ def part_fleet(b: Bench, work: Path, a, sink) -> None:
 
 
 # --------------------------------------------------------------------------
+# part 4: bytes on the wire for a round with nothing new
+
+def grow_folder(folder: Path, upto: int, size: int) -> int:
+    """Adds files f000000.bin … to `folder` (100 subfolders, seeded random bytes)
+    until it holds `upto`; returns how many were written."""
+    have = len(glob.glob(str(folder / "d*" / "f*.bin")))
+    rnd = random.Random(4242 + have)
+    for i in range(have, upto):
+        d = folder / f"d{i % 100:02d}"
+        d.mkdir(exist_ok=True)
+        (d / f"f{i:06d}.bin").write_bytes(rnd.randbytes(size))
+    return max(0, upto - have)
+
+
+def bytes_of(m: dict) -> int:
+    return m.get("bytes_in", 0) + m.get("bytes_out", 0)
+
+
+def metrics_cost(hub: Hub, token: str, reads: int = 6) -> dict:
+    """What one GET /v1/metrics adds to bytes_in+bytes_out: the deltas between
+    back-to-back reads (each delta holds one request and one response)."""
+    ms_ = [hub.metrics(token) for _ in range(reads)]
+    d = [bytes_of(y) - bytes_of(x) for x, y in zip(ms_, ms_[1:])]
+    return {"median": statistics.median(d), "all": d}
+
+
+def part_noop(b: Bench, work: Path, a, sink) -> None:
+    base = work / "runs" / "noop"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    hub = Hub(b, base)
+    da, db = Device(b, base, "A"), Device(b, base, "B")
+    try:
+        hub.add_user()
+        hub.start()
+        da.login(hub)
+        db.login(hub)
+        da.create("noop")
+        db.join("noop")
+        token = da.token()
+        for size in a.noop_sizes:
+            row = {"kind": "noop", "part": "noop", "files": size,
+                   "file_bytes": a.noop_file_bytes, "problems": []}
+            try:
+                part_noop_size(b, hub, da, db, token, size, a, row)
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                row["problems"].append(f"harness error: {e!r}")
+            finally:
+                stop_all([d.agent for d in (da, db) if d.agent])
+                da.agent = db.agent = None
+            row["verified"] = not row["problems"]
+            row["status"] = "ok" if row["verified"] else "FAILED"
+            sink(row)
+            if row["problems"]:
+                dst = work / "failed-logs" / f"noop-{size}"
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(base / "logs", dst, ignore_dangling_symlinks=True)
+                break
+    finally:
+        stop_all([d.agent for d in (da, db) if d.agent] + ([hub.d] if hub.d else []))
+        if not a.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def part_noop_size(b: Bench, hub: Hub, da, db, token: str, size: int, a, row: dict) -> None:
+    t0 = C.now()
+    added = grow_folder(da.folder, size, a.noop_file_bytes)
+    os.sync()
+    row["gen_s"] = round(C.now() - t0, 2)
+    # A uploads, B downloads; one more round each so both are settled
+    setup = []
+    for who, dev in (("A", da), ("B", db), ("A", da), ("B", db)):
+        r = dev.sync(f"noop-{size}-setup-{who}")
+        setup.append({"who": who, "seconds": round(r.wall, 3), "rc": r.rc})
+        if r.rc != 0 or r.timed_out:
+            raise RuntimeError(f"setup sync on {who}: exit {r.rc}: {r.stderr[-300:]}")
+    row["setup"] = setup
+    row["added"] = added
+    ta, tb = W.tree_digest(da.folder), W.tree_digest(db.folder)
+    if ta["digest"] != tb["digest"] or tb["files"] != size:
+        row["problems"].append(f"not synced: A {ta['files']} files, B {tb['files']}, "
+                               f"expected {size}")
+        return
+    row["hub_data_bytes"] = du_bytes(hub.data)
+
+    def measure_sync(tag: str, devs_counting: list) -> dict:
+        """B's `shoal sync --json` with nothing new: hub bytes (less one metrics
+        read) and, from the running agents' servers, peer bytes."""
+        c0 = [d.counters() for d in devs_counting]
+        m0 = hub.metrics(token)
+        r = db.sync(tag)
+        m1 = hub.metrics(token)
+        if devs_counting:
+            settle_state(devs_counting)
+        c1 = [d.counters() for d in devs_counting]
+        try:
+            js = json.loads(r.stdout)
+        except ValueError:
+            js = None
+        dm = counter_delta(m1, m0)
+        peer = sum(counter_delta(y, x).get(k, 0) for x, y in zip(c0, c1)
+                   for k in ("peer_bytes_in", "peer_bytes_out"))
+        moved = [e for e in (js or []) if isinstance(e, dict)
+                 and (e.get("uploaded") or e.get("downloaded"))]
+        return {"rc": r.rc, "seconds": round(r.wall, 4), "json": js,
+                "hub_bytes_raw": bytes_of(m1) - bytes_of(m0), "hub": dm,
+                "peer_bytes": peer, "moved": bool(moved), "stderr_tail": r.stderr[-300:]}
+
+    # 1. no agents running: the hub alone
+    cost = metrics_cost(hub, token)
+    row["metrics_cost"] = cost
+    syncs = [measure_sync(f"noop-{size}-sync-{i}", []) for i in range(a.noop_reps)]
+    for s_ in syncs:
+        s_["hub_bytes"] = s_["hub_bytes_raw"] - cost["median"]
+    row["syncs"] = syncs
+    for s_ in syncs:
+        if s_["rc"] != 0:
+            row["problems"].append(f"no-op sync exit {s_['rc']}: {s_['stderr_tail']}")
+        if s_["moved"]:
+            row["problems"].append(f"no-op sync moved something: {s_['json']}")
+
+    # 2. both agents running (peers on), idle
+    t1 = C.now()
+    da.start_agent(True)
+    db.start_agent(True)
+    row["agents_ready_s"] = wait_agents_ready(hub, [da, db], True, timeout=min(a.timeout, 300))
+    pids = [hub.pid, da.agent.pid, db.agent.pid]
+    logs = [da.agent_log, db.agent_log, hub.logf]
+    q = wait_quiet(pids, logs, max(a.idle_hold, 3.0), min(a.timeout, 300))
+    if not q["ok"]:
+        row["problems"].append(f"agents never quiet before the idle window ({q['waited_s']} s)")
+    settle_state([da, db])
+    row["agents_quiet_s"] = round(C.now() - t1, 2)
+    cost2 = metrics_cost(hub, token)
+    row["metrics_cost_agents"] = cost2
+    c0 = {"A": da.counters(), "B": db.counters()}
+    l0 = {"A": log_counts(da.agent_log), "B": log_counts(db.agent_log)}
+    cpu0 = sum(C.proc_cpu_s(p) for p in pids)
+    m0 = hub.metrics(token)
+    time.sleep(a.idle_seconds)
+    m1 = hub.metrics(token)
+    cpu1 = sum(C.proc_cpu_s(p) for p in pids)
+    settle_state([da, db])
+    c1 = {"A": da.counters(), "B": db.counters()}
+    l1 = {"A": log_counts(da.agent_log), "B": log_counts(db.agent_log)}
+    idle = {"seconds": a.idle_seconds,
+            "hub_bytes": bytes_of(m1) - bytes_of(m0) - cost2["median"],
+            "hub": counter_delta(m1, m0),
+            "agents": {w: counter_delta(c1[w], c0[w]) for w in c0},
+            "logs": {w: counter_delta(l1[w], l0[w]) for w in l0},
+            "cpu_s": round(cpu1 - cpu0, 3)}
+    idle["peer_bytes"] = sum(idle["agents"][w].get(k, 0) for w in idle["agents"]
+                             for k in ("peer_bytes_in", "peer_bytes_out"))
+    idle["sessions"] = sum(idle["agents"][w].get(k, 0) for w in idle["agents"]
+                           for k in ("hub_sessions", "peer_pulls", "peer_served"))
+    row["idle"] = idle
+
+    # 3. B's no-op `shoal sync` with the agents running: it asks A's agent first
+    wait_quiet(pids, logs, a.idle_hold, min(a.timeout, 120))
+    with_agents = [measure_sync(f"noop-{size}-sync-agents-{i}", [da, db])
+                   for i in range(max(1, min(3, a.noop_reps)))]
+    for s_ in with_agents:
+        s_["hub_bytes"] = s_["hub_bytes_raw"] - cost2["median"]
+        if s_["rc"] != 0:
+            row["problems"].append(f"no-op sync with agents: exit {s_['rc']}: "
+                                   f"{s_['stderr_tail']}")
+        if s_["moved"]:
+            row["problems"].append(f"no-op sync with agents moved something: {s_['json']}")
+    row["syncs_with_agents"] = with_agents
+    if any(l1[w]["failed"] for w in l1):
+        row["problems"].append("an agent logged 'sync with the hub failed'")
+
+
+# --------------------------------------------------------------------------
 # Syncthing: the team's peer harness
 
 def run_peers(a, shared: Path) -> Path | None:
@@ -816,52 +1124,83 @@ def render(rows: list[dict], meta: dict, st_rows: list[dict], st_file: str) -> s
     ]
     notes: list[str] = []
 
-    # 1. propagation
-    prop = [r for r in rows if r.get("part") == "prop" and r["kind"] == "sample"
-            and not r.get("warmup")]
-    if prop:
+    # 1. propagation, per mode (rows of old runs have no mode: the agents then
+    #    had no peer-to-peer)
+    medians = {}
+    for mode in dict.fromkeys(r.get("mode", "hub") for r in rows if r.get("part") == "prop"):
+        prop = [r for r in rows if r.get("part") == "prop" and r["kind"] == "sample"
+                and not r.get("warmup") and r.get("mode", "hub") == mode]
+        tag = f"propagation ({mode})"
+        if not prop:
+            continue
         good = [r["seconds"] for r in prop if r["verified"]]
         nf = len(prop) - len(good)
         if good:
-            out.append(f"| propagation A→B, agents idle, n={len(good)}: median | "
+            medians[mode] = statistics.median(good)
+            out.append(f"| {tag} A→B, agents idle, n={len(good)}: median | "
                        f"{ms(statistics.median(good))} | – | – |")
-            out.append(f"| propagation: p90 (nearest rank) / min / max | "
+            out.append(f"| {tag}: p90 (nearest rank) / min / max | "
                        f"{ms(nearest_rank(good, 0.9))} / {ms(min(good))} / {ms(max(good))} "
                        "| – | – |")
             sa = [r["syncs_a"] for r in prop if r["verified"]]
             sb = [r["syncs_b"] for r in prop if r["verified"]]
             stl = [r["settle_s"] for r in prop if r["verified"]]
-            out.append(f"| propagation: syncs per change A / B (median); until both idle "
-                       f"| {statistics.median(sa):g} / {statistics.median(sb):g}; "
-                       f"{ms(statistics.median(stl))} | – | – |")
+            out.append(f"| {tag}: syncs (hub or peer) logged per change A / B (median); "
+                       f"until both idle | {statistics.median(sa):g} / "
+                       f"{statistics.median(sb):g}; {ms(statistics.median(stl))} | – | – |")
             gaps = [r for r in prop if r["verified"] and r["first_seen_s"] is not None
                     and r["seconds"] - r["first_seen_s"] > 0.006]
             if gaps:
-                notes.append(f"propagation: {len(gaps)} samples saw the file on B before "
+                notes.append(f"{tag}: {len(gaps)} samples saw the file on B before "
                              "its content was right (partial file visible)")
         if nf:
-            out.append(f"| propagation FAILED samples | **{nf}/{len(prop)}** | | |")
-        end = next((r for r in rows if r["kind"] == "prop_end"), None)
+            out.append(f"| {tag} FAILED samples | **{nf}/{len(prop)}** | | |")
+        end = next((r for r in rows if r["kind"] == "prop_end"
+                    and r.get("mode", "hub") == mode), None)
         if end:
             m = end["mem"]
-            out.append(f"| propagation: peak RSS hub / agent A / agent B (VmHWM) | "
+            out.append(f"| {tag}: peak RSS hub / agent A / agent B (VmHWM) | "
                        f"{mib(m['hub']['hwm_kib'])} / {mib(m['agent_A']['hwm_kib'])} / "
                        f"{mib(m['agent_B']['hwm_kib'])} | – | – |")
+            pa = end.get("paths") or {}
+            if pa:
+                A, B, H = pa["A"], pa["B"], pa["hub"]
+                out.append(
+                    f"| {tag}: path over the {end.get('samples', len(prop))} samples: B peer "
+                    f"pulls / B hub sessions / A hub sessions; A negotiations sent; hub "
+                    f"download sessions / upload commits | {B.get('peer_pulls', 0)} / "
+                    f"{B.get('hub_sessions', 0)} / {A.get('hub_sessions', 0)}; "
+                    f"{A.get('negotiations_sent', 0)}; {H.get('download_sessions', 0)} / "
+                    f"{H.get('upload_commits', 0)} | – | – |")
+                k = end.get("samples", len(prop)) or 1
+                peer_b = sum(pa[w].get(c, 0) for w in ("A", "B")
+                             for c in ("peer_bytes_in", "peer_bytes_out"))
+                out.append(f"| {tag}: bytes per change on hub connections / between the "
+                           f"agents (mean over the samples) | "
+                           f"{(H.get('bytes_in', 0) + H.get('bytes_out', 0)) / k:.0f} B / "
+                           f"{peer_b / k:.0f} B | – | – |")
+                fb = pa.get("logB", {}).get("fallback", 0) + pa.get("logA", {}).get("fallback", 0)
+                if fb:
+                    notes.append(f"{tag}: {fb} 'cannot pull from a peer; using the hub' lines")
             if not end["trees_equal"] or end["files_a"] != end["expected_files"]:
-                notes.append(f"**propagation end check FAILED**: trees equal "
+                notes.append(f"**{tag} end check FAILED**: trees equal "
                              f"{end['trees_equal']}, A {end['files_a']} files, B "
                              f"{end['files_b']}, expected {end['expected_files']}")
-        warm = [r for r in rows if r.get("part") == "prop" and r.get("warmup")]
+        warm = [r for r in rows if r.get("part") == "prop" and r.get("warmup")
+                and r.get("mode", "hub") == mode]
         if warm:
-            notes.append("propagation warm-up (not counted): "
+            notes.append(f"{tag} warm-up (not counted): "
                          + ", ".join(f"{ms(r['seconds'])} {r['status']}" for r in warm))
         cont = [r["rep"] for r in prop if contended(r["extra"])]
         if cont:
-            notes.append(f"propagation: contended samples {len(cont)}/{len(prop)}: {cont}")
+            notes.append(f"{tag}: contended samples {len(cont)}/{len(prop)}: {cont}")
         for r in prop:
             if r["problems"]:
-                notes.append(f"**FAILED** propagation sample {r['rep']}: "
+                notes.append(f"**FAILED** {tag} sample {r['rep']}: "
                              + "; ".join(r["problems"]))
+    if "p2p" in medians and "hub" in medians:
+        out.append(f"| propagation median, hub-only / peer-to-peer | "
+                   f"{medians['hub'] / medians['p2p']:.2f}× | – | – |")
 
     # 2. initial sync
     def st_stats(wl):
@@ -955,6 +1294,41 @@ def render(rows: list[dict], meta: dict, st_rows: list[dict], st_file: str) -> s
         if fl.get("extra") and contended(fl["extra"]):
             notes.append(f"fleet quiet window contended (other CPU "
                          f"{fl['extra']['other_cpu_s']} s over {fl['extra']['window_s']} s)")
+    # 4. bytes of a round with nothing new
+    for r in [r for r in rows if r.get("part") == "noop"]:
+        n = f"{r['files']:,} files × {r['file_bytes']} B"
+        sy = r.get("syncs") or []
+        if sy:
+            hb = [s_["hub_bytes"] for s_ in sy]
+            out.append(f"| no-op `shoal sync --json` of B, {n}, no agent running: hub "
+                       f"bytes in+out (median, range, n={len(hb)}) | "
+                       f"{statistics.median(hb):.0f} B ({min(hb)}–{max(hb)}) | – | – |")
+            out.append(f"| … its wall time; hub requests / download sessions / upload "
+                       f"batches per sync (less the metrics read) | "
+                       f"{sec(statistics.median(s_['seconds'] for s_ in sy))}; "
+                       f"{statistics.median(s_['hub'].get('requests', 0) - 1 for s_ in sy):g} / "
+                       f"{sum(s_['hub'].get('download_sessions', 0) for s_ in sy)} / "
+                       f"{sum(s_['hub'].get('upload_batches', 0) for s_ in sy)} | – | – |")
+            out.append(f"| … one metrics read (subtracted) | "
+                       f"{r['metrics_cost']['median']:.0f} B | – | – |")
+        idle = r.get("idle")
+        if idle:
+            ag = idle["agents"]
+            out.append(
+                f"| both agents idle {idle['seconds']:g} s, {n}: hub bytes / peer bytes / "
+                f"sessions (hub + peer pulls + served) / hub requests | "
+                f"{idle['hub_bytes']} B / {idle['peer_bytes']} B / {idle['sessions']} / "
+                f"{idle['hub'].get('requests', 0) - 1} | – | – |")
+        wa = r.get("syncs_with_agents") or []
+        if wa:
+            hb = [s_["hub_bytes"] for s_ in wa]
+            pb = [s_["peer_bytes"] for s_ in wa]
+            out.append(f"| no-op `shoal sync --json` of B with both agents running, {n}: "
+                       f"hub bytes / peer bytes (median, n={len(wa)}) | "
+                       f"{statistics.median(hb):.0f} B / {statistics.median(pb):.0f} B | – | – |")
+        if r.get("problems"):
+            notes.append(f"**noop {r['files']} FAILED**: " + "; ".join(r["problems"]))
+
     out.append("")
     out += [f"- {n}" for n in notes] or ["- no failed or contended samples"]
     return "\n".join(out) + "\n"
@@ -1015,8 +1389,15 @@ def main() -> int:
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
         if row["kind"] == "prop_end":
-            log(f"prop end: trees equal {row['trees_equal']}, files A {row['files_a']} "
-                f"B {row['files_b']}; hub VmHWM {row['mem']['hub']['hwm_kib'] / 1024:.1f} MiB")
+            log(f"prop end ({row['mode']}): trees equal {row['trees_equal']}, files A "
+                f"{row['files_a']} B {row['files_b']}; hub VmHWM "
+                f"{row['mem']['hub']['hwm_kib'] / 1024:.1f} MiB; paths {row['paths']}")
+            return
+        if row["kind"] == "noop":
+            log(f"noop {row['files']} files: {row['status']} {row['problems']}; hub bytes "
+                f"{[s_['hub_bytes'] for s_ in row.get('syncs', [])]}; idle "
+                f"{ {k: v for k, v in row.get('idle', {}).items() if k != 'hub'} }; with "
+                f"agents {[(s_['hub_bytes'], s_['peer_bytes']) for s_ in row.get('syncs_with_agents', [])]}")
             return
         bits = [row["part"], str(row.get("rep", ""))]
         if "seconds" in row:
@@ -1037,11 +1418,13 @@ def main() -> int:
     try:
         if "prop" in a.parts:
             log("=== propagation with agents ===")
-            try:
-                part_prop(b, work, a, sink)
-            except Exception as e:  # noqa: BLE001
-                log(f"propagation: harness error {e!r}")
-                rc = 1
+            for mode in a.prop_modes:
+                log(f"--- propagation, mode {mode} ---")
+                try:
+                    part_prop(b, work, a, sink, mode)
+                except Exception as e:  # noqa: BLE001
+                    log(f"propagation ({mode}): harness error {e!r}")
+                    rc = 1
         want = {p for p in ("w1", "w2") if p in a.parts}
         if want:
             t0 = time.monotonic()
@@ -1057,6 +1440,9 @@ def main() -> int:
         if "fleet" in a.parts:
             log(f"=== fleet of {a.agents} agents ===")
             part_fleet(b, work, a, sink)
+        if "noop" in a.parts:
+            log(f"=== bytes of a no-op round, {a.noop_sizes} files ===")
+            part_noop(b, work, a, sink)
     finally:
         cleanup_live()
         if not a.keep:
@@ -1073,7 +1459,8 @@ def main() -> int:
             print()
             print(md)
             log(f"raw results: {out}; table: {md_path}")
-    if any(not r.get("verified", True) for r in rows if r["kind"] in ("sample", "fleet")):
+    if any(not r.get("verified", True) for r in rows
+           if r["kind"] in ("sample", "fleet", "noop")):
         rc = rc or 3
     return rc
 
