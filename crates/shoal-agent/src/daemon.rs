@@ -35,8 +35,11 @@ use shoal_client::HubClient;
 pub struct AgentOptions {
     /// Full rescan of every folder this often, whatever the watcher says.
     pub rescan: Duration,
-    /// Wait this long after a file event for more before acting.
+    /// After a file event, act once the folder has been quiet this long (a burst of events,
+    /// such as a copy, coalesces into one scan)...
     pub debounce: Duration,
+    /// ...or once this much time has passed since the first event, whichever comes first.
+    pub debounce_max: Duration,
     /// Where the protocol server for peers listens.
     pub listen: SocketAddr,
     /// Sync with peers directly; when off, everything goes through the hub.
@@ -47,7 +50,8 @@ impl Default for AgentOptions {
     fn default() -> Self {
         AgentOptions {
             rescan: Duration::from_secs(300),
-            debounce: Duration::from_millis(200),
+            debounce: Duration::from_millis(50),
+            debounce_max: Duration::from_secs(1),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             peers: true,
         }
@@ -687,14 +691,19 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
         match inbox.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(Signal::Files(ws)) => {
                 files.insert(ws);
-                // Coalesce a burst of file events; keep other signals for after.
-                let until = Instant::now() + options.debounce;
-                while let Ok(signal) =
-                    inbox.recv_timeout(until.saturating_duration_since(Instant::now()))
-                {
+                // Coalesce a burst of file events until the folder is quiet; keep other
+                // signals for after.
+                let cap = Instant::now() + options.debounce_max;
+                let mut quiet_until = Instant::now() + options.debounce;
+                while let Ok(signal) = inbox.recv_timeout(
+                    quiet_until
+                        .min(cap)
+                        .saturating_duration_since(Instant::now()),
+                ) {
                     match signal {
                         Signal::Files(ws) => {
                             files.insert(ws);
+                            quiet_until = Instant::now() + options.debounce;
                         }
                         signal => other.push(signal),
                     }

@@ -367,10 +367,28 @@ pub(crate) fn sync(home: &Home, name: Option<&str>, json: bool) -> anyhow::Resul
     let contacts = shoal_agent::Contacts::from_list(home.peers()?);
     let identity = home.identity()?;
     for workspace in home.workspace(name)? {
+        let ours = shoal_agent::compact_knowledge(&primary.device_name, &workspace).ok();
+        // Content the hub sends is asked of these first (nearer); one that lacks it is asked
+        // no more for that content.
+        let mut nearby = Vec::new();
         for peer in contacts.reachable(&workspace.id) {
             let (Some(address), Some(key)) = (peer.addresses.first(), peer.key.as_deref()) else {
                 continue;
             };
+            if peer.device != primary.device
+                && let Ok(client) = shoal_agent::peer_client(address, &identity, key)
+            {
+                nearby.push(client);
+            }
+            // Known to hold what we hold (as the agent last heard): no pull, no handshake.
+            // If it changed since, the hub round below still finds it nearer.
+            let same = peer
+                .workspaces
+                .iter()
+                .any(|w| w.workspace == workspace.id && Some(&w.compact) == ours.as_ref());
+            if same {
+                continue;
+            }
             let pulled = shoal_agent::peer_client(address, &identity, key).and_then(|client| {
                 shoal_agent::pull_from_peer(&primary.device_name, &workspace, &client, &reporter)
             });
@@ -397,9 +415,9 @@ pub(crate) fn sync(home: &Home, name: Option<&str>, json: bool) -> anyhow::Resul
         record.at = now;
         // Each hub in turn, carrying only the replica's knowledge from one to the next.
         for hub in workspace.hubs_or(&primary.hub) {
-            let result = home
-                .login_for(&hub)
-                .and_then(|login| shoal_agent::sync_workspace(&login, &workspace, &reporter));
+            let result = home.login_for(&hub).and_then(|login| {
+                shoal_agent::sync_workspace_with(&login, &workspace, &nearby, &reporter)
+            });
             match result {
                 Ok(report) => {
                     record.last_success = Some(now);
