@@ -387,7 +387,7 @@ impl Agent {
     fn on_files(&mut self, ws: &str) {
         let Some(entry) = self.entry(ws) else { return };
         let before = self.ours(ws);
-        if let Err(error) = scan_workspace(&self.device.device_name, &entry) {
+        if let Err(error) = scan_workspace(&self.device, &entry) {
             tracing::warn!(workspace = %entry.name, %error, "scan failed");
             return;
         }
@@ -425,7 +425,7 @@ impl Agent {
         let before = self.ours(ws);
         let started = Instant::now();
         AgentCounters::bump(&self.counters.peer_pulls, 1);
-        match pull_from_peer(&self.device.device_name, &entry, &client, &NoProgress) {
+        match pull_from_peer(&self.device, &entry, &client, &NoProgress) {
             Ok(report) => {
                 tracing::info!(
                     workspace = %entry.name,

@@ -313,7 +313,7 @@ pub fn sync_workspace_with(
     peers: &[HubClient],
     progress: &dyn Progress,
 ) -> Result<SyncReport, AgentError> {
-    let mut folder = FolderReplica::open(&entry.path, &device.device_name)?;
+    let mut folder = open_folder(device, entry)?;
     let base = HubClient::new(&device.hub, Some(&device.token))?.for_device(&device.device);
     let mut report = SyncReport::default();
 
@@ -398,12 +398,12 @@ pub fn sync_workspace_with(
 /// Downloads from a peer what this device lacks and brings the folder in line. Peers only
 /// pull, so nothing goes up; the peer pulls from us in turn when it hears our knowledge.
 pub fn pull_from_peer(
-    device_name: &str,
+    device: &DeviceConfig,
     entry: &WorkspaceEntry,
     peer: &HubClient,
     progress: &dyn Progress,
 ) -> Result<SyncReport, AgentError> {
-    let mut folder = FolderReplica::open(&entry.path, device_name)?;
+    let mut folder = open_folder(device, entry)?;
     let mut report = SyncReport::default();
     let remote = Remote {
         client: peer,
@@ -416,8 +416,11 @@ pub fn pull_from_peer(
 }
 
 /// Scans a workspace's folder for local changes, without talking to anyone.
-pub fn scan_workspace(device_name: &str, entry: &WorkspaceEntry) -> Result<ScanReport, AgentError> {
-    let mut folder = FolderReplica::open(&entry.path, device_name)?;
+pub fn scan_workspace(
+    device: &DeviceConfig,
+    entry: &WorkspaceEntry,
+) -> Result<ScanReport, AgentError> {
+    let mut folder = open_folder(device, entry)?;
     Ok(folder.scan(&ScanOptions::default(), &shoal_folder::NoProgress)?)
 }
 
@@ -425,6 +428,16 @@ pub fn scan_workspace(device_name: &str, entry: &WorkspaceEntry) -> Result<ScanR
 pub fn compact_knowledge(device_name: &str, entry: &WorkspaceEntry) -> Result<String, AgentError> {
     let folder = FolderReplica::open(&entry.path, device_name)?;
     Ok(folder.store().knowledge()?.compact().to_string())
+}
+
+/// A workspace's folder replica, writing versions as this device and its user.
+pub fn open_folder(
+    device: &DeviceConfig,
+    entry: &WorkspaceEntry,
+) -> Result<FolderReplica, AgentError> {
+    let mut folder = FolderReplica::open(&entry.path, &device.device_name)?;
+    folder.set_author(&device.user);
+    Ok(folder)
 }
 
 /// Moves the replica to an epoch after both its own and `known`.

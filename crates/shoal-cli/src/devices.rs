@@ -390,7 +390,7 @@ pub(crate) fn sync(home: &Home, name: Option<&str>, json: bool) -> anyhow::Resul
                 continue;
             }
             let pulled = shoal_agent::peer_client(address, &identity, key).and_then(|client| {
-                shoal_agent::pull_from_peer(&primary.device_name, &workspace, &client, &reporter)
+                shoal_agent::pull_from_peer(&primary, &workspace, &client, &reporter)
             });
             let Ok(report) = pulled else { continue };
             summaries.push(serde_json::json!({
@@ -600,4 +600,145 @@ fn availability_name(status: shoal_protocol::Availability) -> &'static str {
         NotReceiving => "online, not receiving messages",
         Offline => "offline",
     }
+}
+
+fn conflict_json(conflict: &shoal_folder::Conflict) -> serde_json::Value {
+    let versions: Vec<serde_json::Value> = conflict
+        .versions
+        .iter()
+        .enumerate()
+        .map(|(index, v)| {
+            let version = &v.version;
+            serde_json::json!({
+                "number": index + 1,
+                "item": version_item(v),
+                "version": format!("{}:{}:{}", version.dot.writer.replica, version.dot.writer.epoch, version.dot.tick),
+                "device": version.device,
+                "user": version.user,
+                "written_at_ns": version.written_at,
+                "written_at": shoal_core::utc_stamp(version.written_at),
+                "size": version.entry.size,
+                "deleted": version.entry.deleted,
+                "name": version.entry.name,
+                "shown_at": v.shown_at,
+                "winner": v.winner,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "path": conflict.path,
+        "kind": conflict.kind.as_str(),
+        "versions": versions,
+    })
+}
+
+fn version_item(v: &shoal_folder::ConflictVersion) -> String {
+    v.item.to_string()
+}
+
+pub(crate) fn conflicts(home: &Home, name: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let device = home.device()?;
+    let mut rows = Vec::new();
+    for workspace in home.workspace(name)? {
+        let folder = shoal_agent::open_folder(&device, &workspace)?;
+        let listed = folder.conflicts()?;
+        if json {
+            for conflict in &listed {
+                let mut row = conflict_json(conflict);
+                row["workspace"] = serde_json::Value::String(workspace.name.clone());
+                rows.push(row);
+            }
+            continue;
+        }
+        if listed.is_empty() {
+            println!("{}: no conflicts", workspace.name);
+        }
+        for conflict in &listed {
+            println!(
+                "{}: {} ({})",
+                workspace.name,
+                conflict.path,
+                conflict.kind.as_str()
+            );
+            for (index, v) in conflict.versions.iter().enumerate() {
+                let version = &v.version;
+                let who = if version.user.is_empty() {
+                    version.device.clone()
+                } else {
+                    format!("{} on {}", version.user, version.device)
+                };
+                let what = if version.entry.deleted {
+                    "deleted".to_owned()
+                } else {
+                    format!("{} bytes", version.entry.size)
+                };
+                let place = match (&v.shown_at, v.winner) {
+                    (Some(at), true) => format!("shown at {at}"),
+                    (Some(at), false) => format!("kept at {at}"),
+                    (None, _) => "not shown".to_owned(),
+                };
+                println!(
+                    "  {}. {who}, {} UTC, {what}, {place}{}",
+                    index + 1,
+                    shoal_core::utc_stamp(version.written_at),
+                    if v.winner { " (winner)" } else { "" }
+                );
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    }
+    Ok(())
+}
+
+pub(crate) fn resolve(
+    home: &Home,
+    workspace: Option<&str>,
+    path: &str,
+    how: &shoal_folder::Resolution,
+    then_sync: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let device = home.device()?;
+    let held = home.workspace(workspace)?;
+    let entry = match held.as_slice() {
+        [one] => one.clone(),
+        _ => bail!("this device holds several workspaces; say which with --workspace"),
+    };
+    let mut folder = shoal_agent::open_folder(&device, &entry)?;
+    let report = folder
+        .resolve(path, how, &Reporter::new())
+        .with_context(|| format!("resolving {path}"))?;
+    drop(folder);
+    let mut synced = None;
+    if then_sync {
+        let mut ok = true;
+        for hub in entry.hubs_or(&device.hub) {
+            let result = home
+                .login_for(&hub)
+                .and_then(|login| shoal_agent::sync_workspace(&login, &entry, &Reporter::new()));
+            if let Err(error) = result {
+                ok = false;
+                if !json {
+                    eprintln!(
+                        "not synced with {hub} yet: {error}; the resolution goes with the next sync"
+                    );
+                }
+            }
+        }
+        synced = Some(ok);
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "workspace": entry.name, "path": path, "versions_written": report.versions,
+                "written": report.materialize.written, "synced": synced,
+            }))?
+        );
+    } else {
+        println!("resolved {path} in {}", entry.name);
+    }
+    Ok(())
 }

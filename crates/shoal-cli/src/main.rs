@@ -80,6 +80,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List unresolved conflicts: what collided, every version with its device, user, time
+    /// and size, and which one is shown.
+    Conflicts {
+        /// Only this workspace.
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Settle a conflict (as `shoal conflicts` lists it); the resolution syncs like any change.
+    #[command(group(clap::ArgGroup::new("how").required(true).args(["keep", "both", "merged"])))]
+    Resolve {
+        /// The conflict's path, as `shoal conflicts` shows it.
+        path: String,
+        /// The workspace (needed when this device holds several).
+        #[arg(long)]
+        workspace: Option<String>,
+        /// Keep version N of the listing (1 is the one shown now).
+        #[arg(long)]
+        keep: Option<usize>,
+        /// Keep every version, each under its own name.
+        #[arg(long)]
+        both: bool,
+        /// Replace every version with this file (a merge you made).
+        #[arg(long)]
+        merged: Option<std::path::PathBuf>,
+        /// Do not sync afterwards.
+        #[arg(long)]
+        no_sync: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Set this device's presence, or show its contacts' (as the hub last said).
     Presence {
         /// The status to show contacts; the running agent publishes it at once.
@@ -233,10 +266,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { name, json } => {
             devices::status(&devices::home(cli.home)?, name.as_deref(), json)
         }
+        Command::Conflicts { name, json } => {
+            devices::conflicts(&devices::home(cli.home)?, name.as_deref(), json)
+        }
+        Command::Resolve {
+            path,
+            workspace,
+            keep,
+            both,
+            merged,
+            no_sync,
+            json,
+        } => {
+            let how = match (keep, merged) {
+                (Some(n), _) => shoal_folder::Resolution::Keep(n),
+                (None, Some(file)) => shoal_folder::Resolution::Merged(file),
+                (None, None) if both => shoal_folder::Resolution::Both,
+                (None, None) => unreachable_resolution()?,
+            };
+            devices::resolve(
+                &devices::home(cli.home)?,
+                workspace.as_deref(),
+                &path,
+                &how,
+                !no_sync,
+                json,
+            )
+        }
         Command::Presence { status, json } => {
             devices::presence(&devices::home(cli.home)?, status.as_deref(), json)
         }
     }
+}
+
+/// clap's argument group already requires one way to resolve.
+fn unreachable_resolution() -> anyhow::Result<shoal_folder::Resolution> {
+    anyhow::bail!("say how to resolve: --keep N, --both or --merged FILE")
 }
 
 fn main() -> ExitCode {

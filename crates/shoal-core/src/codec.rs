@@ -86,6 +86,10 @@ impl<'a> Decoder<'a> {
     pub fn new(bytes: &'a [u8]) -> Self {
         Decoder { bytes }
     }
+    /// Whether every byte was consumed.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
     /// Fails unless every byte was consumed.
     pub fn finish(&self) -> Result<(), DecodeError> {
         if self.bytes.is_empty() {

@@ -81,6 +81,9 @@ pub struct Version {
     pub written_at: i64,
     /// The name of the device that wrote it, for people reading conflict copies.
     pub device: String,
+    /// The user the writing device belongs to (empty where there are no users, as in
+    /// `shoal mirror`).
+    pub user: String,
 }
 
 impl Version {
@@ -138,6 +141,7 @@ impl Version {
         out.ivarint(entry.mtime_ns);
         out.ivarint(self.written_at);
         out.string(&self.device);
+        out.string(&self.user);
     }
 
     /// Reads what [`Version::encode`] wrote.
@@ -171,12 +175,19 @@ impl Version {
         };
         let written_at = input.ivarint()?;
         let device = input.string()?;
+        // Versions stored before authors were recorded end here.
+        let user = if input.is_empty() {
+            String::new()
+        } else {
+            input.string()?
+        };
         Ok(Version {
             dot,
             context,
             entry,
             written_at,
             device,
+            user,
         })
     }
 
@@ -381,6 +392,7 @@ mod tests {
             },
             written_at: at,
             device: format!("dev{}", d.writer.replica.0[0]),
+            user: String::new(),
         }
     }
 

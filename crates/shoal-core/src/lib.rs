@@ -23,7 +23,8 @@ pub use item::{ContentHash, Entry, ItemConflict, ItemKind, ItemState, MergeOutco
 pub use knowledge::{CompactKnowledge, Knowledge};
 pub use layout::{Layout, LayoutNote, Placement, Role, layout};
 pub use name::{
-    NameError, STATE_DIR_NAME, TEMP_PREFIX, conflict_copy_name, utc_stamp, validate_name,
+    NameError, STATE_DIR_NAME, TEMP_PREFIX, conflict_copy_name, split_extension, utc_stamp,
+    validate_name,
 };
 pub use replica::{MemReplica, shown, sync_once};
 pub use sync::{

@@ -57,7 +57,8 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
 
 /// Splits `name` into stem and extension (with its dot); dotfiles and names without a dot
 /// have no extension.
-fn split_extension(name: &str) -> (&str, &str) {
+/// A name's stem and extension (".txt", with the dot; empty for none or a leading dot).
+pub fn split_extension(name: &str) -> (&str, &str) {
     match name.rfind('.') {
         Some(0) | None => (name, ""),
         Some(index) => name.split_at(index),

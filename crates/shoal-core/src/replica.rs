@@ -80,6 +80,7 @@ impl MemReplica {
             entry,
             written_at: now,
             device: self.device.clone(),
+            user: String::new(),
         };
         self.knowledge.add(dot);
         match self.items.get_mut(&item) {

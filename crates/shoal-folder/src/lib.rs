@@ -5,6 +5,7 @@
 //! user changed in the meantime. [`mirror`] syncs two folders with each other.
 
 mod apply;
+mod conflicts;
 mod mirror;
 mod progress;
 mod scan;
@@ -16,6 +17,7 @@ use shoal_core::{NameError, STATE_DIR_NAME};
 use shoal_store::{Store, StoreError};
 
 pub use apply::{ContentSource, MaterializeReport};
+pub use conflicts::{Conflict, ConflictKind, ConflictVersion, Resolution, ResolveReport};
 pub use mirror::{FolderSource, MirrorOptions, MirrorReport, ReceiveReport, SideReport, mirror};
 pub use progress::{NoProgress, Progress};
 pub use scan::{ScanOptions, ScanReport, Skipped};
@@ -51,6 +53,12 @@ pub enum FolderError {
     /// A name from another replica cannot be written here.
     #[error("refused name: {0}")]
     Name(#[from] NameError),
+    /// No conflict is listed at that path.
+    #[error("no conflict at {0:?}; see `shoal conflicts`")]
+    NoConflict(String),
+    /// The resolution does not fit the conflict.
+    #[error("{0}")]
+    BadResolution(String),
 }
 
 pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> FolderError + '_ {
@@ -79,6 +87,11 @@ impl FolderReplica {
         std::fs::create_dir_all(state.join("tmp")).map_err(io_error(&state))?;
         let store = Store::open(&state.join(STATE_DB), device)?;
         Ok(FolderReplica { root, store })
+    }
+
+    /// Names `user` as the author of the versions this replica writes from now on.
+    pub fn set_author(&mut self, user: &str) {
+        self.store.set_author(user);
     }
 
     /// The folder.

@@ -247,6 +247,7 @@ impl WireVersion {
             },
             written_at: version.written_at,
             device: version.device.clone(),
+            user: version.user.clone(),
         }
     }
 
@@ -264,8 +265,8 @@ impl WireVersion {
                 "a live file needs a content hash".into(),
             ));
         }
-        if self.entry.name.len() > 1024 || self.device.len() > 1024 {
-            return Err(WireError::Invalid("name or device too long".into()));
+        if self.entry.name.len() > 1024 || self.device.len() > 1024 || self.user.len() > 1024 {
+            return Err(WireError::Invalid("name, device or user too long".into()));
         }
         let version = Version {
             dot: Dot::try_from(&self.dot)?,
@@ -282,6 +283,7 @@ impl WireVersion {
             },
             written_at: self.written_at,
             device: self.device.clone(),
+            user: self.user.clone(),
         };
         Ok((parse_item(&self.item)?, version))
     }
@@ -318,6 +320,7 @@ mod tests {
             },
             written_at: 77,
             device: "laptop".into(),
+            user: "alice".into(),
         };
         let wire = WireVersion::new(&ItemId([2; 16]), &version);
         let json = serde_json::to_string(&wire).map_err(|e| WireError::Invalid(e.to_string()))?;

@@ -72,6 +72,9 @@ pub struct WireVersion {
     pub written_at: i64,
     /// Writer's device name.
     pub device: String,
+    /// The user of the writer's device (empty: none, as in `shoal mirror`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
 }
 
 /// Batch limits one side accepts.

@@ -79,6 +79,8 @@ pub struct Identity {
     pub epoch: Epoch,
     /// The device name written into versions.
     pub device: String,
+    /// The user written into versions (empty: none).
+    pub user: String,
 }
 
 impl Identity {
@@ -212,8 +214,14 @@ impl Store {
                 replica,
                 epoch,
                 device: device.to_owned(),
+                user: String::new(),
             },
         })
+    }
+
+    /// Names `user` as the author of the versions this replica writes from now on.
+    pub fn set_author(&mut self, user: &str) {
+        user.clone_into(&mut self.identity.user);
     }
 
     /// Who this replica is.
@@ -620,6 +628,7 @@ impl Transaction<'_> {
             entry,
             written_at: now,
             device: self.identity.device.clone(),
+            user: self.identity.user.clone(),
         };
         let state = match read_item(&self.tx, &item)? {
             Some(mut state) => {

@@ -1,0 +1,279 @@
+//! Conflicts a person can see and settle, with real processes on 127.0.0.1: every kind arises
+//! through the hub and peer-to-peer, is listed identically on every device, and is settled
+//! from any device, after which it is gone everywhere.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Agent, AnyResult, Device, Hub, TestResult, wait_for};
+
+/// alice on two devices and bob on one, all in workspace "team".
+fn team(root: &std::path::Path) -> AnyResult<(Hub, Device, Device, Device)> {
+    let data = root.join("hub");
+    Hub::add_user(&data, "alice", "alice-pw")?;
+    Hub::add_user(&data, "bob", "bob-pw")?;
+    let hub = Hub::start(&data)?;
+    let (laptop, desktop, phone) = (
+        Device::new(root, "laptop"),
+        Device::new(root, "desktop"),
+        Device::new(root, "phone"),
+    );
+    laptop.login(&hub, "alice", "alice-pw", "laptop")?;
+    desktop.login(&hub, "alice", "alice-pw", "desktop")?;
+    phone.login(&hub, "bob", "bob-pw", "phone")?;
+    laptop.create("team")?;
+    laptop.run(&["workspace", "invite", "team", "bob", "--role", "editor"])?;
+    desktop.join("team")?;
+    phone.join("team")?;
+    Ok((hub, laptop, desktop, phone))
+}
+
+fn sync_all(devices: &[&Device]) -> TestResult {
+    for _ in 0..2 {
+        for device in devices {
+            device.sync()?;
+        }
+    }
+    Ok(())
+}
+
+fn conflicts(device: &Device) -> AnyResult<serde_json::Value> {
+    Ok(serde_json::from_str(
+        &device.run(&["conflicts", "--json"])?,
+    )?)
+}
+
+/// The conflict list, the same on every device.
+fn listed_alike(devices: &[&Device]) -> AnyResult<serde_json::Value> {
+    let first = conflicts(devices[0])?;
+    for device in &devices[1..] {
+        assert_eq!(
+            conflicts(device)?,
+            first,
+            "{} lists differently",
+            device.folder.display()
+        );
+    }
+    Ok(first)
+}
+
+fn read(device: &Device, path: &str) -> Option<String> {
+    std::fs::read_to_string(device.folder.join(path)).ok()
+}
+
+#[test]
+fn every_kind_through_the_hub_is_listed_alike_and_settled_from_any_device() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (_hub, laptop, desktop, phone) = team(root.path())?;
+    let all = [&laptop, &desktop, &phone];
+    laptop.write("notes.txt", "v0")?;
+    laptop.write("gone.txt", "soon deleted")?;
+    laptop.write("moved.txt", "moves twice")?;
+    laptop.write("merge.txt", "base")?;
+    std::fs::create_dir_all(laptop.folder.join("a"))?;
+    std::fs::create_dir_all(laptop.folder.join("b"))?;
+    sync_all(&all)?;
+    assert_eq!(listed_alike(&all)?, serde_json::json!([]));
+
+    // Concurrent changes on alice's laptop and bob's phone, of every kind.
+    laptop.write("notes.txt", "laptop's edit")?;
+    phone.write("notes.txt", "phone's longer edit")?;
+    std::fs::remove_file(laptop.folder.join("gone.txt"))?;
+    phone.write("gone.txt", "edited while deleted")?;
+    std::fs::rename(
+        laptop.folder.join("moved.txt"),
+        laptop.folder.join("a/moved.txt"),
+    )?;
+    std::fs::rename(
+        phone.folder.join("moved.txt"),
+        phone.folder.join("b/moved.txt"),
+    )?;
+    laptop.write("same.txt", "the laptop's same")?;
+    phone.write("same.txt", "the phone's same")?;
+    laptop.write("merge.txt", "laptop side")?;
+    phone.write("merge.txt", "phone side")?;
+    sync_all(&all)?;
+
+    let listed = listed_alike(&all)?;
+    let kinds: Vec<(String, String)> = listed
+        .as_array()
+        .ok_or("not a list")?
+        .iter()
+        .map(|c| {
+            (
+                c["path"].as_str().unwrap_or("").to_owned(),
+                c["kind"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    for (path, kind) in [
+        ("gone.txt", "edit/delete"),
+        ("merge.txt", "edit/edit"),
+        ("notes.txt", "edit/edit"),
+        ("same.txt", "name"),
+    ] {
+        assert!(
+            kinds.contains(&(path.to_owned(), kind.to_owned())),
+            "{path} not listed as {kind}: {listed}"
+        );
+    }
+    assert!(
+        kinds
+            .iter()
+            .any(|(path, kind)| path.ends_with("moved.txt") && kind == "move"),
+        "no move conflict: {listed}"
+    );
+    // Each version says who wrote it, when, how big, and which is shown.
+    let notes = listed
+        .as_array()
+        .and_then(|l| l.iter().find(|c| c["path"] == "notes.txt"))
+        .ok_or("no notes.txt")?;
+    let versions = notes["versions"].as_array().ok_or("no versions")?;
+    assert_eq!(versions.len(), 2, "{notes}");
+    assert_eq!(versions[0]["winner"], true);
+    let mut authors: Vec<(String, String)> = versions
+        .iter()
+        .map(|v| {
+            (
+                v["user"].as_str().unwrap_or("").to_owned(),
+                v["device"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    authors.sort();
+    assert_eq!(
+        authors,
+        vec![
+            ("alice".to_owned(), "laptop".to_owned()),
+            ("bob".to_owned(), "phone".to_owned())
+        ]
+    );
+    assert!(
+        versions
+            .iter()
+            .all(|v| v["size"].as_u64().is_some() && v["written_at"].is_string())
+    );
+    let loser_text = if versions[1]["device"] == "phone" {
+        "phone's longer edit"
+    } else {
+        "laptop's edit"
+    };
+
+    // Settled from the desktop, which wrote none of them.
+    desktop.run(&["resolve", "notes.txt", "--keep", "2"])?;
+    desktop.run(&["resolve", "gone.txt", "--keep", "1"])?;
+    desktop.run(&["resolve", "same.txt", "--both"])?;
+    let moved = kinds
+        .iter()
+        .find(|(path, kind)| path.ends_with("moved.txt") && kind == "move")
+        .map(|(path, _)| path.clone())
+        .ok_or("no move")?;
+    desktop.run(&["resolve", &moved, "--keep", "1"])?;
+    let merged = root.path().join("merged.txt");
+    std::fs::write(&merged, "laptop side + phone side")?;
+    let merged_arg = merged.display().to_string();
+    desktop.run(&["resolve", "merge.txt", "--merged", &merged_arg])?;
+    sync_all(&all)?;
+
+    assert_eq!(
+        listed_alike(&all)?,
+        serde_json::json!([]),
+        "conflicts left after resolving"
+    );
+    for device in all {
+        assert_eq!(read(device, "notes.txt").as_deref(), Some(loser_text));
+        assert_eq!(
+            read(device, "gone.txt").as_deref(),
+            Some("edited while deleted")
+        );
+        assert_eq!(
+            read(device, "merge.txt").as_deref(),
+            Some("laptop side + phone side")
+        );
+        assert_eq!(read(device, &moved).as_deref(), Some("moves twice"));
+        let same: Vec<String> = device
+            .tree()
+            .into_iter()
+            .filter(|(p, _)| p.starts_with("same"))
+            .filter_map(|(_, text)| text)
+            .collect();
+        assert_eq!(
+            same.len(),
+            2,
+            "both same.txt kept on {}",
+            device.folder.display()
+        );
+        assert!(
+            device.tree().keys().all(|p| !p.contains(".conflict-")),
+            "a conflict copy is left on {}: {:?}",
+            device.folder.display(),
+            device.tree().keys().collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(laptop.tree(), phone.tree());
+    assert_eq!(laptop.tree(), desktop.tree());
+    Ok(())
+}
+
+#[test]
+fn a_conflict_made_peer_to_peer_is_listed_alike_and_settled_peer_to_peer() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (hub, laptop, _desktop, phone) = team(root.path())?;
+    laptop.write("plan.txt", "first")?;
+    laptop.sync()?;
+    phone.sync()?;
+    let agents = [Agent::start(&laptop, &[])?, Agent::start(&phone, &[])?];
+    assert!(
+        wait_for(Duration::from_secs(20), || agents
+            .iter()
+            .all(|a| a.reachable_contacts() >= 1)),
+        "the agents did not learn of each other"
+    );
+    // No hub: the edits meet peer-to-peer only.
+    let (port, data) = (hub.port, hub.data.clone());
+    hub.stop();
+    laptop.write("plan.txt", "alice's plan")?;
+    phone.write("plan.txt", "bob's plan")?;
+    let both = [&laptop, &phone];
+    let met = wait_for(Duration::from_secs(15), || {
+        both.iter()
+            .all(|d| conflicts(d).is_ok_and(|c| c.as_array().is_some_and(|l| l.len() == 1)))
+    });
+    assert!(
+        met,
+        "no conflict on both:\n{}\n{}",
+        agents[0].log(),
+        agents[1].log()
+    );
+    let listed = listed_alike(&both)?;
+    assert_eq!(listed[0]["kind"], "edit/edit", "{listed}");
+
+    // Bob settles it on his phone; the laptop hears of it directly.
+    phone.run(&["resolve", "plan.txt", "--both", "--no-sync"])?;
+    let settled = wait_for(Duration::from_secs(15), || {
+        both.iter()
+            .all(|d| conflicts(d).is_ok_and(|c| c == serde_json::json!([])))
+            && laptop.tree() == phone.tree()
+    });
+    assert!(
+        settled,
+        "not settled on both:\n{}\n{}",
+        agents[0].log(),
+        agents[1].log()
+    );
+    let texts: Vec<String> = laptop.tree().into_values().flatten().collect();
+    assert!(texts.contains(&"alice's plan".to_owned()) && texts.contains(&"bob's plan".to_owned()));
+
+    // The hub comes back and agrees.
+    let _hub = Hub::start_on(&data, port)?;
+    let tablet = Device::new(root.path(), "tablet");
+    tablet.login(&_hub, "bob", "bob-pw", "tablet")?;
+    tablet.join("team")?;
+    let caught_up = wait_for(Duration::from_secs(30), || {
+        tablet.sync().is_ok() && tablet.tree() == laptop.tree()
+    });
+    assert!(caught_up, "the hub did not catch up with the resolution");
+    assert_eq!(conflicts(&tablet)?, serde_json::json!([]));
+    Ok(())
+}
