@@ -95,6 +95,30 @@ pub(crate) enum WorkspaceCommand {
         #[arg(long)]
         hub: Option<String>,
     },
+    /// Show or change a workspace's validation rules (changing them: owners only). The hub
+    /// refuses a change that breaks one and keeps it, with the reason, for `shoal status`.
+    Rules {
+        /// Workspace name.
+        name: String,
+        /// Refuse files larger than this (bytes; K, M, G suffixes for KiB, MiB, GiB).
+        #[arg(long, value_parser = parse_size)]
+        max_file_size: Option<u64>,
+        /// Refuse names matching this pattern (`*` and `?`, case ignored), e.g. '*.exe'.
+        #[arg(long)]
+        forbid: Vec<String>,
+        /// Stop refusing names matching this pattern.
+        #[arg(long)]
+        allow: Vec<String>,
+        /// Refuse new content once the workspace holds this much (K, M, G suffixes).
+        #[arg(long, value_parser = parse_size)]
+        quota: Option<u64>,
+        /// Remove every rule first.
+        #[arg(long)]
+        clear: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Workspaces on the hub and on this device.
     List {
         /// Print JSON.
@@ -308,6 +332,59 @@ pub(crate) fn workspace(home: &Home, command: WorkspaceCommand) -> anyhow::Resul
                 device.hub,
                 path.display()
             );
+        }
+        WorkspaceCommand::Rules {
+            name,
+            max_file_size,
+            forbid,
+            allow,
+            quota,
+            clear,
+            json,
+        } => {
+            let id = find(&client, &name, |w| w.joined)?.id;
+            let mut rules = if clear {
+                shoal_protocol::WorkspaceRules::default()
+            } else {
+                client.rules(&id)?
+            };
+            let changing = clear
+                || max_file_size.is_some()
+                || quota.is_some()
+                || !forbid.is_empty()
+                || !allow.is_empty();
+            if let Some(max) = max_file_size {
+                rules.max_file_size = Some(max);
+            }
+            if let Some(quota) = quota {
+                rules.quota_bytes = Some(quota);
+            }
+            rules.forbidden.retain(|p| !allow.contains(p));
+            for pattern in forbid {
+                if !rules.forbidden.contains(&pattern) {
+                    rules.forbidden.push(pattern);
+                }
+            }
+            if changing {
+                client.set_rules(&id, &rules)?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rules)?);
+            } else {
+                let or_none =
+                    |v: Option<u64>| v.map_or("none".to_owned(), |v| format!("{v} bytes"));
+                println!(
+                    "{name}: largest file {}, quota {}",
+                    or_none(rules.max_file_size),
+                    or_none(rules.quota_bytes)
+                );
+                if rules.forbidden.is_empty() {
+                    println!("  no forbidden names");
+                }
+                for pattern in &rules.forbidden {
+                    println!("  forbidden: {pattern}");
+                }
+            }
         }
         WorkspaceCommand::List { json } => {
             let remote = client.workspaces()?;
@@ -741,4 +818,26 @@ pub(crate) fn resolve(
         println!("resolved {path} in {}", entry.name);
     }
     Ok(())
+}
+
+/// "1500", "64K", "10M", "2G" (binary multiples).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: a number with an optional K, M or G"))?;
+    let factor: u64 = match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => return Err(format!("unknown size unit in {text:?}: K, M or G")),
+    };
+    value
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }

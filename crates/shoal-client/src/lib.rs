@@ -14,7 +14,7 @@ use shoal_protocol::{
     CommitRequest, CommitResponse, CreateWorkspace, DeviceKey, DownloadRequest, DownloadResponse,
     DownloadResult, ErrorBody, Invite, LoginRequest, LoginResponse, Negotiation, PresenceUpdate,
     RecoveryRequest, RecoveryResponse, UploadBatch, UploadOffer, UploadPlan, WireBatch,
-    WorkspaceInfo, headers, hex16, hex32, routes,
+    WorkspaceInfo, WorkspaceRules, headers, hex16, hex32, routes,
 };
 
 /// Why a request failed.
@@ -413,6 +413,22 @@ impl HubClient {
         Err(ClientError::Unreachable(format!(
             "chunk {hash}: {last_error}"
         )))
+    }
+
+    /// A workspace's validation rules.
+    pub fn rules(&self, ws: &str) -> Result<WorkspaceRules, ClientError> {
+        self.json(|| self.request(reqwest::Method::GET, &routes::rules(ws)))
+    }
+
+    /// Replaces a workspace's validation rules (owners only).
+    pub fn set_rules(&self, ws: &str, rules: &WorkspaceRules) -> Result<(), ClientError> {
+        self.send(|| {
+            Self::with_body(
+                self.request(reqwest::Method::PUT, &routes::rules(ws)),
+                rules,
+            )
+        })?;
+        Ok(())
     }
 
     /// Registers this device's key fingerprint with the hub.

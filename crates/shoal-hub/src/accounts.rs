@@ -92,6 +92,10 @@ CREATE TABLE IF NOT EXISTS workspaces (
     id BLOB PRIMARY KEY, name TEXT NOT NULL, owner INTEGER NOT NULL REFERENCES users (id),
     UNIQUE (owner, name)
 );
+CREATE TABLE IF NOT EXISTS rules (
+    workspace BLOB PRIMARY KEY REFERENCES workspaces (id), max_file_size INTEGER,
+    forbidden TEXT NOT NULL DEFAULT '[]', quota_bytes INTEGER
+);
 CREATE TABLE IF NOT EXISTS partners (
     workspace BLOB NOT NULL REFERENCES workspaces (id), url TEXT NOT NULL, token TEXT NOT NULL,
     device TEXT NOT NULL, PRIMARY KEY (workspace, url)
@@ -581,5 +585,61 @@ impl Accounts {
             });
         }
         Ok(partners)
+    }
+}
+
+impl Accounts {
+    /// A workspace's validation rules (none set: the default, which accepts everything).
+    pub(crate) fn rules(&self, workspace: &[u8; 16]) -> Result<crate::rules::Rules, HubError> {
+        let row: Option<(Option<i64>, String, Option<i64>)> = self
+            .conn
+            .query_row(
+                "SELECT max_file_size, forbidden, quota_bytes FROM rules WHERE workspace = ?1",
+                params![workspace.to_vec()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((max, forbidden, quota)) = row else {
+            return Ok(crate::rules::Rules::default());
+        };
+        let forbidden: Vec<String> = serde_json::from_str(&forbidden)
+            .map_err(|e| HubError::Internal(format!("stored rules are unreadable: {e}")))?;
+        Ok(crate::rules::Rules {
+            max_file_size: max.map(|m| m as u64),
+            forbidden,
+            quota_bytes: quota.map(|q| q as u64),
+        })
+    }
+
+    /// Sets a workspace's rules; owners only.
+    pub(crate) fn set_rules(
+        &self,
+        workspace: &[u8; 16],
+        user: i64,
+        rules: &crate::rules::Rules,
+    ) -> Result<(), HubError> {
+        match self.membership(workspace, user)? {
+            Some(m) if m.joined && m.role == Role::Owner => {}
+            Some(m) if m.joined => {
+                return Err(HubError::Forbidden(
+                    "only an owner can change the workspace's rules".into(),
+                ));
+            }
+            _ => return Err(HubError::NotFound),
+        }
+        let forbidden = serde_json::to_string(&rules.forbidden)
+            .map_err(|e| HubError::Internal(e.to_string()))?;
+        let as_sql = |v: Option<u64>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+        self.conn.execute(
+            "INSERT OR REPLACE INTO rules (workspace, max_file_size, forbidden, quota_bytes)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![
+                workspace.to_vec(),
+                as_sql(rules.max_file_size),
+                forbidden,
+                as_sql(rules.quota_bytes)
+            ],
+        )?;
+        Ok(())
     }
 }

@@ -375,6 +375,7 @@ fn router(hub: Shared) -> Router {
         )
         .route("/v1/workspaces/{ws}/invitations", post(invite))
         .route("/v1/workspaces/{ws}/join", post(join))
+        .route("/v1/workspaces/{ws}/rules", get(get_rules).put(put_rules))
         .route("/v1/workspaces/{ws}/download", post(download))
         .route(
             "/v1/workspaces/{ws}/download/{session}/batches/{index}",
@@ -630,6 +631,38 @@ async fn upload_batch(
     Ok(Json(plan))
 }
 
+async fn get_rules(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path(ws): Path<String>,
+) -> Result<Json<shoal_protocol::WorkspaceRules>, ApiError> {
+    let device = caller.device.clone();
+    let rules = blocking(&caller.request, move || {
+        hub.member(&device, &ws)?;
+        let id = shoal_protocol::parse_item(&ws)?.0;
+        Ok(lock(&hub.accounts)?.rules(&id)?.to_wire())
+    })
+    .await?;
+    Ok(Json(rules))
+}
+
+async fn put_rules(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path(ws): Path<String>,
+    JsonBody(body): JsonBody<shoal_protocol::WorkspaceRules>,
+) -> Result<StatusCode, ApiError> {
+    let rules = crate::rules::Rules::from_wire(&body).map_err(|e| caller.fail(e))?;
+    let device = caller.device.clone();
+    blocking(&caller.request, move || {
+        hub.member(&device, &ws)?;
+        let id = shoal_protocol::parse_item(&ws)?.0;
+        lock(&hub.accounts)?.set_rules(&id, device.user, &rules)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn commit(
     State(hub): State<Shared>,
     caller: Caller,
@@ -641,9 +674,11 @@ async fn commit(
     let device = caller.device.clone();
     let response = blocking(&caller.request, move || {
         let (workspace, _) = hub.member(&device, &ws)?;
+        let id = shoal_protocol::parse_item(&ws)?.0;
+        let rules = lock(&hub.accounts)?.rules(&id)?;
         let (response, changed) = with_replica(&workspace, |r| {
             r.check_epoch(&replica, epoch)?;
-            r.commit(&batch, &body)
+            r.commit(&batch, &body, &rules)
         })?;
         if changed {
             hub.announce_change(&workspace, &ws, &response.tag_after);

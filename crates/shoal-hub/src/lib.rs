@@ -12,6 +12,7 @@ mod metrics;
 mod partner;
 mod presence;
 mod replica;
+mod rules;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -237,7 +237,12 @@ fn sync_once(
             })
             .collect();
         let (outcome, changed) = with_replica(workspace, |r| {
-            r.commit(&batch_id, &CommitRequest { items: statuses })
+            // The partner judged these by its rules; local rules apply to local writers.
+            r.commit(
+                &batch_id,
+                &CommitRequest { items: statuses },
+                &crate::rules::Rules::default(),
+            )
         })?;
         if changed {
             hub.announce_change(workspace, ws, &outcome.tag_after);

@@ -400,6 +400,7 @@ impl WorkspaceReplica {
         &mut self,
         batch_id: &str,
         request: &CommitRequest,
+        rules: &crate::rules::Rules,
     ) -> Result<(CommitResponse, bool), HubError> {
         // Check the request before taking the batch, so a malformed commit can be corrected
         // and sent again. The caller's transfer statuses are checked for form only: the hub
@@ -413,6 +414,12 @@ impl WorkspaceReplica {
         let knowledge_before = self.store.knowledge()?;
         let mut outcomes: HashMap<Dot, (String, Option<String>)> = HashMap::new();
         let mut arrived: HashSet<Dot> = HashSet::new();
+        let mut stored = if rules.quota_bytes.is_some() {
+            self.store.content_bytes()?
+        } else {
+            0
+        };
+        let mut quota_counted: HashSet<ContentHash> = HashSet::new();
         for (_, version) in &pending.versions {
             let dot = version.dot;
             if pending.role == Role::Reader {
@@ -433,6 +440,32 @@ impl WorkspaceReplica {
                     ("refused".into(), Some(format!("invalid name: {error}"))),
                 );
                 continue;
+            }
+            if let Some(reason) = rules.refusal(&version.entry) {
+                outcomes.insert(dot, ("refused".into(), Some(reason)));
+                continue;
+            }
+            // The quota counts each distinct content once; content already held is free.
+            if let (Some(quota), Some(hash)) = (
+                rules.quota_bytes,
+                version.entry.content.filter(|_| !version.entry.deleted),
+            ) && self.store.content(&hash)?.is_none()
+                && !quota_counted.contains(&hash)
+            {
+                if stored + version.entry.size > quota {
+                    outcomes.insert(
+                        dot,
+                        (
+                            "refused".into(),
+                            Some(format!(
+                                "this workspace's quota of {quota} bytes would be exceeded ({stored} bytes held)"
+                            )),
+                        ),
+                    );
+                    continue;
+                }
+                stored += version.entry.size;
+                quota_counted.insert(hash);
             }
             let content_ok = match version.entry.content.filter(|_| !version.entry.deleted) {
                 None => true,

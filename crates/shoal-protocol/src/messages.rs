@@ -478,3 +478,18 @@ pub enum PresenceEvent {
         compact: String,
     },
 }
+
+/// `GET`/`PUT /v1/workspaces/{ws}/rules`: the validation rules an owner set. A change that
+/// breaks one is refused by the hub and kept with the reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceRules {
+    /// Largest file accepted, in bytes (none: no limit).
+    #[serde(default)]
+    pub max_file_size: Option<u64>,
+    /// Name patterns refused (`*` any run, `?` one character, case ignored), e.g. `*.exe`.
+    #[serde(default)]
+    pub forbidden: Vec<String>,
+    /// Most bytes of distinct content the workspace may hold (none: no quota).
+    #[serde(default)]
+    pub quota_bytes: Option<u64>,
+}

@@ -71,3 +71,7 @@ pub fn peer_negotiate(ws: &str) -> String {
 pub fn peer_contents(ws: &str) -> String {
     format!("{}/contents", workspace(ws))
 }
+/// `GET` (members) or `PUT` (owners) a workspace's validation rules.
+pub fn rules(ws: &str) -> String {
+    format!("{}/rules", workspace(ws))
+}

@@ -224,6 +224,16 @@ impl Store {
         user.clone_into(&mut self.identity.user);
     }
 
+    /// Bytes of distinct content whose chunk lists are held (each content counted once).
+    pub fn content_bytes(&self) -> Result<u64> {
+        let total: i64 =
+            self.conn
+                .query_row("SELECT COALESCE(SUM(size), 0) FROM contents", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(u64::try_from(total).unwrap_or(0))
+    }
+
     /// Who this replica is.
     pub fn identity(&self) -> &Identity {
         &self.identity
