@@ -52,6 +52,8 @@ pub struct SyncReport {
     pub hub_tag: String,
     /// Whether the replica had to start a new epoch (it was restored from an old copy).
     pub new_epoch: bool,
+    /// Refusals taken from the hub's list (new ones, or lifted ones).
+    pub refusals_changed: usize,
     /// Bytes of content fetched from peers rather than from the hub.
     pub bytes_from_peers: u64,
     /// Bytes of content fetched from the other side of the session (the hub, or the peer a
@@ -322,9 +324,10 @@ pub fn sync_workspace_with(
     let identity = folder.store().identity().clone();
     let mut client = base.for_replica(&entry.id, identity.replica, identity.epoch);
     let ours = folder.store().knowledge()?.compact().to_string();
+    let refusals = local_refusals_tag(&folder)?;
     let mut scanned = None;
     let offer = match client
-        .upload_offer_unless(&entry.id, &ours)
+        .upload_offer_unless(&entry.id, &ours, &refusals)
         .map_err(AgentError::from)
     {
         Err(AgentError::StaleEpoch { known }) => {
@@ -351,6 +354,10 @@ pub fn sync_workspace_with(
         }
         other => other?.ok_or_else(|| AgentError::Protocol("no offer".into()))?,
     };
+    if offer.refusals != refusals {
+        // The hub refused (or stopped refusing) something: take its list as ours.
+        report.refusals_changed = adopt_refusals(&mut folder, &client.refusals(&entry.id)?)?;
+    }
     let hub_knowledge = Knowledge::try_from(&offer.knowledge)?;
     // The hub has seen writes of ours that we no longer have: we were restored. Our next
     // writes must not reuse those dots.
@@ -438,6 +445,53 @@ pub fn open_folder(
     let mut folder = FolderReplica::open(&entry.path, &device.device_name)?;
     folder.set_author(&device.user);
     Ok(folder)
+}
+
+/// The refusals' tag of what this replica holds as refused.
+fn local_refusals_tag(folder: &FolderReplica) -> Result<String, AgentError> {
+    let refused = folder.store().refused()?;
+    Ok(shoal_protocol::refusals_tag(
+        refused
+            .iter()
+            .map(|(_, v, reason)| (v.dot, reason.as_str())),
+    ))
+}
+
+/// Makes this replica's refused versions the hub's: a version the hub refused (whoever
+/// uploaded it, say a peer that accepted it directly) is marked refused here too, kept and no
+/// longer offered; one whose refusal an owner lifted is offered again. Returns how many
+/// changed.
+fn adopt_refusals(
+    folder: &mut FolderReplica,
+    hub: &[shoal_protocol::Refusal],
+) -> Result<usize, AgentError> {
+    let mut theirs: HashMap<Dot, (ItemId, Version, String)> = HashMap::new();
+    for refusal in hub {
+        let (item, version) = refusal.version.to_core()?;
+        theirs.insert(version.dot, (item, version, refusal.reason.clone()));
+    }
+    let ours = folder.store().refused()?;
+    let now = now_ns();
+    let mut changed = 0;
+    let mut tx = folder.store_mut().begin()?;
+    for (_, version, reason) in &ours {
+        match theirs.get(&version.dot) {
+            Some((_, _, hub_reason)) if hub_reason == reason => {}
+            _ => {
+                tx.remove_refused(&version.dot)?;
+                changed += 1;
+            }
+        }
+    }
+    for (dot, (item, version, reason)) in &theirs {
+        let same = ours.iter().any(|(_, v, r)| v.dot == *dot && r == reason);
+        if !same {
+            tx.put_refused(*item, version, reason, now)?;
+            changed += 1;
+        }
+    }
+    tx.commit()?;
+    Ok(changed)
 }
 
 /// Moves the replica to an epoch after both its own and `known`.

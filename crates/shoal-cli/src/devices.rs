@@ -119,6 +119,18 @@ pub(crate) enum WorkspaceCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List the versions the hub refused in a workspace, or (owners) lift a refusal after
+    /// changing a rule: the author's device then offers the version again.
+    Refusals {
+        /// Workspace name.
+        name: String,
+        /// Lift the refusal of this version (`REPLICA:EPOCH:TICK`, as listed).
+        #[arg(long)]
+        lift: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Workspaces on the hub and on this device.
     List {
         /// Print JSON.
@@ -383,6 +395,44 @@ pub(crate) fn workspace(home: &Home, command: WorkspaceCommand) -> anyhow::Resul
                 }
                 for pattern in &rules.forbidden {
                     println!("  forbidden: {pattern}");
+                }
+            }
+        }
+        WorkspaceCommand::Refusals { name, lift, json } => {
+            let id = find(&client, &name, |w| w.joined)?.id;
+            if let Some(version) = lift {
+                client.lift_refusal(&id, &version)?;
+                println!(
+                    "lifted the refusal of {version}; its author's device offers it again at its next sync"
+                );
+                return Ok(());
+            }
+            let refusals = client.refusals(&id)?;
+            let rows: Vec<serde_json::Value> = refusals
+                .iter()
+                .map(|r| {
+                    let v = &r.version;
+                    serde_json::json!({
+                        "version": format!("{}:{}:{}", v.dot.replica, v.dot.epoch, v.dot.tick),
+                        "name": v.entry.name, "device": v.device, "user": v.user,
+                        "size": v.entry.size, "reason": r.reason,
+                    })
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("{name}: nothing refused");
+            } else {
+                for row in &rows {
+                    println!(
+                        "{} by {} on {} ({}): {}",
+                        row["name"].as_str().unwrap_or(""),
+                        row["user"].as_str().unwrap_or(""),
+                        row["device"].as_str().unwrap_or(""),
+                        row["version"].as_str().unwrap_or(""),
+                        row["reason"].as_str().unwrap_or("")
+                    );
                 }
             }
         }
@@ -719,15 +769,40 @@ pub(crate) fn conflicts(home: &Home, name: Option<&str>, json: bool) -> anyhow::
     for workspace in home.workspace(name)? {
         let folder = shoal_agent::open_folder(&device, &workspace)?;
         let listed = folder.conflicts()?;
+        // Versions the hub refused are kept and listed here too, with the reason.
+        let refused = folder.store().refused()?;
         if json {
             for conflict in &listed {
                 let mut row = conflict_json(conflict);
                 row["workspace"] = serde_json::Value::String(workspace.name.clone());
                 rows.push(row);
             }
+            for (_, version, reason) in &refused {
+                rows.push(serde_json::json!({
+                    "workspace": workspace.name,
+                    "path": version.entry.name,
+                    "kind": "refused",
+                    "reason": reason,
+                    "versions": [{
+                        "number": 1,
+                        "version": format!("{}:{}:{}", version.dot.writer.replica, version.dot.writer.epoch, version.dot.tick),
+                        "device": version.device, "user": version.user,
+                        "written_at_ns": version.written_at,
+                        "written_at": shoal_core::utc_stamp(version.written_at),
+                        "size": version.entry.size, "deleted": version.entry.deleted,
+                        "name": version.entry.name,
+                    }],
+                }));
+            }
             continue;
         }
-        if listed.is_empty() {
+        for (_, version, reason) in &refused {
+            println!(
+                "{}: {} (refused by the hub: {reason}; written by {} on {})",
+                workspace.name, version.entry.name, version.user, version.device
+            );
+        }
+        if listed.is_empty() && refused.is_empty() {
             println!("{}: no conflicts", workspace.name);
         }
         for conflict in &listed {

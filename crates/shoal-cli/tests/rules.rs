@@ -124,3 +124,120 @@ fn each_rule_refuses_a_change_and_the_author_keeps_it() -> TestResult {
     assert!(refused(&again).is_empty(), "{again}");
     Ok(())
 }
+
+fn refused_names(device: &Device) -> AnyResult<Vec<String>> {
+    let status: serde_json::Value = serde_json::from_str(&device.run(&["status", "--json"])?)?;
+    let mut names: Vec<String> = status[0]["refused"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+#[test]
+fn refusals_reach_every_device_even_through_a_peer_and_an_owner_can_lift_one() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (hub, laptop, phone) = team(root.path())?;
+    Hub::add_user(&hub.data, "carol", "carol-pw")?;
+    let tablet = Device::new(root.path(), "tablet");
+    tablet.login(&hub, "carol", "carol-pw", "tablet")?;
+    laptop.run(&["workspace", "invite", "team", "carol", "--role", "reader"])?;
+    tablet.join("team")?;
+    laptop.write("readme.txt", "hello")?;
+    for device in [&laptop, &phone, &tablet] {
+        device.sync()?;
+    }
+    laptop.run(&["workspace", "rules", "team", "--forbid", "*.exe"])?;
+
+    // Carol (a reader) writes; alice's laptop accepts it peer-to-peer and passes it on to the
+    // hub, which judges it by its author: refused.
+    let agents = [
+        support::Agent::start(&laptop, &[])?,
+        support::Agent::start(&tablet, &[])?,
+    ];
+    assert!(
+        support::wait_for(std::time::Duration::from_secs(20), || agents
+            .iter()
+            .all(|a| a.reachable_contacts() >= 1)),
+        "the agents did not learn of each other"
+    );
+    tablet.write("from-a-reader.txt", "a reader's words")?;
+    assert!(
+        support::wait_for(std::time::Duration::from_secs(10), || laptop
+            .folder
+            .join("from-a-reader.txt")
+            .exists()),
+        "the laptop did not accept the reader's change peer-to-peer"
+    );
+    // Bob (an editor) breaks a rule; his phone has no agent.
+    phone.write("setup.exe", "MZ")?;
+    phone.sync()?;
+    let everyone = [&laptop, &phone, &tablet];
+    let expected = vec!["from-a-reader.txt".to_owned(), "setup.exe".to_owned()];
+    let reached = support::wait_for(std::time::Duration::from_secs(20), || {
+        everyone
+            .iter()
+            .all(|d| d.sync().is_ok() && refused_names(d).is_ok_and(|names| names == expected))
+    });
+    assert!(
+        reached,
+        "refusals not on every device: laptop {:?}, phone {:?}, tablet {:?}\n{}",
+        refused_names(&laptop),
+        refused_names(&phone),
+        refused_names(&tablet),
+        agents[0].log()
+    );
+    for agent in agents {
+        agent.stop();
+    }
+    // Kept where they were written or accepted; never spread to the others.
+    assert!(tablet.folder.join("from-a-reader.txt").exists());
+    assert!(laptop.folder.join("from-a-reader.txt").exists());
+    assert!(!phone.folder.join("from-a-reader.txt").exists());
+    assert!(phone.folder.join("setup.exe").exists());
+    assert!(!laptop.folder.join("setup.exe").exists());
+    let listed: serde_json::Value = serde_json::from_str(&laptop.run(&["conflicts", "--json"])?)?;
+    let kinds: Vec<&str> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, ["refused", "refused"], "{listed}");
+
+    // Only an owner lifts a refusal; after the rule changes, the lifted version goes through.
+    let list: serde_json::Value =
+        serde_json::from_str(&laptop.run(&["workspace", "refusals", "team", "--json"])?)?;
+    let exe = list
+        .as_array()
+        .and_then(|l| l.iter().find(|r| r["name"] == "setup.exe"))
+        .and_then(|r| r["version"].as_str())
+        .ok_or("setup.exe not listed")?
+        .to_owned();
+    assert!(
+        !phone
+            .command(&["workspace", "refusals", "team", "--lift", &exe])
+            .output()?
+            .status
+            .success(),
+        "an editor lifted a refusal"
+    );
+    laptop.run(&["workspace", "rules", "team", "--allow", "*.exe"])?;
+    laptop.run(&["workspace", "refusals", "team", "--lift", &exe])?;
+    phone.sync()?;
+    laptop.sync()?;
+    assert_eq!(
+        std::fs::read_to_string(laptop.folder.join("setup.exe"))?,
+        "MZ",
+        "the lifted version did not arrive"
+    );
+    assert_eq!(refused_names(&phone)?, vec!["from-a-reader.txt".to_owned()]);
+    assert_eq!(
+        refused_names(&laptop)?,
+        vec!["from-a-reader.txt".to_owned()]
+    );
+    Ok(())
+}

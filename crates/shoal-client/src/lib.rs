@@ -13,7 +13,7 @@ use shoal_core::{ContentHash, ReplicaId};
 use shoal_protocol::{
     CommitRequest, CommitResponse, CreateWorkspace, DeviceKey, DownloadRequest, DownloadResponse,
     DownloadResult, ErrorBody, Invite, LoginRequest, LoginResponse, Negotiation, PresenceUpdate,
-    RecoveryRequest, RecoveryResponse, UploadBatch, UploadOffer, UploadPlan, WireBatch,
+    RecoveryRequest, RecoveryResponse, Refusal, UploadBatch, UploadOffer, UploadPlan, WireBatch,
     WorkspaceInfo, WorkspaceRules, headers, hex16, hex32, routes,
 };
 
@@ -297,16 +297,21 @@ impl HubClient {
         self.json(|| self.request(reqwest::Method::GET, &routes::upload(ws)))
     }
 
-    /// The server's knowledge before an upload, unless its compact form is `compact` (then
-    /// `None`: both sides know the same, nothing to exchange).
+    /// The server's knowledge before an upload, unless its compact knowledge and refusals'
+    /// tag are `compact` and `refusals` (then `None`: both sides know the same, nothing to
+    /// exchange).
     pub fn upload_offer_unless(
         &self,
         ws: &str,
         compact: &str,
+        refusals: &str,
     ) -> Result<Option<UploadOffer>, ClientError> {
         let response = self.send(|| {
             self.request(reqwest::Method::GET, &routes::upload(ws))
-                .header(reqwest::header::IF_NONE_MATCH, format!("\"{compact}\""))
+                .header(
+                    reqwest::header::IF_NONE_MATCH,
+                    format!("\"{compact}.{refusals}\""),
+                )
         })?;
         if response.status() == StatusCode::NOT_MODIFIED {
             return Ok(None);
@@ -428,6 +433,18 @@ impl HubClient {
                 rules,
             )
         })?;
+        Ok(())
+    }
+
+    /// The refused versions of a workspace, with the reasons.
+    pub fn refusals(&self, ws: &str) -> Result<Vec<Refusal>, ClientError> {
+        self.json(|| self.request(reqwest::Method::GET, &routes::refusals(ws)))
+    }
+
+    /// Lifts the refusal of a version (owners only); `version` is `REPLICA:EPOCH:TICK`.
+    pub fn lift_refusal(&self, ws: &str, version: &str) -> Result<(), ClientError> {
+        let path = format!("{}/{version}", routes::refusals(ws));
+        self.send(|| self.request(reqwest::Method::DELETE, &path))?;
         Ok(())
     }
 

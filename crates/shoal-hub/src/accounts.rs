@@ -92,6 +92,9 @@ CREATE TABLE IF NOT EXISTS workspaces (
     id BLOB PRIMARY KEY, name TEXT NOT NULL, owner INTEGER NOT NULL REFERENCES users (id),
     UNIQUE (owner, name)
 );
+CREATE TABLE IF NOT EXISTS replicas (
+    replica BLOB PRIMARY KEY, workspace BLOB NOT NULL, device BLOB NOT NULL REFERENCES devices (id)
+);
 CREATE TABLE IF NOT EXISTS rules (
     workspace BLOB PRIMARY KEY REFERENCES workspaces (id), max_file_size INTEGER,
     forbidden TEXT NOT NULL DEFAULT '[]', quota_bytes INTEGER
@@ -641,5 +644,54 @@ impl Accounts {
             ],
         )?;
         Ok(())
+    }
+}
+
+impl Accounts {
+    /// Records which device a workspace replica belongs to, the first time the device syncs it
+    /// (so the hub can judge a version by its author, whoever uploads it). A replica id already
+    /// recorded keeps its first device.
+    pub(crate) fn register_replica(
+        &self,
+        workspace: &[u8; 16],
+        replica: &shoal_core::ReplicaId,
+        device: &[u8; 16],
+    ) -> Result<(), HubError> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO replicas (replica, workspace, device) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![
+                replica.0.to_vec(),
+                workspace.to_vec(),
+                device.to_vec()
+            ])?;
+        Ok(())
+    }
+
+    /// The role in `workspace` of the user behind each replica recorded for it.
+    pub(crate) fn author_roles(
+        &self,
+        workspace: &[u8; 16],
+    ) -> Result<std::collections::HashMap<shoal_core::ReplicaId, Role>, HubError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT replicas.replica, members.role FROM replicas
+             JOIN devices ON devices.id = replicas.device
+             JOIN members ON members.user = devices.user AND members.workspace = replicas.workspace
+             WHERE replicas.workspace = ?1",
+        )?;
+        let rows = statement.query_map(params![workspace.to_vec()], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, String>(1)?))
+        })?;
+        let mut roles = std::collections::HashMap::new();
+        for row in rows {
+            let (replica, role) = row?;
+            let (Ok(replica), Some(role)) = (<[u8; 16]>::try_from(replica), Role::parse(&role))
+            else {
+                continue;
+            };
+            roles.insert(shoal_core::ReplicaId(replica), role);
+        }
+        Ok(roles)
     }
 }

@@ -376,6 +376,11 @@ fn router(hub: Shared) -> Router {
         .route("/v1/workspaces/{ws}/invitations", post(invite))
         .route("/v1/workspaces/{ws}/join", post(join))
         .route("/v1/workspaces/{ws}/rules", get(get_rules).put(put_rules))
+        .route("/v1/workspaces/{ws}/refusals", get(list_refusals))
+        .route(
+            "/v1/workspaces/{ws}/refusals/{version}",
+            axum::routing::delete(lift_refusal),
+        )
         .route("/v1/workspaces/{ws}/download", post(download))
         .route(
             "/v1/workspaces/{ws}/download/{session}/batches/{index}",
@@ -591,15 +596,17 @@ async fn upload_offer(
     let device = caller.device.clone();
     let offer = blocking(&caller.request, move || {
         let (workspace, _) = hub.member(&device, &ws)?;
+        let id = shoal_protocol::parse_item(&ws)?.0;
+        lock(&hub.accounts)?.register_replica(&id, &replica, &device.id)?;
         with_replica(&workspace, |r| {
             r.check_epoch(&replica, epoch)?;
             r.upload_offer()
         })
     })
     .await?;
-    // The tag is the compact knowledge: a caller holding the same has nothing to exchange,
-    // and learns it in a few hundred bytes whatever the workspace's size.
-    let etag = format!("\"{}\"", offer.tag);
+    // The tag is the compact knowledge (and the refusals' tag): a caller holding the same has
+    // nothing to exchange, and learns it in a few hundred bytes whatever the workspace's size.
+    let etag = format!("\"{}.{}\"", offer.tag, offer.refusals);
     let unchanged = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -608,6 +615,45 @@ async fn upload_offer(
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
     Ok(([(header::ETAG, etag)], Json(offer)).into_response())
+}
+
+async fn list_refusals(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path(ws): Path<String>,
+) -> Result<Json<Vec<shoal_protocol::Refusal>>, ApiError> {
+    let device = caller.device.clone();
+    let refusals = blocking(&caller.request, move || {
+        let (workspace, _) = hub.member(&device, &ws)?;
+        with_replica(&workspace, |r| r.refusals())
+    })
+    .await?;
+    Ok(Json(refusals))
+}
+
+async fn lift_refusal(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path((ws, version)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let dot = shoal_protocol::parse_dot_path(&version).map_err(|e| caller.fail(e.into()))?;
+    let device = caller.device.clone();
+    let lifted = blocking(&caller.request, move || {
+        let (workspace, role) = hub.member(&device, &ws)?;
+        if role != Role::Owner {
+            return Err(HubError::Forbidden(
+                "only an owner can lift a refusal".into(),
+            ));
+        }
+        // Devices learn of it through the refusals' tag in their next round's offer.
+        with_replica(&workspace, |r| r.lift(&dot))
+    })
+    .await?;
+    if lifted {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(caller.fail(HubError::NotFound))
+    }
 }
 
 async fn upload_batch(
@@ -675,10 +721,13 @@ async fn commit(
     let response = blocking(&caller.request, move || {
         let (workspace, _) = hub.member(&device, &ws)?;
         let id = shoal_protocol::parse_item(&ws)?.0;
-        let rules = lock(&hub.accounts)?.rules(&id)?;
+        let (rules, authors) = {
+            let accounts = lock(&hub.accounts)?;
+            (accounts.rules(&id)?, accounts.author_roles(&id)?)
+        };
         let (response, changed) = with_replica(&workspace, |r| {
             r.check_epoch(&replica, epoch)?;
-            r.commit(&batch, &body, &rules)
+            r.commit(&batch, &body, &rules, &authors)
         })?;
         if changed {
             hub.announce_change(&workspace, &ws, &response.tag_after);

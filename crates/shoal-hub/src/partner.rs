@@ -242,6 +242,7 @@ fn sync_once(
                 &batch_id,
                 &CommitRequest { items: statuses },
                 &crate::rules::Rules::default(),
+                &HashMap::new(),
             )
         })?;
         if changed {

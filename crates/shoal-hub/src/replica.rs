@@ -138,6 +138,41 @@ impl WorkspaceReplica {
         Ok(planned)
     }
 
+    /// The tag of the refused versions held.
+    pub(crate) fn refusals_tag(&self) -> Result<String, HubError> {
+        let refused = self.store.refused()?;
+        Ok(shoal_protocol::refusals_tag(
+            refused
+                .iter()
+                .map(|(_, v, reason)| (v.dot, reason.as_str())),
+        ))
+    }
+
+    /// Every refused version held, with the reason.
+    pub(crate) fn refusals(&self) -> Result<Vec<shoal_protocol::Refusal>, HubError> {
+        Ok(self
+            .store
+            .refused()?
+            .iter()
+            .map(|(item, version, reason)| shoal_protocol::Refusal {
+                version: shoal_protocol::WireVersion::new(item, version),
+                reason: reason.clone(),
+            })
+            .collect())
+    }
+
+    /// Lifts a refusal: the version is forgotten as refused, so its author offers it again and
+    /// it is judged by the rules as they are then. False if it was not refused.
+    pub(crate) fn lift(&mut self, dot: &Dot) -> Result<bool, HubError> {
+        if !self.store.is_refused(dot)? {
+            return Ok(false);
+        }
+        let mut tx = self.store.begin()?;
+        tx.remove_refused(dot)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
     /// The replica's current tag.
     pub(crate) fn tag(&self) -> Result<String, HubError> {
         Ok(tag(&self.store.knowledge()?))
@@ -269,6 +304,7 @@ impl WorkspaceReplica {
                 max_bytes: HUB_LIMITS.max_bytes,
             },
             batches: format!("{}/upload/batches", routes::workspace(&self.id)),
+            refusals: self.refusals_tag()?,
         })
     }
 
@@ -401,6 +437,7 @@ impl WorkspaceReplica {
         batch_id: &str,
         request: &CommitRequest,
         rules: &crate::rules::Rules,
+        authors: &HashMap<ReplicaId, Role>,
     ) -> Result<(CommitResponse, bool), HubError> {
         // Check the request before taking the batch, so a malformed commit can be corrected
         // and sent again. The caller's transfer statuses are checked for form only: the hub
@@ -422,7 +459,13 @@ impl WorkspaceReplica {
         let mut quota_counted: HashSet<ContentHash> = HashSet::new();
         for (_, version) in &pending.versions {
             let dot = version.dot;
-            if pending.role == Role::Reader {
+            // Judged by its author's role when the hub knows the author (a peer may upload a
+            // reader's version it accepted), else by the uploader's.
+            let author = authors
+                .get(&version.dot.writer.replica)
+                .copied()
+                .unwrap_or(pending.role);
+            if pending.role == Role::Reader || author == Role::Reader {
                 outcomes.insert(
                     dot,
                     (

@@ -222,6 +222,10 @@ pub struct UploadOffer {
     pub batches: String,
     /// The server's replica tag.
     pub tag: String,
+    /// The tag of the server's refused versions ([`crate::refusals_tag`]): when it differs
+    /// from the caller's, the caller fetches `GET …/refusals`.
+    #[serde(default)]
+    pub refusals: String,
 }
 
 /// `PUT {batches}/{id}`: the versions to upload.
@@ -492,4 +496,13 @@ pub struct WorkspaceRules {
     /// Most bytes of distinct content the workspace may hold (none: no quota).
     #[serde(default)]
     pub quota_bytes: Option<u64>,
+}
+
+/// One refused version, as `GET /v1/workspaces/{ws}/refusals` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// The version (with its item id).
+    pub version: WireVersion,
+    /// Why it was refused.
+    pub reason: String,
 }

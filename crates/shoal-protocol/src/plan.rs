@@ -46,3 +46,50 @@ pub fn wire_batches<E>(
     }
     Ok(batches)
 }
+
+/// A tag naming a set of refusals (version and reason): equal sets, equal tags, whatever the
+/// order they are listed in. Hub and device compare it to know whether the device must fetch
+/// the hub's list.
+pub fn refusals_tag<'a>(refusals: impl IntoIterator<Item = (shoal_core::Dot, &'a str)>) -> String {
+    let mut entries: Vec<(shoal_core::Dot, &str)> = refusals.into_iter().collect();
+    entries.sort();
+    entries.dedup();
+    let mut hasher = blake3::Hasher::new_derive_key("shoal refusals v1");
+    for (dot, reason) in entries {
+        hasher.update(&dot.writer.replica.0);
+        hasher.update(&dot.writer.epoch.to_le_bytes());
+        hasher.update(&dot.tick.to_le_bytes());
+        hasher.update(&(reason.len() as u64).to_le_bytes());
+        hasher.update(reason.as_bytes());
+    }
+    hasher.finalize().to_hex()[..32].to_owned()
+}
+
+/// `REPLICA:EPOCH:TICK`, the form a version takes in a path.
+pub fn dot_path(dot: &shoal_core::Dot) -> String {
+    format!("{}:{}:{}", dot.writer.replica, dot.writer.epoch, dot.tick)
+}
+
+/// Reads [`dot_path`]'s form.
+pub fn parse_dot_path(text: &str) -> Result<shoal_core::Dot, crate::WireError> {
+    let mut parts = text.split(':');
+    let (Some(replica), Some(epoch), Some(tick), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(crate::WireError::Invalid(format!(
+            "{text:?} is not a version (REPLICA:EPOCH:TICK)"
+        )));
+    };
+    let bad = |what: &str| crate::WireError::Invalid(format!("bad {what} in {text:?}"));
+    let dot = shoal_core::Dot {
+        writer: shoal_core::WriterId {
+            replica: crate::parse_replica(replica)?,
+            epoch: epoch.parse().map_err(|_| bad("epoch"))?,
+        },
+        tick: tick.parse().map_err(|_| bad("tick"))?,
+    };
+    if dot.tick == 0 {
+        return Err(bad("tick"));
+    }
+    Ok(dot)
+}

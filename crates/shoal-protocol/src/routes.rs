@@ -75,3 +75,8 @@ pub fn peer_contents(ws: &str) -> String {
 pub fn rules(ws: &str) -> String {
     format!("{}/rules", workspace(ws))
 }
+/// `GET` the refused versions of a workspace (members); `DELETE {refusals}/{version}` lifts
+/// one (owners), where the version is `REPLICA:EPOCH:TICK`.
+pub fn refusals(ws: &str) -> String {
+    format!("{}/refusals", workspace(ws))
+}

@@ -838,6 +838,19 @@ impl Transaction<'_> {
         Ok(())
     }
 
+    /// Forgets that a version was refused (an owner lifted the refusal): it is offered again.
+    pub fn remove_refused(&mut self, dot: &Dot) -> Result<()> {
+        self.tx.execute(
+            "DELETE FROM refused WHERE w_replica = ?1 AND w_epoch = ?2 AND tick = ?3",
+            params![
+                dot.writer.replica.0.to_vec(),
+                dot.writer.epoch,
+                dot.tick as i64
+            ],
+        )?;
+        Ok(())
+    }
+
     /// Keeps a refused version with the reason; it is never merged.
     pub fn put_refused(
         &mut self,
