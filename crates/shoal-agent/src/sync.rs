@@ -402,8 +402,9 @@ pub fn sync_workspace_with(
     Ok(report)
 }
 
-/// Downloads from a peer what this device lacks and brings the folder in line. Peers only
-/// pull, so nothing goes up; the peer pulls from us in turn when it hears our knowledge.
+/// Scans, then downloads from a peer what this device lacks and brings the folder in line.
+/// Peers only pull, so nothing goes up; the peer pulls from us in turn when it hears our
+/// knowledge.
 pub fn pull_from_peer(
     device: &DeviceConfig,
     entry: &WorkspaceEntry,
@@ -412,6 +413,9 @@ pub fn pull_from_peer(
 ) -> Result<SyncReport, AgentError> {
     let mut folder = open_folder(device, entry)?;
     let mut report = SyncReport::default();
+    // Local changes first, as they are: a rename not yet scanned would otherwise look like a
+    // new file once the peer's versions are in place.
+    report.scan = folder.scan(&ScanOptions::default(), progress)?;
     let remote = Remote {
         client: peer,
         knowledge: &Knowledge::new(),

@@ -216,42 +216,93 @@ fn every_kind_through_the_hub_is_listed_alike_and_settled_from_any_device() -> T
     Ok(())
 }
 
+fn free_port() -> AnyResult<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 #[test]
-fn a_conflict_made_peer_to_peer_is_listed_alike_and_settled_peer_to_peer() -> TestResult {
+fn every_kind_made_peer_to_peer_is_listed_alike_and_settled_peer_to_peer() -> TestResult {
     let root = tempfile::tempdir()?;
     let (hub, laptop, _desktop, phone) = team(root.path())?;
     laptop.write("plan.txt", "first")?;
+    laptop.write("gone.txt", "soon deleted")?;
+    laptop.write("moved.txt", "moves twice")?;
     laptop.sync()?;
     phone.sync()?;
-    let agents = [Agent::start(&laptop, &[])?, Agent::start(&phone, &[])?];
+    // Fixed ports, so the agents find each other again after a restart without the hub.
+    let ports = [free_port()?, free_port()?];
+    let listen = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let start = |device: &Device, i: usize| Agent::start(device, &["--listen", &listen(i)]);
+    let agents = [start(&laptop, 0)?, start(&phone, 1)?];
     assert!(
         wait_for(Duration::from_secs(20), || agents
             .iter()
             .all(|a| a.reachable_contacts() >= 1)),
         "the agents did not learn of each other"
     );
-    // No hub: the edits meet peer-to-peer only.
+    for agent in agents {
+        agent.stop();
+    }
+    // No hub, and both devices change the same things before they meet again.
     let (port, data) = (hub.port, hub.data.clone());
     hub.stop();
     laptop.write("plan.txt", "alice's plan")?;
     phone.write("plan.txt", "bob's plan")?;
+    std::fs::remove_file(laptop.folder.join("gone.txt"))?;
+    phone.write("gone.txt", "edited while deleted")?;
+    std::fs::rename(
+        laptop.folder.join("moved.txt"),
+        laptop.folder.join("moved-by-alice.txt"),
+    )?;
+    std::fs::rename(
+        phone.folder.join("moved.txt"),
+        phone.folder.join("moved-by-bob.txt"),
+    )?;
+    laptop.write("same.txt", "alice's same")?;
+    phone.write("same.txt", "bob's same")?;
+    let agents = [start(&laptop, 0)?, start(&phone, 1)?];
     let both = [&laptop, &phone];
-    let met = wait_for(Duration::from_secs(15), || {
+    let met = wait_for(Duration::from_secs(20), || {
         both.iter()
-            .all(|d| conflicts(d).is_ok_and(|c| c.as_array().is_some_and(|l| l.len() == 1)))
+            .all(|d| conflicts(d).is_ok_and(|c| c.as_array().is_some_and(|l| l.len() == 4)))
+            && listed_alike(&both).is_ok()
     });
     assert!(
         met,
-        "no conflict on both:\n{}\n{}",
+        "the conflicts did not meet on both: {:?} / {:?}\n{}\n{}",
+        laptop.tree().keys().collect::<Vec<_>>(),
+        phone.tree().keys().collect::<Vec<_>>(),
         agents[0].log(),
         agents[1].log()
     );
     let listed = listed_alike(&both)?;
-    assert_eq!(listed[0]["kind"], "edit/edit", "{listed}");
+    let mut kinds: Vec<&str> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["kind"].as_str())
+        .collect();
+    kinds.sort_unstable();
+    assert_eq!(
+        kinds,
+        ["edit/delete", "edit/edit", "move", "name"],
+        "{listed}"
+    );
+    let moved = listed
+        .as_array()
+        .and_then(|l| l.iter().find(|c| c["kind"] == "move"))
+        .and_then(|c| c["path"].as_str())
+        .ok_or("no move")?
+        .to_owned();
 
-    // Bob settles it on his phone; the laptop hears of it directly.
+    // Bob settles them on his phone; the laptop hears of it directly.
     phone.run(&["resolve", "plan.txt", "--both", "--no-sync"])?;
-    let settled = wait_for(Duration::from_secs(15), || {
+    phone.run(&["resolve", "gone.txt", "--keep", "2", "--no-sync"])?;
+    phone.run(&["resolve", &moved, "--keep", "1", "--no-sync"])?;
+    phone.run(&["resolve", "same.txt", "--keep", "1", "--no-sync"])?;
+    let settled = wait_for(Duration::from_secs(20), || {
         both.iter()
             .all(|d| conflicts(d).is_ok_and(|c| c == serde_json::json!([])))
             && laptop.tree() == phone.tree()
@@ -264,16 +315,26 @@ fn a_conflict_made_peer_to_peer_is_listed_alike_and_settled_peer_to_peer() -> Te
     );
     let texts: Vec<String> = laptop.tree().into_values().flatten().collect();
     assert!(texts.contains(&"alice's plan".to_owned()) && texts.contains(&"bob's plan".to_owned()));
+    assert!(
+        !laptop.folder.join("gone.txt").exists(),
+        "the deletion was kept"
+    );
+    assert_eq!(texts.iter().filter(|t| *t == "moves twice").count(), 1);
+    assert_eq!(
+        texts.iter().filter(|t| t.ends_with("same")).count(),
+        1,
+        "one same.txt kept: {texts:?}"
+    );
 
     // The hub comes back and agrees.
-    let _hub = Hub::start_on(&data, port)?;
+    let hub = Hub::start_on(&data, port)?;
     let tablet = Device::new(root.path(), "tablet");
-    tablet.login(&_hub, "bob", "bob-pw", "tablet")?;
+    tablet.login(&hub, "bob", "bob-pw", "tablet")?;
     tablet.join("team")?;
     let caught_up = wait_for(Duration::from_secs(30), || {
         tablet.sync().is_ok() && tablet.tree() == laptop.tree()
     });
-    assert!(caught_up, "the hub did not catch up with the resolution");
+    assert!(caught_up, "the hub did not catch up with the resolutions");
     assert_eq!(conflicts(&tablet)?, serde_json::json!([]));
     Ok(())
 }
