@@ -412,10 +412,12 @@ pub fn pull_from_peer(
     progress: &dyn Progress,
 ) -> Result<SyncReport, AgentError> {
     let mut folder = open_folder(device, entry)?;
-    let mut report = SyncReport::default();
     // Local changes first, as they are: a rename not yet scanned would otherwise look like a
     // new file once the peer's versions are in place.
-    report.scan = folder.scan(&ScanOptions::default(), progress)?;
+    let mut report = SyncReport {
+        scan: folder.scan(&ScanOptions::default(), progress)?,
+        ..SyncReport::default()
+    };
     let remote = Remote {
         client: peer,
         knowledge: &Knowledge::new(),
