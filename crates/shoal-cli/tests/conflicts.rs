@@ -397,6 +397,9 @@ fn no_version_written_is_lost_by_a_conflict_or_its_resolution() -> TestResult {
     step(&all)?;
     laptop.write("a.txt", "again from the laptop")?;
     phone.write("a.txt", "again from the phone")?;
+    // A change the hub refuses is kept too.
+    laptop.run(&["workspace", "rules", "team", "--forbid", "*.tmp"])?;
+    phone.write("scratch.tmp", "refused, not lost")?;
     step(&all)?;
     let merged = root.path().join("merged.txt");
     std::fs::write(&merged, "merged at last")?;
@@ -405,12 +408,35 @@ fn no_version_written_is_lost_by_a_conflict_or_its_resolution() -> TestResult {
     step(&all)?;
 
     // Every version ever held is current, superseded by a later version of its item, or kept
-    // as refused: none vanished.
+    // as refused (refused versions are in `held` too): none vanished.
     let mut finals = Vec::new();
     for device in all {
         finals.extend(held(device)?);
     }
     assert!(seen.len() > 10, "too few versions seen: {}", seen.len());
+    let refused: Vec<shoal_core::Dot> = all
+        .iter()
+        .map(|d| {
+            shoal_store::Store::open(&d.folder.join(".shoal").join("state.db"), "test")
+                .and_then(|s| s.refused())
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .map(|(_, v, _)| v.dot)
+        .collect();
+    let scratch = seen
+        .iter()
+        .find(|(_, v)| v.entry.name == "scratch.tmp")
+        .ok_or("the refused version was never seen")?;
+    assert!(
+        refused.contains(&scratch.1.dot),
+        "the refused version is not kept as refused"
+    );
+    assert!(
+        phone.folder.join("scratch.tmp").exists(),
+        "the refused file left its author"
+    );
     for (item, version) in &seen {
         let current = finals
             .iter()
@@ -426,7 +452,15 @@ fn no_version_written_is_lost_by_a_conflict_or_its_resolution() -> TestResult {
             version.device
         );
     }
-    assert_eq!(listed_alike(&all)?, serde_json::json!([]));
+    // No conflict is left; the refusal is listed, alike on every device.
+    let listed = listed_alike(&all)?;
+    let kinds: Vec<&str> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, ["refused"], "{listed}");
     // The two losing texts of the first round live on under names of their own (the winner's
     // name was edited again since).
     let texts: Vec<String> = laptop.tree().into_values().flatten().collect();
