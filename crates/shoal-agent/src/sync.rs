@@ -227,75 +227,85 @@ impl ContentSource for HubSource<'_> {
 /// hashes or writes.
 const PARALLEL_TRANSFERS: usize = 4;
 
-/// Uploads the chunks of one local content that the hub lacks, several at a time, reading the
-/// file that holds the content once per worker. Returns (chunks, bytes), or `None` when the
-/// file changed or is gone (the item is then reported as not transferred).
-fn upload_content(
-    folder: &FolderReplica,
+/// Bundles are sent once they hold this much: large enough that per-request costs vanish,
+/// small enough to keep a few in flight.
+const BUNDLE_TARGET: usize = 4 << 20;
+
+/// One item's content to send: the chunks the hub lacks and the file holding them.
+struct Outgoing<'a> {
+    path: PathBuf,
+    chunks: Vec<&'a ChunkRef>,
+}
+
+/// Sends the chunks of every outgoing item in bundles, several requests in flight, each worker
+/// filling its own bundle from the files it reads. An item whose file changed or vanished is
+/// reported as not sent (false). Returns per item whether it was sent, and (chunks, bytes).
+fn send_contents(
     client: &HubClient,
     location: &str,
-    content: &ChunkedContent,
-    wanted: &HashSet<&str>,
-) -> Result<Option<(usize, u64)>, AgentError> {
-    let Some(file) = folder.store().local_file_with(&content.hash)? else {
-        return Ok(None);
-    };
-    let mut path = folder.root().to_path_buf();
-    path.extend(file.path.split('/'));
-    let mut seen = HashSet::new();
-    let todo: Vec<&ChunkRef> = content
-        .chunks
-        .iter()
-        .filter(|c| wanted.contains(hex32(&c.hash.0).as_str()) && seen.insert(c.hash))
-        .collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<Result<Option<(usize, u64)>, AgentError>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..PARALLEL_TRANSFERS.min(todo.len().max(1)))
+    outgoing: &[Outgoing<'_>],
+) -> Result<(Vec<bool>, usize, u64), AgentError> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    let sent: Vec<AtomicBool> = outgoing.iter().map(|_| AtomicBool::new(true)).collect();
+    let next = AtomicUsize::new(0);
+    let (chunk_count, byte_count) = (AtomicUsize::new(0), AtomicU64::new(0));
+    let results: Vec<Result<(), AgentError>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..PARALLEL_TRANSFERS.min(outgoing.len().max(1)))
             .map(|_| {
-                scope.spawn(|| -> Result<Option<(usize, u64)>, AgentError> {
-                    let Ok(handle) = File::open(&path) else {
-                        return Ok(None);
-                    };
-                    let (mut chunks, mut bytes_sent) = (0, 0u64);
+                scope.spawn(|| -> Result<(), AgentError> {
+                    let mut bundle = Vec::with_capacity(BUNDLE_TARGET + (256 << 10));
                     loop {
-                        let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(chunk) = todo.get(index) else {
-                            return Ok(Some((chunks, bytes_sent)));
+                        let index = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = outgoing.get(index) else {
+                            break;
                         };
-                        let mut bytes = vec![0u8; chunk.len as usize];
-                        if std::os::unix::fs::FileExt::read_exact_at(
-                            &handle,
-                            &mut bytes,
-                            chunk.offset,
-                        )
-                        .is_err()
-                            || ContentHash::of(&bytes) != chunk.hash
-                        {
-                            return Ok(None);
+                        let Ok(handle) = File::open(&item.path) else {
+                            sent[index].store(false, Ordering::Relaxed);
+                            continue;
+                        };
+                        for chunk in &item.chunks {
+                            let mut bytes = vec![0u8; chunk.len as usize];
+                            let read = std::os::unix::fs::FileExt::read_exact_at(
+                                &handle,
+                                &mut bytes,
+                                chunk.offset,
+                            );
+                            if read.is_err() || ContentHash::of(&bytes) != chunk.hash {
+                                // Changed since the scan: the next scan makes a new version.
+                                sent[index].store(false, Ordering::Relaxed);
+                                break;
+                            }
+                            shoal_protocol::bundle_chunk(&mut bundle, &chunk.hash, &bytes);
+                            chunk_count.fetch_add(1, Ordering::Relaxed);
+                            byte_count.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                            if bundle.len() >= BUNDLE_TARGET {
+                                client.put_chunk_bundle(location, std::mem::take(&mut bundle))?;
+                            }
                         }
-                        bytes_sent += bytes.len() as u64;
-                        client.put_chunk(location, &chunk.hash, bytes)?;
-                        chunks += 1;
                     }
+                    if !bundle.is_empty() {
+                        client.put_chunk_bundle(location, bundle)?;
+                    }
+                    Ok(())
                 })
             })
             .collect();
         workers
             .into_iter()
-            .map(|w| w.join().unwrap_or(Ok(None)))
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(AgentError::Protocol("an upload worker failed".into())))
+            })
             .collect()
     });
-    let (mut chunks, mut bytes) = (0, 0);
     for result in results {
-        match result? {
-            Some((c, b)) => {
-                chunks += c;
-                bytes += b;
-            }
-            None => return Ok(None),
-        }
+        result?;
     }
-    Ok(Some((chunks, bytes)))
+    Ok((
+        sent.iter().map(|s| s.load(Ordering::Relaxed)).collect(),
+        chunk_count.into_inner(),
+        byte_count.into_inner(),
+    ))
 }
 
 /// Syncs one workspace with the hub, once.
@@ -579,29 +589,47 @@ fn upload(
             .ok_or_else(|| {
                 AgentError::Protocol("the hub offered no http location for uploads".into())
             })?;
-        let mut statuses = Vec::new();
+        // Every item's missing chunks, read from its file, in shared bundles.
+        let mut outgoing = Vec::new();
+        let mut sends: Vec<Option<usize>> = Vec::with_capacity(plan.items.len());
         for ((_, version), planned) in batch.versions.iter().zip(&plan.items) {
-            let mut transferred = true;
-            if planned.needed {
-                let withheld = skip
-                    .as_deref()
-                    .is_some_and(|s| version.entry.name.contains(s));
-                let content = version.entry.content.and_then(|h| contents.get(&h));
-                match (withheld, content) {
-                    (false, Some(content)) => {
-                        let wanted: HashSet<&str> =
-                            planned.missing.iter().map(String::as_str).collect();
-                        match upload_content(folder, client, &location, content, &wanted)? {
-                            Some((chunks, bytes)) => {
-                                report.chunks_uploaded += chunks;
-                                report.bytes_uploaded += bytes;
-                            }
-                            None => transferred = false,
-                        }
-                    }
-                    _ => transferred = false,
-                }
+            if !planned.needed {
+                sends.push(None);
+                continue;
             }
+            let withheld = skip
+                .as_deref()
+                .is_some_and(|s| version.entry.name.contains(s));
+            let content = version.entry.content.and_then(|h| contents.get(&h));
+            let file = match content {
+                Some(content) if !withheld => folder.store().local_file_with(&content.hash)?,
+                _ => None,
+            };
+            let (Some(content), Some(file)) = (content, file) else {
+                sends.push(Some(usize::MAX));
+                continue;
+            };
+            let wanted: HashSet<&str> = planned.missing.iter().map(String::as_str).collect();
+            let mut seen = HashSet::new();
+            let chunks = content
+                .chunks
+                .iter()
+                .filter(|c| wanted.contains(hex32(&c.hash.0).as_str()) && seen.insert(c.hash))
+                .collect();
+            let mut path = folder.root().to_path_buf();
+            path.extend(file.path.split('/'));
+            sends.push(Some(outgoing.len()));
+            outgoing.push(Outgoing { path, chunks });
+        }
+        let (sent, chunk_count, byte_count) = send_contents(client, &location, &outgoing)?;
+        report.chunks_uploaded += chunk_count;
+        report.bytes_uploaded += byte_count;
+        let mut statuses = Vec::new();
+        for ((_, version), send) in batch.versions.iter().zip(&sends) {
+            let transferred = match send {
+                None => true,
+                Some(index) => sent.get(*index).copied().unwrap_or(false),
+            };
             statuses.push(TransferStatus {
                 dot: WireDot::from(&version.dot),
                 transferred,

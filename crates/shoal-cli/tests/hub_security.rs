@@ -86,6 +86,19 @@ fn routes(ws: &str) -> Vec<(reqwest::Method, String, Option<serde_json::Value>)>
             None,
         ),
         (Method::GET, format!("/v1/workspaces/{ws}/events"), None),
+        (Method::POST, format!("/v1/workspaces/{ws}/chunks"), None),
+        (Method::GET, format!("/v1/workspaces/{ws}/rules"), None),
+        (
+            Method::PUT,
+            format!("/v1/workspaces/{ws}/rules"),
+            Some(json!({"forbidden": ["*.exe"]})),
+        ),
+        (Method::GET, format!("/v1/workspaces/{ws}/refusals"), None),
+        (
+            Method::DELETE,
+            format!("/v1/workspaces/{ws}/refusals/{}:0:1", "11".repeat(16)),
+            None,
+        ),
     ]
 }
 
@@ -219,7 +232,85 @@ fn a_readers_change_is_refused_and_kept_as_refused() -> TestResult {
         .body("x")
         .send()?;
     assert_eq!(put.status(), StatusCode::FORBIDDEN);
+    let mut bundle = Vec::new();
+    shoal_protocol::bundle_chunk(&mut bundle, &shoal_core::ContentHash::of(b"x"), b"x");
+    let post = client
+        .post(format!("{}/v1/workspaces/{ws}/chunks", hub.url))
+        .bearer_auth(bob.token()?)
+        .body(bundle)
+        .send()?;
+    assert_eq!(
+        post.status(),
+        StatusCode::FORBIDDEN,
+        "a reader put a chunk bundle"
+    );
     Ok(())
+}
+
+#[test]
+fn a_chunk_bundle_with_any_fault_stores_nothing() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (hub, alice, ws) = hub_with_workspace(root.path())?;
+    shoal_agent::install_default_provider();
+    let client = Client::new();
+    let url = format!("{}/v1/workspaces/{ws}/chunks", hub.url);
+    let (good, other) = (b"a good chunk".as_slice(), b"another chunk".as_slice());
+    let mut bundle = Vec::new();
+    shoal_protocol::bundle_chunk(&mut bundle, &shoal_core::ContentHash::of(good), good);
+    // The second frame claims the first one's hash.
+    shoal_protocol::bundle_chunk(&mut bundle, &shoal_core::ContentHash::of(good), other);
+    let chunk_dir = hub.data.join("workspaces").join(&ws).join("chunks");
+    let before = walk_files(&chunk_dir);
+    let response = client
+        .post(&url)
+        .bearer_auth(alice.token()?)
+        .body(bundle)
+        .send()?;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let message: serde_json::Value = response.json()?;
+    assert!(
+        message["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not match")),
+        "{message}"
+    );
+    let held = walk_files(&chunk_dir) - before;
+    assert_eq!(held, 0, "a faulty bundle stored {held} chunk(s)");
+    // Truncated in a frame header: refused too.
+    let response = client
+        .post(&url)
+        .bearer_auth(alice.token()?)
+        .body(vec![0u8; 20])
+        .send()?;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    // A good bundle is stored whole.
+    let mut bundle = Vec::new();
+    shoal_protocol::bundle_chunk(&mut bundle, &shoal_core::ContentHash::of(good), good);
+    shoal_protocol::bundle_chunk(&mut bundle, &shoal_core::ContentHash::of(other), other);
+    let response = client
+        .post(&url)
+        .bearer_auth(alice.token()?)
+        .body(bundle)
+        .send()?;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(walk_files(&chunk_dir), before + 2);
+    Ok(())
+}
+
+fn walk_files(dir: &std::path::Path) -> usize {
+    let mut count = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                count += 1;
+            }
+        }
+    }
+    count
 }
 
 /// Refused versions the hub keeps, counted from its workspace database with the sqlite3 file

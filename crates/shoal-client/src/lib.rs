@@ -358,6 +358,17 @@ impl HubClient {
         Ok(())
     }
 
+    /// Puts many chunks in one request (a bundle made with `shoal_protocol::bundle_chunk`) to
+    /// the chunk location `location`.
+    pub fn put_chunk_bundle(&self, location: &str, bundle: Vec<u8>) -> Result<(), ClientError> {
+        self.send(|| {
+            self.request(reqwest::Method::POST, location)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(bundle.clone())
+        })?;
+        Ok(())
+    }
+
     /// Gets one chunk, resuming with a ranged request if the transfer breaks off.
     pub fn get_chunk(
         &self,

@@ -400,6 +400,7 @@ fn router(hub: Shared) -> Router {
             "/v1/workspaces/{ws}/upload/batches/{batch}/commit",
             put(commit),
         )
+        .route("/v1/workspaces/{ws}/chunks", post(put_chunk_bundle))
         .route(
             "/v1/workspaces/{ws}/chunks/{hash}",
             get(get_chunk)
@@ -816,6 +817,46 @@ async fn head_chunk(
     } else {
         StatusCode::NOT_FOUND
     })
+}
+
+/// Many chunks in one request (`shoal_protocol::bundle_chunk` framing): per-request costs
+/// dominate when chunks are small or many. Checked whole before anything is stored.
+async fn put_chunk_bundle(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path(ws): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if body.len() > shoal_protocol::CHUNK_BUNDLE_MAX + (shoal_protocol::CHUNK_BUNDLE_MAX >> 8) {
+        return Err(caller.fail(HubError::TooLarge(format!(
+            "a chunk bundle is at most {} bytes",
+            shoal_protocol::CHUNK_BUNDLE_MAX
+        ))));
+    }
+    let metrics = hub.metrics.clone();
+    let device = caller.device.clone();
+    let (stored, count) = blocking(&caller.request, move || {
+        let (workspace, role) = hub.member(&device, &ws)?;
+        if role == Role::Reader {
+            return Err(HubError::Forbidden("readers cannot upload content".into()));
+        }
+        let chunks = shoal_protocol::unbundle_chunks(&body)?;
+        let store = with_replica(&workspace, |r| Ok(r.chunk_store()))?;
+        let mut stored = 0usize;
+        for (hash, bytes) in &chunks {
+            if store.put(hash, bytes)? {
+                stored += 1;
+            }
+        }
+        Ok((stored, chunks.len()))
+    })
+    .await?;
+    metrics
+        .chunk_puts
+        .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+    Ok(Json(
+        serde_json::json!({ "chunks": count, "stored": stored }),
+    ))
 }
 
 async fn put_chunk(

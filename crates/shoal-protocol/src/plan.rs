@@ -93,3 +93,76 @@ pub fn parse_dot_path(text: &str) -> Result<shoal_core::Dot, crate::WireError> {
     }
     Ok(dot)
 }
+
+/// Most bytes a chunk bundle (`POST …/chunks`) may carry.
+pub const CHUNK_BUNDLE_MAX: usize = 16 << 20;
+
+/// Appends one chunk to a bundle: its BLAKE3 hash (32 bytes), its length (4 bytes, big
+/// endian), its bytes.
+pub fn bundle_chunk(bundle: &mut Vec<u8>, hash: &shoal_core::ContentHash, bytes: &[u8]) {
+    bundle.extend_from_slice(&hash.0);
+    bundle.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    bundle.extend_from_slice(bytes);
+}
+
+/// The chunks of a bundle, each checked against its hash and the chunk size limit; any fault
+/// rejects the whole bundle.
+pub fn unbundle_chunks(
+    body: &[u8],
+) -> Result<Vec<(shoal_core::ContentHash, &[u8])>, crate::WireError> {
+    let bad = |why: String| crate::WireError::Invalid(why);
+    let mut chunks = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        if rest.len() < 36 {
+            return Err(bad(format!(
+                "a chunk bundle ends inside a frame header ({} bytes left)",
+                rest.len()
+            )));
+        }
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&rest[..32]);
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&rest[32..36]);
+        let len = u32::from_be_bytes(len) as usize;
+        if len == 0 || len > shoal_core::CHUNK_MAX {
+            return Err(bad(format!(
+                "a chunk of {len} bytes: chunks are 1 to {} bytes",
+                shoal_core::CHUNK_MAX
+            )));
+        }
+        let Some(bytes) = rest.get(36..36 + len) else {
+            return Err(bad("a chunk bundle ends inside a chunk".into()));
+        };
+        let hash = shoal_core::ContentHash(hash);
+        if shoal_core::ContentHash::of(bytes) != hash {
+            return Err(bad(format!("chunk {hash} does not match its bytes")));
+        }
+        chunks.push((hash, bytes));
+        rest = &rest[36 + len..];
+    }
+    Ok(chunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundles_round_trip_and_reject_any_fault() {
+        let (a, b) = (b"first chunk".as_slice(), vec![7u8; 70_000]);
+        let mut bundle = Vec::new();
+        bundle_chunk(&mut bundle, &shoal_core::ContentHash::of(a), a);
+        bundle_chunk(&mut bundle, &shoal_core::ContentHash::of(&b), &b);
+        let back = unbundle_chunks(&bundle).expect("a good bundle");
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[1].1, b.as_slice());
+        let mut tampered = bundle.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(unbundle_chunks(&tampered).is_err());
+        assert!(unbundle_chunks(&bundle[..bundle.len() - 1]).is_err());
+        assert!(unbundle_chunks(&bundle[..20]).is_err());
+        assert_eq!(unbundle_chunks(&[]).map(|c| c.len()).ok(), Some(0));
+    }
+}
