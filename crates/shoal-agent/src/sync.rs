@@ -89,7 +89,15 @@ struct HubSource<'a> {
     misses: std::sync::Mutex<HashSet<(usize, ContentHash)>>,
     from_peers: std::sync::atomic::AtomicU64,
     from_hub: std::sync::atomic::AtomicU64,
+    /// Chunks fetched ahead in bundles, by hash.
+    prefetched: HashMap<ContentHash, Vec<u8>>,
 }
+
+/// Contents up to this size are fetched ahead in bundles; larger ones chunk by chunk (ranged,
+/// resumable).
+const PREFETCH_CONTENT_MAX: u64 = 1 << 20;
+/// At most this much is held fetched ahead at once.
+const PREFETCH_MAX: u64 = 32 << 20;
 
 impl<'a> HubSource<'a> {
     fn new(
@@ -108,6 +116,73 @@ impl<'a> HubSource<'a> {
             misses: Default::default(),
             from_peers: Default::default(),
             from_hub: Default::default(),
+            prefetched: HashMap::new(),
+        }
+    }
+
+    /// Fetches the chunks of the small contents among `contents` in bundles of a few
+    /// megabytes, several at once, from the hub's first `http` location: thousands of small
+    /// files then cost a few requests. Anything not fetched here is fetched chunk by chunk.
+    fn prefetch(&mut self, contents: &[ChunkedContent]) {
+        if !self.peers.is_empty() {
+            return; // nearer holders are asked content by content
+        }
+        let Some(location) = self.locations.iter().find(|l| l.transport == "http") else {
+            return;
+        };
+        let mut seen = HashSet::new();
+        let mut wanted: Vec<&ChunkRef> = Vec::new();
+        let mut total = 0u64;
+        for content in contents.iter().filter(|c| c.size <= PREFETCH_CONTENT_MAX) {
+            for chunk in &content.chunks {
+                if total + u64::from(chunk.len) > PREFETCH_MAX {
+                    break;
+                }
+                if seen.insert(chunk.hash) {
+                    total += u64::from(chunk.len);
+                    wanted.push(chunk);
+                }
+            }
+        }
+        if wanted.len() < 2 {
+            return;
+        }
+        let mut groups: Vec<Vec<ContentHash>> = vec![Vec::new()];
+        let mut size = 0u64;
+        for chunk in wanted {
+            if size + u64::from(chunk.len) > BUNDLE_TARGET as u64 && !groups.is_empty() {
+                groups.push(Vec::new());
+                size = 0;
+            }
+            size += u64::from(chunk.len);
+            if let Some(group) = groups.last_mut() {
+                group.push(chunk.hash);
+            }
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let fetched: Vec<Vec<(ContentHash, Vec<u8>)>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..PARALLEL_TRANSFERS.min(groups.len()))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut got = Vec::new();
+                        loop {
+                            let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(group) = groups.get(index) else {
+                                break;
+                            };
+                            if let Ok(chunks) = self.client.fetch_chunk_bundle(&location.url, group)
+                            {
+                                got.extend(chunks);
+                            }
+                        }
+                        got
+                    })
+                })
+                .collect();
+            workers.into_iter().filter_map(|w| w.join().ok()).collect()
+        });
+        for (hash, bytes) in fetched.into_iter().flatten() {
+            self.prefetched.insert(hash, bytes);
         }
     }
 
@@ -140,6 +215,10 @@ impl<'a> HubSource<'a> {
 
     fn chunk(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
         use std::sync::atomic::Ordering::Relaxed;
+        if let Some(bytes) = self.prefetched.get(&chunk.hash) {
+            self.from_hub.fetch_add(bytes.len() as u64, Relaxed);
+            return Some(bytes.clone());
+        }
         if let Some(bytes) = self.fetch_from_peers(content, chunk) {
             self.from_peers.fetch_add(bytes.len() as u64, Relaxed);
             return Some(bytes);
@@ -753,13 +832,14 @@ fn download(
         } else {
             wire.locations.clone()
         };
-        let source = HubSource::new(
+        let mut source = HubSource::new(
             client,
             all_contents.clone(),
             locations.clone(),
             &entry.id,
             peers,
         );
+        source.prefetch(&contents);
         let applied = folder.apply_batch(&mut session, &batch, &contents, &source, progress)?;
         report.bytes_from_peers += source.from_peers.into_inner();
         report.bytes_from_hub += source.from_hub.into_inner();

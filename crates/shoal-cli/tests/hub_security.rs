@@ -87,6 +87,11 @@ fn routes(ws: &str) -> Vec<(reqwest::Method, String, Option<serde_json::Value>)>
         ),
         (Method::GET, format!("/v1/workspaces/{ws}/events"), None),
         (Method::POST, format!("/v1/workspaces/{ws}/chunks"), None),
+        (
+            Method::POST,
+            format!("/v1/workspaces/{ws}/chunks/fetch"),
+            Some(json!({"chunks": []})),
+        ),
         (Method::GET, format!("/v1/workspaces/{ws}/rules"), None),
         (
             Method::PUT,
@@ -283,6 +288,13 @@ fn a_chunk_bundle_with_any_fault_stores_nothing() -> TestResult {
         .body(vec![0u8; 20])
         .send()?;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    // Fetching names chunks by hash: a malformed one is refused.
+    let response = client
+        .post(format!("{url}/fetch"))
+        .bearer_auth(alice.token()?)
+        .json(&json!({"chunks": ["not-a-hash"]}))
+        .send()?;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     // A good bundle is stored whole.
     let mut bundle = Vec::new();
     shoal_protocol::bundle_chunk(&mut bundle, &shoal_core::ContentHash::of(good), good);
@@ -294,6 +306,20 @@ fn a_chunk_bundle_with_any_fault_stores_nothing() -> TestResult {
         .send()?;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(walk_files(&chunk_dir), before + 2);
+    // And fetched back in one answer, chunks the hub lacks left out.
+    let fetched = client
+        .post(format!("{url}/fetch"))
+        .bearer_auth(alice.token()?)
+        .json(&json!({"chunks": [
+            shoal_core::ContentHash::of(other).to_string(),
+            "ab".repeat(32),
+            shoal_core::ContentHash::of(good).to_string(),
+        ]}))
+        .send()?
+        .bytes()?;
+    let chunks = shoal_protocol::unbundle_chunks(&fetched)?;
+    let got: Vec<&[u8]> = chunks.iter().map(|(_, b)| *b).collect();
+    assert_eq!(got, vec![other, good]);
     Ok(())
 }
 

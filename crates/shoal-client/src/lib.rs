@@ -369,6 +369,30 @@ impl HubClient {
         Ok(())
     }
 
+    /// Gets many chunks in one answer from the chunk location `location`: those held, each
+    /// checked against its hash (a bundle with any fault is refused whole).
+    pub fn fetch_chunk_bundle(
+        &self,
+        location: &str,
+        hashes: &[ContentHash],
+    ) -> Result<Vec<(ContentHash, Vec<u8>)>, ClientError> {
+        let body = shoal_protocol::ChunkFetch {
+            chunks: hashes.iter().map(|h| hex32(&h.0)).collect(),
+        };
+        let path = format!("{location}/fetch");
+        let response =
+            self.send(|| Self::with_body(self.request(reqwest::Method::POST, &path), &body))?;
+        let bytes = response
+            .bytes()
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let chunks = shoal_protocol::unbundle_chunks(&bytes)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(chunks
+            .into_iter()
+            .map(|(hash, bytes)| (hash, bytes.to_vec()))
+            .collect())
+    }
+
     /// Gets one chunk, resuming with a ranged request if the transfer breaks off.
     pub fn get_chunk(
         &self,

@@ -401,6 +401,7 @@ fn router(hub: Shared) -> Router {
             put(commit),
         )
         .route("/v1/workspaces/{ws}/chunks", post(put_chunk_bundle))
+        .route("/v1/workspaces/{ws}/chunks/fetch", post(fetch_chunk_bundle))
         .route(
             "/v1/workspaces/{ws}/chunks/{hash}",
             get(get_chunk)
@@ -857,6 +858,50 @@ async fn put_chunk_bundle(
     Ok(Json(
         serde_json::json!({ "chunks": count, "stored": stored }),
     ))
+}
+
+/// Many chunks in one answer, as a bundle: a device fetching thousands of small files asks
+/// for them a few megabytes at a time instead of one request each.
+async fn fetch_chunk_bundle(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path(ws): Path<String>,
+    JsonBody(body): JsonBody<shoal_protocol::ChunkFetch>,
+) -> Result<Response, ApiError> {
+    let mut wanted = Vec::with_capacity(body.chunks.len());
+    for hash in &body.chunks {
+        wanted.push(chunk_hash(&caller, hash)?);
+    }
+    if wanted.len() > shoal_protocol::CHUNK_BUNDLE_MAX / 1024 {
+        return Err(caller.fail(HubError::TooLarge(format!(
+            "at most {} chunks per fetch",
+            shoal_protocol::CHUNK_BUNDLE_MAX / 1024
+        ))));
+    }
+    let metrics = hub.metrics.clone();
+    let device = caller.device.clone();
+    let (bundle, count) = blocking(&caller.request, move || {
+        let (workspace, _) = hub.member(&device, &ws)?;
+        let store = with_replica(&workspace, |r| Ok(r.chunk_store()))?;
+        let mut bundle = Vec::new();
+        let mut count = 0u64;
+        for hash in &wanted {
+            let Some(bytes) = store.get(hash)? else {
+                continue;
+            };
+            if bundle.len() + bytes.len() > shoal_protocol::CHUNK_BUNDLE_MAX {
+                break;
+            }
+            shoal_protocol::bundle_chunk(&mut bundle, hash, &bytes);
+            count += 1;
+        }
+        Ok((bundle, count))
+    })
+    .await?;
+    metrics
+        .chunk_gets
+        .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bundle).into_response())
 }
 
 async fn put_chunk(

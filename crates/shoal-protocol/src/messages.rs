@@ -506,3 +506,11 @@ pub struct Refusal {
     /// Why it was refused.
     pub reason: String,
 }
+
+/// `POST /v1/workspaces/{ws}/chunks/fetch`: the chunks wanted in one answer, a chunk bundle
+/// (those the server does not hold are left out).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkFetch {
+    /// Chunk hashes (hex), at most 16 MiB of chunks in all.
+    pub chunks: Vec<String>,
+}
