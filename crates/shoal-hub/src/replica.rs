@@ -413,6 +413,24 @@ impl WorkspaceReplica {
     /// Whether every chunk of `content` is held and together they hash to its name. A chunk
     /// found damaged (a crash before its flush) is removed, so the next upload asks for it.
     fn complete(&self, content: &ChunkedContent) -> Result<bool, HubError> {
+        // One pass hashing the whole content checks every chunk in it at once; only when that
+        // fails is each chunk checked, to find and drop a corrupt one.
+        let mut whole = blake3::Hasher::new();
+        let mut held = true;
+        for chunk in &content.chunks {
+            match self.chunks.get_unchecked(&chunk.hash)? {
+                Some(bytes) if bytes.len() == chunk.len as usize => {
+                    whole.update(&bytes);
+                }
+                _ => {
+                    held = false;
+                    break;
+                }
+            }
+        }
+        if held && ContentHash(*whole.finalize().as_bytes()) == content.hash {
+            return Ok(true);
+        }
         let mut whole = blake3::Hasher::new();
         for chunk in &content.chunks {
             match self.chunks.get(&chunk.hash) {
@@ -588,5 +606,50 @@ impl WorkspaceReplica {
             },
             changed,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_content_is_complete_only_when_its_held_chunks_add_up_and_a_corrupt_one_is_dropped()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let replica = WorkspaceReplica::open(dir.path(), "00")?;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let bytes: Vec<u8> = (0..1_000_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let content = shoal_store::chunk_bytes(&bytes);
+        assert!(content.chunks.len() > 1);
+        assert!(!replica.complete(&content)?, "nothing held yet");
+        for chunk in &content.chunks {
+            let start = chunk.offset as usize;
+            replica
+                .chunks
+                .put(&chunk.hash, &bytes[start..start + chunk.len as usize])?;
+        }
+        assert!(replica.complete(&content)?);
+        // A chunk file damaged on disk: the content is not complete, and the bad chunk goes.
+        let damaged = &content.chunks[1];
+        let name = damaged.hash.to_string();
+        let path = dir.path().join("chunks").join(&name[..2]).join(&name[2..]);
+        let mut on_disk = std::fs::read(&path)?;
+        on_disk[0] ^= 1;
+        std::fs::write(&path, on_disk)?;
+        assert!(!replica.complete(&content)?);
+        assert!(
+            !replica.chunks.contains(&damaged.hash),
+            "the corrupt chunk was kept"
+        );
+        assert!(replica.chunks.contains(&content.chunks[0].hash));
+        Ok(())
     }
 }
