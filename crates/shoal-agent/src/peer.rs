@@ -192,9 +192,7 @@ impl PeerServer {
             if withheld {
                 // The caller must not learn dots it was not sent.
                 for batch in &mut planned {
-                    let mut sent = Knowledge::new();
-                    batch.versions.iter().for_each(|(_, v)| sent.add(v.dot));
-                    batch.learned = sent;
+                    batch.learned = batch.carried();
                     batch.forgotten = Default::default();
                 }
             }

@@ -14,8 +14,8 @@ use shoal_folder::{
 };
 use shoal_protocol::{
     CommitRequest, DownloadRequest, DownloadResult, ItemDot, ItemResult, Location, RecoveryRequest,
-    TransferStatus, UploadBatch, WireBatch, WireContent, WireDot, WireKnowledge, WireLimits,
-    WireVersion, hex16, hex32, parse_item,
+    TransferStatus, WireBatch, WireContent, WireDot, WireKnowledge, WireLimits, hex16, hex32,
+    parse_item,
 };
 use shoal_store::{ChunkRef, ChunkedContent};
 
@@ -641,23 +641,11 @@ fn upload(
                 contents.insert(content.hash, content);
             }
         }
-        let learned = if batch.last && !failed_before {
-            batch.learned.clone()
-        } else {
-            let mut dots = Knowledge::new();
-            batch.versions.iter().for_each(|(_, v)| dots.add(v.dot));
-            dots
-        };
-        let body = UploadBatch {
-            versions: batch
-                .versions
-                .iter()
-                .map(|(id, v)| WireVersion::new(id, v))
-                .collect(),
-            contents: contents.values().map(WireContent::from).collect(),
-            learned: WireKnowledge::from(&learned),
-            last: batch.last,
-        };
+        let body = shoal_protocol::upload_batch(
+            &batch,
+            contents.values().map(WireContent::from).collect(),
+            !failed_before,
+        );
         let batch_id = hex16(&rand::random());
         let plan = client.upload_batch(&entry.id, &batch_id, &body)?;
         let location = plan

@@ -738,8 +738,8 @@ fn conflict_json(conflict: &shoal_folder::Conflict) -> serde_json::Value {
             let version = &v.version;
             serde_json::json!({
                 "number": index + 1,
-                "item": version_item(v),
-                "version": format!("{}:{}:{}", version.dot.writer.replica, version.dot.writer.epoch, version.dot.tick),
+                "item": v.item.to_string(),
+                "version": shoal_protocol::dot_path(&version.dot),
                 "device": version.device,
                 "user": version.user,
                 "written_at_ns": version.written_at,
@@ -757,10 +757,6 @@ fn conflict_json(conflict: &shoal_folder::Conflict) -> serde_json::Value {
         "kind": conflict.kind.as_str(),
         "versions": versions,
     })
-}
-
-fn version_item(v: &shoal_folder::ConflictVersion) -> String {
-    v.item.to_string()
 }
 
 pub(crate) fn conflicts(home: &Home, name: Option<&str>, json: bool) -> anyhow::Result<()> {
@@ -785,7 +781,7 @@ pub(crate) fn conflicts(home: &Home, name: Option<&str>, json: bool) -> anyhow::
                     "reason": reason,
                     "versions": [{
                         "number": 1,
-                        "version": format!("{}:{}:{}", version.dot.writer.replica, version.dot.writer.epoch, version.dot.tick),
+                        "version": shoal_protocol::dot_path(&version.dot),
                         "device": version.device, "user": version.user,
                         "written_at_ns": version.written_at,
                         "written_at": shoal_core::utc_stamp(version.written_at),

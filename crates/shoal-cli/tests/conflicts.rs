@@ -6,28 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Agent, AnyResult, Device, Hub, TestResult, wait_for};
-
-/// alice on two devices and bob on one, all in workspace "team".
-fn team(root: &std::path::Path) -> AnyResult<(Hub, Device, Device, Device)> {
-    let data = root.join("hub");
-    Hub::add_user(&data, "alice", "alice-pw")?;
-    Hub::add_user(&data, "bob", "bob-pw")?;
-    let hub = Hub::start(&data)?;
-    let (laptop, desktop, phone) = (
-        Device::new(root, "laptop"),
-        Device::new(root, "desktop"),
-        Device::new(root, "phone"),
-    );
-    laptop.login(&hub, "alice", "alice-pw", "laptop")?;
-    desktop.login(&hub, "alice", "alice-pw", "desktop")?;
-    phone.login(&hub, "bob", "bob-pw", "phone")?;
-    laptop.create("team")?;
-    laptop.run(&["workspace", "invite", "team", "bob", "--role", "editor"])?;
-    desktop.join("team")?;
-    phone.join("team")?;
-    Ok((hub, laptop, desktop, phone))
-}
+use support::{Agent, AnyResult, Device, Hub, TestResult, team, wait_for};
 
 fn sync_all(devices: &[&Device]) -> TestResult {
     for _ in 0..2 {

@@ -11,22 +11,7 @@ use support::{Agent, AnyResult, Device, Hub, TestResult, hub_metric, wait_for};
 
 /// alice on two devices and bob on one, all in workspace "team", synced once.
 fn team(root: &std::path::Path) -> AnyResult<(Hub, Device, Device, Device)> {
-    let data = root.join("hub");
-    Hub::add_user(&data, "alice", "alice-pw")?;
-    Hub::add_user(&data, "bob", "bob-pw")?;
-    let hub = Hub::start(&data)?;
-    let (laptop, desktop, phone) = (
-        Device::new(root, "laptop"),
-        Device::new(root, "desktop"),
-        Device::new(root, "phone"),
-    );
-    laptop.login(&hub, "alice", "alice-pw", "laptop")?;
-    desktop.login(&hub, "alice", "alice-pw", "desktop")?;
-    phone.login(&hub, "bob", "bob-pw", "phone")?;
-    laptop.create("team")?;
-    laptop.run(&["workspace", "invite", "team", "bob", "--role", "editor"])?;
-    desktop.join("team")?;
-    phone.join("team")?;
+    let (hub, laptop, desktop, phone) = support::team(root)?;
     laptop.write("start.txt", "before the agents")?;
     for device in [&laptop, &desktop, &phone] {
         device.sync()?;

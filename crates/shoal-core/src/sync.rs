@@ -72,6 +72,16 @@ pub struct Batch {
     pub forgotten: VersionVector,
 }
 
+impl Batch {
+    /// Only the dots this batch carries: what a receiver may learn from it when the sender
+    /// held something back (or an earlier batch failed), instead of `learned`.
+    pub fn carried(&self) -> Knowledge {
+        let mut dots = Knowledge::new();
+        self.versions.iter().for_each(|(_, v)| dots.add(v.dot));
+        dots
+    }
+}
+
 /// Every current version in `items` that `receiver` has not seen, in canonical order.
 pub fn missing_versions<'a>(
     items: impl IntoIterator<Item = (&'a ItemId, &'a ItemState)>,

@@ -15,7 +15,7 @@ use shoal_client::HubClient;
 use shoal_core::{BatchLimits, ContentHash, Knowledge};
 use shoal_protocol::{
     ChangeEvent, CommitRequest, DownloadRequest, DownloadResult, ItemResult, TransferStatus,
-    UploadBatch, WireKnowledge, WireLimits, WireVersion, hex16, parse_hash,
+    UploadBatch, WireKnowledge, WireLimits, hex16, parse_hash,
 };
 
 use crate::HubError;
@@ -134,23 +134,7 @@ fn sync_once(
     let planned = with_replica(workspace, |r| r.plan_upload(&theirs, limits))?;
     let mut failed_before = false;
     for (batch, contents) in planned {
-        let learned = if batch.last && !failed_before {
-            batch.learned.clone()
-        } else {
-            let mut sent = Knowledge::new();
-            batch.versions.iter().for_each(|(_, v)| sent.add(v.dot));
-            sent
-        };
-        let body = UploadBatch {
-            versions: batch
-                .versions
-                .iter()
-                .map(|(id, v)| WireVersion::new(id, v))
-                .collect(),
-            contents,
-            learned: WireKnowledge::from(&learned),
-            last: batch.last,
-        };
+        let body = shoal_protocol::upload_batch(&batch, contents, !failed_before);
         let plan = client.upload_batch(ws, &hex16(&rand::random()), &body)?;
         let location = plan
             .locations

@@ -94,6 +94,27 @@ pub fn parse_dot_path(text: &str) -> Result<shoal_core::Dot, crate::WireError> {
     Ok(dot)
 }
 
+/// The wire form of a batch being uploaded with `contents`. The receiver learns the sender's
+/// whole knowledge only from the last batch of a session in which nothing was held back or
+/// failed (`whole`); otherwise just the dots the batch carries.
+pub fn upload_batch(batch: &Batch, contents: Vec<WireContent>, whole: bool) -> crate::UploadBatch {
+    let learned = if batch.last && whole {
+        batch.learned.clone()
+    } else {
+        batch.carried()
+    };
+    crate::UploadBatch {
+        versions: batch
+            .versions
+            .iter()
+            .map(|(id, v)| WireVersion::new(id, v))
+            .collect(),
+        contents,
+        learned: WireKnowledge::from(&learned),
+        last: batch.last,
+    }
+}
+
 /// Most bytes a chunk bundle (`POST …/chunks`) may carry.
 pub const CHUNK_BUNDLE_MAX: usize = 16 << 20;
 

@@ -310,3 +310,25 @@ pub fn hub_metric(hub_url: &str, token: &str, name: &str) -> AnyResult<u64> {
         .and_then(|(_, value)| value.trim().parse().ok())
         .ok_or_else(|| format!("no metric {name} in {body:?}").into())
 }
+
+/// alice on a laptop and a desktop and bob on a phone, all in workspace "team" (bob an
+/// editor), on a fresh hub under `root`.
+pub fn team(root: &Path) -> AnyResult<(Hub, Device, Device, Device)> {
+    let data = root.join("hub");
+    Hub::add_user(&data, "alice", "alice-pw")?;
+    Hub::add_user(&data, "bob", "bob-pw")?;
+    let hub = Hub::start(&data)?;
+    let (laptop, desktop, phone) = (
+        Device::new(root, "laptop"),
+        Device::new(root, "desktop"),
+        Device::new(root, "phone"),
+    );
+    laptop.login(&hub, "alice", "alice-pw", "laptop")?;
+    desktop.login(&hub, "alice", "alice-pw", "desktop")?;
+    phone.login(&hub, "bob", "bob-pw", "phone")?;
+    laptop.create("team")?;
+    laptop.run(&["workspace", "invite", "team", "bob", "--role", "editor"])?;
+    desktop.join("team")?;
+    phone.join("team")?;
+    Ok((hub, laptop, desktop, phone))
+}
