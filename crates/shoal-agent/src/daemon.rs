@@ -13,7 +13,7 @@
 //! other; when it returns, its knowledge arrives on the presence stream and whoever holds
 //! what it lacks uploads it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
@@ -713,6 +713,18 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         }
+        // Whatever else is waiting is handled in this same turn, and only the latest knowledge
+        // each side reported counts: a long round queues an event per commit it made, and
+        // acting on each stale one would start a round of its own.
+        while let Ok(signal) = inbox.try_recv() {
+            match signal {
+                Signal::Files(ws) => {
+                    files.insert(ws);
+                }
+                signal => other.push(signal),
+            }
+        }
+        let other = latest_knowledge_only(other);
         let now = Instant::now();
         if now >= next_rescan {
             files.extend(workspaces.iter().map(|w| w.id.clone()));
@@ -748,5 +760,85 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
             agent.hub_sync(&ws);
         }
         agent.save_state(&mut last_state);
+    }
+}
+
+/// Drops every hub or peer knowledge report that a later one from the same side, about the
+/// same workspace, supersedes; the order of what is left is kept.
+fn latest_knowledge_only(signals: Vec<Signal>) -> Vec<Signal> {
+    let key = |signal: &Signal| match signal {
+        Signal::Hub { workspace, .. } => Some((workspace.clone(), None)),
+        Signal::Peer {
+            workspace, device, ..
+        } => Some((workspace.clone(), Some(device.clone()))),
+        _ => None,
+    };
+    let mut seen = HashSet::new();
+    let mut kept: Vec<Signal> = signals
+        .into_iter()
+        .rev()
+        .filter(|signal| key(signal).is_none_or(|k| seen.insert(k)))
+        .collect();
+    kept.reverse();
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(ws: &str, compact: &str) -> Signal {
+        Signal::Hub {
+            workspace: ws.into(),
+            compact: compact.into(),
+        }
+    }
+
+    fn peer(ws: &str, device: &str, compact: &str) -> Signal {
+        Signal::Peer {
+            workspace: ws.into(),
+            device: device.into(),
+            compact: compact.into(),
+        }
+    }
+
+    fn describe(signals: &[Signal]) -> Vec<String> {
+        signals
+            .iter()
+            .map(|s| match s {
+                Signal::Hub { workspace, compact } => format!("hub {workspace} {compact}"),
+                Signal::Peer {
+                    workspace,
+                    device,
+                    compact,
+                } => format!("peer {workspace} {device} {compact}"),
+                Signal::HubConnected => "connected".into(),
+                _ => "other".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_the_latest_knowledge_of_each_side_is_acted_on() {
+        let signals = vec![
+            hub("w", "1"),
+            peer("w", "phone", "a"),
+            hub("w", "2"),
+            hub("x", "9"),
+            Signal::HubConnected,
+            peer("w", "laptop", "b"),
+            hub("w", "3"),
+            peer("w", "phone", "c"),
+        ];
+        assert_eq!(
+            describe(&latest_knowledge_only(signals)),
+            [
+                "hub x 9",
+                "connected",
+                "peer w laptop b",
+                "hub w 3",
+                "peer w phone c"
+            ]
+        );
     }
 }

@@ -21,10 +21,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::serve::{IncomingStream, Listener};
-use shoal_core::{BatchLimits, ContentHash, Knowledge, SyncOffer, plan_batches};
+use shoal_core::{BatchLimits, ChunkRef, ContentHash, Knowledge, SyncOffer, plan_batches};
 use shoal_protocol::{
-    DownloadRequest, DownloadResponse, ErrorBody, Location, Negotiation, WireBatch, parse_hash,
-    routes, wire_batches,
+    ContentFetch, DownloadRequest, DownloadResponse, ErrorBody, Location, Negotiation, WireBatch,
+    parse_hash, routes, wire_batches,
 };
 use shoal_store::Store;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -265,6 +265,75 @@ impl PeerServer {
     }
 }
 
+impl PeerServer {
+    /// Many chunks of contents this device holds, read from their files and checked, in one
+    /// bundle of at most `CHUNK_BUNDLE_MAX` bytes; chunks not held (or changed since the scan)
+    /// are left out.
+    fn read_bundle(&self, ws: &str, request: &ContentFetch) -> Result<Vec<u8>, PeerError> {
+        let limit = shoal_protocol::CHUNK_BUNDLE_MAX / 1024;
+        if request
+            .contents
+            .iter()
+            .map(|c| c.chunks.len())
+            .sum::<usize>()
+            > limit
+        {
+            return Err(PeerError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("at most {limit} chunks per fetch"),
+            ));
+        }
+        let mut wanted = Vec::with_capacity(request.contents.len());
+        for entry in &request.contents {
+            let chunks = entry
+                .chunks
+                .iter()
+                .map(|c| parse_hash(c))
+                .collect::<Result<Vec<_>, _>>()?;
+            wanted.push((parse_hash(&entry.content)?, chunks));
+        }
+        let root = self.workspaces.get(ws).ok_or_else(not_found)?.path.clone();
+        let held = self.with_store(ws, |store| {
+            let mut held = Vec::with_capacity(wanted.len());
+            for (content, chunks) in &wanted {
+                let (Some(known), Some(file)) =
+                    (store.content(content)?, store.local_file_with(content)?)
+                else {
+                    continue;
+                };
+                let pieces: Vec<ChunkRef> = chunks
+                    .iter()
+                    .filter_map(|c| known.chunks.iter().find(|k| k.hash == *c).cloned())
+                    .collect();
+                held.push((file.path, pieces));
+            }
+            Ok(held)
+        })?;
+        let mut bundle = Vec::new();
+        'files: for (path, pieces) in held {
+            let mut full = root.clone();
+            full.extend(path.split('/'));
+            let Ok(handle) = std::fs::File::open(&full) else {
+                continue;
+            };
+            for piece in pieces {
+                if bundle.len() + piece.len as usize + 36 > shoal_protocol::CHUNK_BUNDLE_MAX {
+                    break 'files;
+                }
+                let mut bytes = vec![0u8; piece.len as usize];
+                if std::os::unix::fs::FileExt::read_exact_at(&handle, &mut bytes, piece.offset)
+                    .is_err()
+                    || ContentHash::of(&bytes) != piece.hash
+                {
+                    continue 'files;
+                }
+                shoal_protocol::bundle_chunk(&mut bundle, &piece.hash, &bytes);
+            }
+        }
+        Ok(bundle)
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, PeerError> + Send + 'static,
 ) -> Result<T, PeerError> {
@@ -352,6 +421,17 @@ async fn get_content_chunk(
     })
 }
 
+async fn fetch_contents(
+    State(server): State<Shared>,
+    ConnectInfo(conn): ConnectInfo<PeerConn>,
+    Path(ws): Path<String>,
+    axum::Json(request): axum::Json<ContentFetch>,
+) -> Result<Response, PeerError> {
+    server.authorize(&conn, &ws)?;
+    let bundle = blocking(move || server.read_bundle(&ws, &request)).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bundle).into_response())
+}
+
 async fn negotiate(
     State(server): State<Shared>,
     ConnectInfo(conn): ConnectInfo<PeerConn>,
@@ -392,6 +472,7 @@ fn router(server: Shared) -> Router {
             "/v1/workspaces/{ws}/contents/{content}/{chunk}",
             get(get_content_chunk),
         )
+        .route("/v1/workspaces/{ws}/contents/fetch", post(fetch_contents))
         .route("/v1/workspaces/{ws}/negotiate", post(negotiate))
         .with_state(server)
 }

@@ -121,59 +121,40 @@ impl<'a> HubSource<'a> {
     }
 
     /// Fetches the chunks of the small contents among `contents` in bundles of a few
-    /// megabytes, several at once, from the hub's first `http` location: thousands of small
-    /// files then cost a few requests. Anything not fetched here is fetched chunk by chunk.
+    /// megabytes, several at once, from the nearest holder: thousands of small files then cost
+    /// a few requests. Anything not fetched here is fetched when its content is copied.
     fn prefetch(&mut self, contents: &[ChunkedContent]) {
-        if !self.peers.is_empty() {
-            return; // nearer holders are asked content by content
-        }
-        let Some(location) = self.locations.iter().find(|l| l.transport == "http") else {
-            return;
-        };
-        let mut seen = HashSet::new();
-        let mut wanted: Vec<&ChunkRef> = Vec::new();
         let mut total = 0u64;
-        for content in contents.iter().filter(|c| c.size <= PREFETCH_CONTENT_MAX) {
+        let mut seen = HashSet::new();
+        let mut wanted: Vec<(ContentHash, &ChunkRef)> = Vec::new();
+        'contents: for content in contents.iter().filter(|c| c.size <= PREFETCH_CONTENT_MAX) {
             for chunk in &content.chunks {
                 if total + u64::from(chunk.len) > PREFETCH_MAX {
-                    break;
+                    break 'contents;
                 }
-                if seen.insert(chunk.hash) {
-                    total += u64::from(chunk.len);
-                    wanted.push(chunk);
+                if !seen.insert(chunk.hash) {
+                    continue;
                 }
+                total += u64::from(chunk.len);
+                wanted.push((content.hash, chunk));
             }
         }
         if wanted.len() < 2 {
             return;
         }
-        let mut groups: Vec<Vec<ContentHash>> = vec![Vec::new()];
-        let mut size = 0u64;
-        for chunk in wanted {
-            if size + u64::from(chunk.len) > BUNDLE_TARGET as u64 && !groups.is_empty() {
-                groups.push(Vec::new());
-                size = 0;
-            }
-            size += u64::from(chunk.len);
-            if let Some(group) = groups.last_mut() {
-                group.push(chunk.hash);
-            }
-        }
+        let groups = bundle_groups(wanted);
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let fetched: Vec<Vec<(ContentHash, Vec<u8>)>> = std::thread::scope(|scope| {
+        let fetched: Vec<HashMap<ContentHash, Vec<u8>>> = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..PARALLEL_TRANSFERS.min(groups.len()))
                 .map(|_| {
                     scope.spawn(|| {
-                        let mut got = Vec::new();
+                        let mut got = HashMap::new();
                         loop {
                             let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let Some(group) = groups.get(index) else {
                                 break;
                             };
-                            if let Ok(chunks) = self.client.fetch_chunk_bundle(&location.url, group)
-                            {
-                                got.extend(chunks);
-                            }
+                            got.extend(self.fetch_group(group));
                         }
                         got
                     })
@@ -181,9 +162,82 @@ impl<'a> HubSource<'a> {
                 .collect();
             workers.into_iter().filter_map(|w| w.join().ok()).collect()
         });
-        for (hash, bytes) in fetched.into_iter().flatten() {
-            self.prefetched.insert(hash, bytes);
+        for got in fetched {
+            self.prefetched.extend(got);
         }
+    }
+
+    /// One bundle's worth of chunks from the nearest holders: peers first, then the hub's
+    /// locations. Returns the chunks that arrived (each checked), by hash; the caller fetches
+    /// any others one by one.
+    fn fetch_group(&self, group: &[(ContentHash, &ChunkRef)]) -> HashMap<ContentHash, Vec<u8>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut got: HashMap<ContentHash, Vec<u8>> = HashMap::new();
+        let missing = |got: &HashMap<ContentHash, Vec<u8>>| -> Vec<(ContentHash, &ChunkRef)> {
+            let mut asked = HashSet::new();
+            group
+                .iter()
+                .filter(|(_, chunk)| !got.contains_key(&chunk.hash) && asked.insert(chunk.hash))
+                .copied()
+                .collect()
+        };
+        for (index, peer) in self.peers.iter().enumerate() {
+            let wanted: Vec<(ContentHash, &ChunkRef)> = missing(&got)
+                .into_iter()
+                .filter(|(content, _)| {
+                    self.misses
+                        .lock()
+                        .map(|m| !m.contains(&(index, *content)))
+                        .unwrap_or(false)
+                })
+                .collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            let location = shoal_protocol::routes::peer_contents(self.workspace);
+            if let Ok(chunks) = peer.fetch_content_bundle(&location, &by_content(&wanted)) {
+                for (hash, bytes) in chunks {
+                    self.from_peers.fetch_add(bytes.len() as u64, Relaxed);
+                    got.insert(hash, bytes);
+                }
+            }
+            // A peer holds a content whole or not at all: don't ask it for the rest again.
+            if let Ok(mut misses) = self.misses.lock() {
+                for (content, chunk) in &wanted {
+                    if !got.contains_key(&chunk.hash) {
+                        misses.insert((index, *content));
+                    }
+                }
+            }
+        }
+        for location in &self.locations {
+            let rest = missing(&got);
+            if rest.is_empty() {
+                break;
+            }
+            let answer = match location.transport.as_str() {
+                "http" => {
+                    let hashes: Vec<ContentHash> = rest.iter().map(|(_, c)| c.hash).collect();
+                    self.client.fetch_chunk_bundle(&location.url, &hashes)
+                }
+                "peer" => self
+                    .client
+                    .fetch_content_bundle(&location.url, &by_content(&rest)),
+                _ => continue,
+            };
+            let counter = if location.transport == "peer" {
+                &self.from_peers
+            } else {
+                &self.from_hub
+            };
+            if let Ok(chunks) = answer {
+                for (hash, bytes) in chunks {
+                    counter.fetch_add(bytes.len() as u64, Relaxed);
+                    got.insert(hash, bytes);
+                }
+            }
+        }
+        got
     }
 
     fn fetch_from_peers(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
@@ -216,19 +270,28 @@ impl<'a> HubSource<'a> {
     fn chunk(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
         use std::sync::atomic::Ordering::Relaxed;
         if let Some(bytes) = self.prefetched.get(&chunk.hash) {
-            self.from_hub.fetch_add(bytes.len() as u64, Relaxed);
-            return Some(bytes.clone());
+            return Some(bytes.clone()); // counted when fetched
         }
         if let Some(bytes) = self.fetch_from_peers(content, chunk) {
             self.from_peers.fetch_add(bytes.len() as u64, Relaxed);
             return Some(bytes);
         }
-        let bytes = self.fetch_from_locations(content, chunk)?;
-        self.from_hub.fetch_add(bytes.len() as u64, Relaxed);
+        let (bytes, from_peer) = self.fetch_from_locations(content, chunk)?;
+        let counter = if from_peer {
+            &self.from_peers
+        } else {
+            &self.from_hub
+        };
+        counter.fetch_add(bytes.len() as u64, Relaxed);
         Some(bytes)
     }
 
-    fn fetch_from_locations(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
+    /// One chunk from the first location that has it, and whether that is a peer.
+    fn fetch_from_locations(
+        &self,
+        content: &ContentHash,
+        chunk: &ChunkRef,
+    ) -> Option<(Vec<u8>, bool)> {
         for location in &self.locations {
             let bytes = match location.transport.as_str() {
                 "http" => self
@@ -256,7 +319,7 @@ impl<'a> HubSource<'a> {
                 _ => None,
             };
             if let Some(bytes) = bytes.filter(|b| ContentHash::of(b) == chunk.hash) {
-                return Some(bytes);
+                return Some((bytes, location.transport == "peer"));
             }
         }
         None
@@ -264,9 +327,11 @@ impl<'a> HubSource<'a> {
 }
 
 impl ContentSource for HubSource<'_> {
-    /// Fetches the chunks several at a time, each written at its offset; every chunk is
-    /// checked against its name, so the assembled file is the content named `hash`.
+    /// Fetches the chunks in bundles of consecutive chunks, several bundles at once, each
+    /// chunk written at its offset; every chunk is checked against its name, so the assembled
+    /// file is the content named `hash`.
     fn copy_to(&self, hash: &ContentHash, dest: &std::path::Path) -> bool {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
         let Some(content) = self.contents.get(hash) else {
             return false;
         };
@@ -276,29 +341,80 @@ impl ContentSource for HubSource<'_> {
         if file.set_len(content.size).is_err() {
             return false;
         }
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let failed = std::sync::atomic::AtomicBool::new(false);
+        let groups = bundle_groups(content.chunks.iter().map(|c| (*hash, c)).collect());
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
         std::thread::scope(|scope| {
-            for _ in 0..PARALLEL_TRANSFERS.min(content.chunks.len().max(1)) {
+            for _ in 0..PARALLEL_TRANSFERS.min(groups.len().max(1)) {
                 scope.spawn(|| {
-                    while !failed.load(std::sync::atomic::Ordering::Relaxed) {
-                        let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(chunk) = content.chunks.get(index) else {
+                    while !failed.load(Relaxed) {
+                        let Some(group) = groups.get(next.fetch_add(1, Relaxed)) else {
                             return;
                         };
-                        let written = self.chunk(hash, chunk).is_some_and(|bytes| {
-                            std::os::unix::fs::FileExt::write_all_at(&file, &bytes, chunk.offset)
+                        let remote: Vec<(ContentHash, &ChunkRef)> = group
+                            .iter()
+                            .filter(|(_, c)| !self.prefetched.contains_key(&c.hash))
+                            .copied()
+                            .collect();
+                        let fetched = if remote.len() > 1 {
+                            self.fetch_group(&remote)
+                        } else {
+                            HashMap::new()
+                        };
+                        for (_, chunk) in group {
+                            let bytes = match fetched.get(&chunk.hash) {
+                                Some(bytes) => Some(std::borrow::Cow::Borrowed(bytes)),
+                                None => self.chunk(hash, chunk).map(std::borrow::Cow::Owned),
+                            };
+                            let written = bytes.is_some_and(|bytes| {
+                                std::os::unix::fs::FileExt::write_all_at(
+                                    &file,
+                                    &bytes,
+                                    chunk.offset,
+                                )
                                 .is_ok()
-                        });
-                        if !written {
-                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            });
+                            if !written {
+                                failed.store(true, Relaxed);
+                                return;
+                            }
                         }
                     }
                 });
             }
         });
-        !failed.load(std::sync::atomic::Ordering::Relaxed)
+        !failed.load(Relaxed)
     }
+}
+
+/// Cuts a list of chunks (each with its content) into groups of about `BUNDLE_TARGET` bytes,
+/// in order.
+fn bundle_groups(chunks: Vec<(ContentHash, &ChunkRef)>) -> Vec<Vec<(ContentHash, &ChunkRef)>> {
+    let mut groups: Vec<Vec<(ContentHash, &ChunkRef)>> = Vec::new();
+    let mut size = 0usize;
+    for (content, chunk) in chunks {
+        if groups.is_empty() || size + chunk.len as usize > BUNDLE_TARGET {
+            groups.push(Vec::new());
+            size = 0;
+        }
+        size += chunk.len as usize;
+        if let Some(group) = groups.last_mut() {
+            group.push((content, chunk));
+        }
+    }
+    groups
+}
+
+/// The chunks of a group by content, as a peer's content fetch names them.
+fn by_content(group: &[(ContentHash, &ChunkRef)]) -> Vec<(ContentHash, Vec<ContentHash>)> {
+    let mut out: Vec<(ContentHash, Vec<ContentHash>)> = Vec::new();
+    for (content, chunk) in group {
+        match out.last_mut() {
+            Some((last, chunks)) if last == content => chunks.push(chunk.hash),
+            _ => out.push((*content, vec![chunk.hash])),
+        }
+    }
+    out
 }
 
 /// Reads one chunk of a local content from the file that holds it, checking the bytes.
@@ -326,23 +442,40 @@ fn send_contents(
 ) -> Result<(Vec<bool>, usize, u64), AgentError> {
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     let sent: Vec<AtomicBool> = outgoing.iter().map(|_| AtomicBool::new(true)).collect();
+    // Work in pieces of about a bundle each, so one large file is read, checked and sent by
+    // every worker at once.
+    let mut pieces: Vec<(usize, &[&ChunkRef])> = Vec::new();
+    for (index, item) in outgoing.iter().enumerate() {
+        let mut start = 0;
+        let mut size = 0usize;
+        for (at, chunk) in item.chunks.iter().enumerate() {
+            if size > 0 && size + chunk.len as usize > BUNDLE_TARGET {
+                pieces.push((index, &item.chunks[start..at]));
+                start = at;
+                size = 0;
+            }
+            size += chunk.len as usize;
+        }
+        pieces.push((index, &item.chunks[start..]));
+    }
     let next = AtomicUsize::new(0);
     let (chunk_count, byte_count) = (AtomicUsize::new(0), AtomicU64::new(0));
     let results: Vec<Result<(), AgentError>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..PARALLEL_TRANSFERS.min(outgoing.len().max(1)))
+        let workers: Vec<_> = (0..PARALLEL_TRANSFERS.min(pieces.len().max(1)))
             .map(|_| {
                 scope.spawn(|| -> Result<(), AgentError> {
                     let mut bundle = Vec::with_capacity(BUNDLE_TARGET + (256 << 10));
-                    loop {
-                        let index = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(item) = outgoing.get(index) else {
-                            break;
-                        };
-                        let Ok(handle) = File::open(&item.path) else {
+                    while let Some(&(index, chunks)) =
+                        pieces.get(next.fetch_add(1, Ordering::Relaxed))
+                    {
+                        if !sent[index].load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        let Ok(handle) = File::open(&outgoing[index].path) else {
                             sent[index].store(false, Ordering::Relaxed);
                             continue;
                         };
-                        for chunk in &item.chunks {
+                        for chunk in chunks {
                             let mut bytes = vec![0u8; chunk.len as usize];
                             let read = std::os::unix::fs::FileExt::read_exact_at(
                                 &handle,
@@ -358,7 +491,11 @@ fn send_contents(
                             chunk_count.fetch_add(1, Ordering::Relaxed);
                             byte_count.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                             if bundle.len() >= BUNDLE_TARGET {
-                                client.put_chunk_bundle(location, std::mem::take(&mut bundle))?;
+                                let full = std::mem::replace(
+                                    &mut bundle,
+                                    Vec::with_capacity(BUNDLE_TARGET + (256 << 10)),
+                                );
+                                client.put_chunk_bundle(location, full)?;
                             }
                         }
                     }

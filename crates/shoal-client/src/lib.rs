@@ -361,6 +361,8 @@ impl HubClient {
     /// Puts many chunks in one request (a bundle made with `shoal_protocol::bundle_chunk`) to
     /// the chunk location `location`.
     pub fn put_chunk_bundle(&self, location: &str, bundle: Vec<u8>) -> Result<(), ClientError> {
+        // Shared, so a retry resends the same bytes without copying them.
+        let bundle = bytes::Bytes::from(bundle);
         self.send(|| {
             self.request(reqwest::Method::POST, location)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
@@ -379,9 +381,36 @@ impl HubClient {
         let body = shoal_protocol::ChunkFetch {
             chunks: hashes.iter().map(|h| hex32(&h.0)).collect(),
         };
+        self.fetch_bundle(location, &body)
+    }
+
+    /// Gets many chunks of contents a peer holds in one answer, from its content location
+    /// `location`: per content, the chunks wanted. Those held come back, each checked.
+    pub fn fetch_content_bundle(
+        &self,
+        location: &str,
+        wanted: &[(ContentHash, Vec<ContentHash>)],
+    ) -> Result<Vec<(ContentHash, Vec<u8>)>, ClientError> {
+        let body = shoal_protocol::ContentFetch {
+            contents: wanted
+                .iter()
+                .map(|(content, chunks)| shoal_protocol::ContentChunks {
+                    content: hex32(&content.0),
+                    chunks: chunks.iter().map(|h| hex32(&h.0)).collect(),
+                })
+                .collect(),
+        };
+        self.fetch_bundle(location, &body)
+    }
+
+    fn fetch_bundle<B: Serialize>(
+        &self,
+        location: &str,
+        body: &B,
+    ) -> Result<Vec<(ContentHash, Vec<u8>)>, ClientError> {
         let path = format!("{location}/fetch");
         let response =
-            self.send(|| Self::with_body(self.request(reqwest::Method::POST, &path), &body))?;
+            self.send(|| Self::with_body(self.request(reqwest::Method::POST, &path), body))?;
         let bytes = response
             .bytes()
             .map_err(|e| ClientError::Unreachable(e.to_string()))?;

@@ -185,7 +185,7 @@ fn walk(root: &Path, skipped: &Mutex<Vec<Skipped>>) -> BTreeMap<String, Found> {
 /// Hashes a file and checks it did not change while being read.
 fn hash_file(path: &Path, expected: &Found) -> Option<ChunkedContent> {
     let file = fs::File::open(path).ok()?;
-    let content = chunk_reader(std::io::BufReader::with_capacity(256 * 1024, file)).ok()?;
+    let content = chunk_reader(file).ok()?;
     let after = found_from(&fs::symlink_metadata(path).ok()?)?;
     (after.size == expected.size
         && after.mtime_ns == expected.mtime_ns

@@ -845,7 +845,7 @@ async fn put_chunk_bundle(
         let store = with_replica(&workspace, |r| Ok(r.chunk_store()))?;
         let mut stored = 0usize;
         for (hash, bytes) in &chunks {
-            if store.put(hash, bytes)? {
+            if store.put_checked(hash, bytes)? {
                 stored += 1;
             }
         }
@@ -886,7 +886,9 @@ async fn fetch_chunk_bundle(
         let mut bundle = Vec::new();
         let mut count = 0u64;
         for hash in &wanted {
-            let Some(bytes) = store.get(hash)? else {
+            // Unchecked: the receiver checks every chunk of a bundle and refuses it whole on
+            // any fault, then asks chunk by chunk (a checked read).
+            let Some(bytes) = store.get_unchecked(hash)? else {
                 continue;
             };
             if bundle.len() + bytes.len() > shoal_protocol::CHUNK_BUNDLE_MAX {

@@ -514,3 +514,21 @@ pub struct ChunkFetch {
     /// Chunk hashes (hex), at most 16 MiB of chunks in all.
     pub chunks: Vec<String>,
 }
+
+/// `POST /v1/workspaces/{ws}/contents/fetch` on a peer: chunks of contents the peer holds in
+/// its folder, in one answer (a chunk bundle; what it does not hold is left out). A peer finds
+/// chunks through the files holding their contents, so each chunk names its content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentFetch {
+    /// The contents asked for, each with the chunks wanted from it.
+    pub contents: Vec<ContentChunks>,
+}
+
+/// Chunks wanted from one content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentChunks {
+    /// The content's hash (hex).
+    pub content: String,
+    /// Hashes (hex) of the chunks wanted from it.
+    pub chunks: Vec<String>,
+}

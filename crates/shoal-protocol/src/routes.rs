@@ -67,7 +67,8 @@ pub fn peer_negotiate(ws: &str) -> String {
     format!("{}/negotiate", workspace(ws))
 }
 /// Base of a peer's content endpoint: `GET {base}/{content}/{chunk}` (ranged) reads one
-/// chunk of a content the peer holds in its folder.
+/// chunk of a content the peer holds in its folder; `POST {base}/fetch` (a `ContentFetch`)
+/// answers many chunks in one bundle.
 pub fn peer_contents(ws: &str) -> String {
     format!("{}/contents", workspace(ws))
 }

@@ -11,30 +11,95 @@ use std::path::{Path, PathBuf};
 
 use shoal_core::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkRef, ChunkedContent, ContentHash};
 
-/// Reads `reader` to the end, cutting and hashing as it goes.
-pub fn chunk_reader<R: Read>(reader: R) -> io::Result<ChunkedContent> {
+/// How much of a stream is cut at once. Chunks of a block are hashed on every core while
+/// the whole-content hash runs beside them.
+const BLOCK: usize = 8 << 20;
+
+/// Below this, a block is hashed on the calling thread (thread hand-offs would cost more).
+const PARALLEL_MIN: usize = 1 << 20;
+
+/// Reads `reader` to the end, cutting and hashing a block at a time. The cuts are those of
+/// `chunk_bytes` on the whole content: a chunk that reaches the end of a block before the
+/// stream ends is carried into the next block and cut again there.
+pub fn chunk_reader<R: Read>(mut reader: R) -> io::Result<ChunkedContent> {
+    use rayon::prelude::*;
     let mut whole = blake3::Hasher::new();
     let mut chunks = Vec::new();
-    let mut size = 0u64;
-    for chunk in fastcdc::v2020::StreamCDC::new(reader, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
-        let chunk = chunk.map_err(|error| match error {
-            fastcdc::v2020::Error::IoError(io) => io,
-            other => io::Error::other(other.to_string()),
-        })?;
-        whole.update(&chunk.data);
-        let len = u32::try_from(chunk.length).map_err(io::Error::other)?;
-        chunks.push(ChunkRef {
-            hash: ContentHash::of(&chunk.data),
-            offset: chunk.offset,
-            len,
-        });
-        size += u64::from(len);
+    let mut block: Vec<u8> = Vec::new();
+    let mut base = 0u64;
+    loop {
+        let end = fill(&mut reader, &mut block, BLOCK + CHUNK_MAX)?;
+        if block.is_empty() {
+            break;
+        }
+        let mut cuts: Vec<(usize, usize)> = Vec::new();
+        for cut in fastcdc::v2020::FastCDC::new(&block, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
+            if !end && cut.offset + cut.length == block.len() {
+                break;
+            }
+            cuts.push((cut.offset, cut.length));
+        }
+        let used = cuts.last().map_or(0, |(offset, len)| offset + len);
+        let data = &block[..used];
+        let hash_of =
+            |&(offset, len): &(usize, usize)| ContentHash::of(&data[offset..offset + len]);
+        let hashes: Vec<ContentHash> = if used < PARALLEL_MIN {
+            whole.update(data);
+            cuts.iter().map(hash_of).collect()
+        } else {
+            let (_, hashes) = rayon::join(
+                || whole.update_rayon(data),
+                || cuts.par_iter().map(hash_of).collect(),
+            );
+            hashes
+        };
+        for ((offset, len), hash) in cuts.iter().zip(hashes) {
+            chunks.push(ChunkRef {
+                hash,
+                offset: base + *offset as u64,
+                len: u32::try_from(*len).map_err(io::Error::other)?,
+            });
+        }
+        base += used as u64;
+        block.drain(..used);
+        if end && block.is_empty() {
+            break;
+        }
     }
     Ok(ChunkedContent {
         hash: ContentHash(*whole.finalize().as_bytes()),
-        size,
+        size: base,
         chunks,
     })
+}
+
+/// Reads into `block` until it holds `target` bytes or the stream ends (then true). The buffer
+/// grows with what arrives, so a small file needs only a small one, and never past `target`.
+fn fill<R: Read>(reader: &mut R, block: &mut Vec<u8>, target: usize) -> io::Result<bool> {
+    while block.len() < target {
+        let have = block.len();
+        let room = (target - have).min(have.max(64 << 10));
+        block.resize(have + room, 0);
+        let read = loop {
+            match reader.read(&mut block[have..]) {
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        match read {
+            Ok(n) => {
+                block.truncate(have + n);
+                if n == 0 {
+                    return Ok(true);
+                }
+            }
+            Err(error) => {
+                block.truncate(have);
+                return Err(error);
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// Cuts an in-memory content.
@@ -102,13 +167,9 @@ impl ChunkStore {
         self.path_of(hash).is_file()
     }
 
-    /// Stores bytes that must hash to `hash`; storing a chunk twice is a no-op. The chunk
-    /// becomes visible only complete (temp file, rename); it is durable after the next
-    /// [`ChunkStore::flush`], so many chunks cost one flush instead of one fsync each.
-    pub fn put(&self, hash: &ContentHash, bytes: &[u8]) -> Result<bool, ChunkError> {
-        if ContentHash::of(bytes) != *hash {
-            return Err(ChunkError::Mismatch(*hash));
-        }
+    /// Stores bytes the caller has already checked against `hash` (as `unbundle_chunks` does),
+    /// without hashing them again; otherwise as [`ChunkStore::put`].
+    pub fn put_checked(&self, hash: &ContentHash, bytes: &[u8]) -> Result<bool, ChunkError> {
         let path = self.path_of(hash);
         if path.is_file() {
             return Ok(false);
@@ -128,6 +189,16 @@ impl ChunkStore {
         file.write_all(bytes).map_err(io(&temp))?;
         fs::rename(&temp, &path).map_err(io(&path))?;
         Ok(true)
+    }
+
+    /// Stores bytes that must hash to `hash`; storing a chunk twice is a no-op. The chunk
+    /// becomes visible only complete (temp file, rename); it is durable after the next
+    /// [`ChunkStore::flush`], so many chunks cost one flush instead of one fsync each.
+    pub fn put(&self, hash: &ContentHash, bytes: &[u8]) -> Result<bool, ChunkError> {
+        if ContentHash::of(bytes) != *hash {
+            return Err(ChunkError::Mismatch(*hash));
+        }
+        self.put_checked(hash, bytes)
     }
 
     /// Makes every chunk stored so far durable: one file-system flush. Call it before
@@ -205,6 +276,46 @@ mod tests {
             ]
         );
         assert_eq!(chunk_reader(&data[..]).ok(), Some(chunk_bytes(&data)));
+    }
+
+    /// Reads at most a few bytes per call, as a pipe or socket might.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = out.len().min(self.1).min(self.0.len());
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn reading_in_blocks_cuts_as_the_whole_content_is_cut() {
+        // Sizes around the block boundary and several blocks, read whole or in dribbles.
+        let sizes = [
+            0,
+            1,
+            CHUNK_MIN - 1,
+            BLOCK - 1,
+            BLOCK,
+            BLOCK + CHUNK_MAX + 1,
+            3 * BLOCK + 12345,
+        ];
+        for (seed, size) in sizes.into_iter().enumerate() {
+            let data = pseudo_random(size, seed as u64 + 3);
+            let expected = chunk_bytes(&data);
+            assert_eq!(
+                chunk_reader(&data[..]).ok(),
+                Some(expected.clone()),
+                "size {size}"
+            );
+            assert_eq!(
+                chunk_reader(Trickle(&data, 100_003)).ok(),
+                Some(expected),
+                "size {size}"
+            );
+        }
     }
 
     #[test]
