@@ -309,7 +309,12 @@ impl PeerServer {
             }
             Ok(held)
         })?;
-        let mut bundle = Vec::new();
+        // Sized up front: growing by doubling would hold twice the bundle at the end.
+        let wanted_bytes: usize = held
+            .iter()
+            .flat_map(|(_, pieces)| pieces.iter().map(|p| p.len as usize + 36))
+            .sum();
+        let mut bundle = Vec::with_capacity(wanted_bytes.min(shoal_protocol::CHUNK_BUNDLE_MAX));
         'files: for (path, pieces) in held {
             let mut full = root.clone();
             full.extend(path.split('/'));

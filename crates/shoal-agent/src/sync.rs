@@ -91,6 +91,9 @@ struct HubSource<'a> {
     from_hub: std::sync::atomic::AtomicU64,
     /// Chunks fetched ahead in bundles, by hash.
     prefetched: HashMap<ContentHash, Vec<u8>>,
+    /// Chunks this device already holds in its files (the older contents of the items being
+    /// received): (file, offset, length) by hash, read instead of fetched.
+    local: HashMap<ContentHash, (PathBuf, u64, u32)>,
 }
 
 /// Contents up to this size are fetched ahead in bundles; larger ones chunk by chunk (ranged,
@@ -117,7 +120,28 @@ impl<'a> HubSource<'a> {
             from_peers: Default::default(),
             from_hub: Default::default(),
             prefetched: HashMap::new(),
+            local: HashMap::new(),
         }
+    }
+
+    /// Lets chunks of the files already here stand in for fetched ones: when a large file
+    /// changes a little, only the chunks that changed travel.
+    fn with_local(mut self, local: HashMap<ContentHash, (PathBuf, u64, u32)>) -> Self {
+        self.local = local;
+        self
+    }
+
+    /// A chunk read from a file of this device, if one holds it unchanged (`open` keeps the
+    /// files already opened).
+    fn local_chunk(&self, chunk: &ChunkRef, open: &mut HashMap<PathBuf, File>) -> Option<Vec<u8>> {
+        let (path, offset, len) = self.local.get(&chunk.hash)?;
+        if !open.contains_key(path) {
+            open.insert(path.clone(), File::open(path).ok()?);
+        }
+        let file = open.get(path)?;
+        let mut bytes = vec![0u8; *len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut bytes, *offset).ok()?;
+        (ContentHash::of(&bytes) == chunk.hash).then_some(bytes)
     }
 
     /// Fetches the chunks of the small contents among `contents` in bundles of a few
@@ -344,47 +368,101 @@ impl ContentSource for HubSource<'_> {
         let groups = bundle_groups(content.chunks.iter().map(|c| (*hash, c)).collect());
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
-        std::thread::scope(|scope| {
-            for _ in 0..PARALLEL_TRANSFERS.min(groups.len().max(1)) {
-                scope.spawn(|| {
-                    while !failed.load(Relaxed) {
-                        let Some(group) = groups.get(next.fetch_add(1, Relaxed)) else {
-                            return;
-                        };
-                        let remote: Vec<(ContentHash, &ChunkRef)> = group
-                            .iter()
-                            .filter(|(_, c)| !self.prefetched.contains_key(&c.hash))
-                            .copied()
-                            .collect();
-                        let fetched = if remote.len() > 1 {
-                            self.fetch_group(&remote)
-                        } else {
-                            HashMap::new()
-                        };
-                        for (_, chunk) in group {
-                            let bytes = match fetched.get(&chunk.hash) {
-                                Some(bytes) => Some(std::borrow::Cow::Borrowed(bytes)),
-                                None => self.chunk(hash, chunk).map(std::borrow::Cow::Owned),
-                            };
-                            let written = bytes.is_some_and(|bytes| {
-                                std::os::unix::fs::FileExt::write_all_at(
-                                    &file,
-                                    &bytes,
-                                    chunk.offset,
-                                )
-                                .is_ok()
-                            });
-                            if !written {
-                                failed.store(true, Relaxed);
-                                return;
-                            }
-                        }
+        let work = || {
+            while !failed.load(Relaxed) {
+                let Some(group) = groups.get(next.fetch_add(1, Relaxed)) else {
+                    return;
+                };
+                let mut here: HashMap<ContentHash, Vec<u8>> = HashMap::new();
+                let mut open = HashMap::new();
+                for (_, chunk) in group {
+                    if let Some(bytes) = self.local_chunk(chunk, &mut open) {
+                        here.insert(chunk.hash, bytes);
                     }
-                });
+                }
+                let remote: Vec<(ContentHash, &ChunkRef)> = group
+                    .iter()
+                    .filter(|(_, c)| {
+                        !self.prefetched.contains_key(&c.hash) && !here.contains_key(&c.hash)
+                    })
+                    .copied()
+                    .collect();
+                let fetched = if remote.len() > 1 {
+                    self.fetch_group(&remote)
+                } else {
+                    HashMap::new()
+                };
+                for (_, chunk) in group {
+                    let bytes = match here.get(&chunk.hash).or(fetched.get(&chunk.hash)) {
+                        Some(bytes) => Some(std::borrow::Cow::Borrowed(bytes)),
+                        None => self.chunk(hash, chunk).map(std::borrow::Cow::Owned),
+                    };
+                    let written = bytes.is_some_and(|bytes| {
+                        std::os::unix::fs::FileExt::write_all_at(&file, &bytes, chunk.offset)
+                            .is_ok()
+                    });
+                    if !written {
+                        failed.store(true, Relaxed);
+                        return;
+                    }
+                }
             }
-        });
+        };
+        let workers = PARALLEL_TRANSFERS.min(groups.len());
+        if workers <= 1 {
+            work(); // most files: one bundle or less, no thread needed
+        } else {
+            std::thread::scope(|scope| {
+                for _ in 0..workers {
+                    scope.spawn(work);
+                }
+            });
+        }
         !failed.load(Relaxed)
     }
+}
+
+/// Contents at least this large are looked for in the older versions of their items.
+const LOCAL_REUSE_MIN: u64 = 1 << 20;
+
+/// Where the chunks of the files this batch replaces are, for the large contents it brings:
+/// a file changed in a few places then costs only the chunks that changed.
+fn local_chunks(
+    folder: &FolderReplica,
+    entry: &WorkspaceEntry,
+    batch: &Batch,
+    contents: &[ChunkedContent],
+) -> Result<HashMap<ContentHash, (PathBuf, u64, u32)>, AgentError> {
+    let mut local = HashMap::new();
+    let large: HashSet<ContentHash> = contents
+        .iter()
+        .filter(|c| c.size >= LOCAL_REUSE_MIN)
+        .map(|c| c.hash)
+        .collect();
+    let items: HashSet<ItemId> = batch
+        .versions
+        .iter()
+        .filter(|(_, v)| v.entry.content.is_some_and(|c| large.contains(&c)))
+        .map(|(item, _)| *item)
+        .collect();
+    if items.is_empty() {
+        return Ok(local);
+    }
+    let store = folder.store();
+    for file in store.local_files()?.into_values() {
+        let Some(old) = file.content.filter(|_| items.contains(&file.item)) else {
+            continue;
+        };
+        let Some(held) = store.content(&old)? else {
+            continue;
+        };
+        let mut path = entry.path.clone();
+        path.extend(file.path.split('/'));
+        for chunk in held.chunks {
+            local.insert(chunk.hash, (path.clone(), chunk.offset, chunk.len));
+        }
+    }
+    Ok(local)
 }
 
 /// Cuts a list of chunks (each with its content) into groups of about `BUNDLE_TARGET` bytes,
@@ -424,7 +502,7 @@ const PARALLEL_TRANSFERS: usize = 4;
 
 /// Bundles are sent once they hold this much: large enough that per-request costs vanish,
 /// small enough to keep a few in flight.
-const BUNDLE_TARGET: usize = 4 << 20;
+const BUNDLE_TARGET: usize = 2 << 20;
 
 /// One item's content to send: the chunks the hub lacks and the file holding them.
 struct Outgoing<'a> {
@@ -957,13 +1035,15 @@ fn download(
         } else {
             wire.locations.clone()
         };
+        let local = local_chunks(folder, entry, &batch, &contents)?;
         let mut source = HubSource::new(
             client,
             all_contents.clone(),
             locations.clone(),
             &entry.id,
             peers,
-        );
+        )
+        .with_local(local);
         source.prefetch(&contents);
         let applied = folder.apply_batch(&mut session, &batch, &contents, &source, progress)?;
         report.bytes_from_peers += source.from_peers.into_inner();

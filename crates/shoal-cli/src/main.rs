@@ -304,7 +304,21 @@ fn unreachable_resolution() -> anyhow::Result<shoal_folder::Resolution> {
     anyhow::bail!("say how to resolve: --keep N, --both or --merged FILE")
 }
 
+/// Gives glibc's malloc one arena. By default it hands threads up to eight arenas per core
+/// and keeps freed memory in each, so the transfer threads (each with a bundle of a few
+/// megabytes) doubled peak memory: W1 peer-to-peer measured 83 MiB per device, 42 MiB with one
+/// arena, at the same speed.
+#[allow(unsafe_code)]
+fn cap_malloc_arenas() {
+    // SAFETY: mallopt only sets an allocator parameter; called first thing in main, before
+    // any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn main() -> ExitCode {
+    cap_malloc_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")

@@ -883,7 +883,9 @@ async fn fetch_chunk_bundle(
     let (bundle, count) = blocking(&caller.request, move || {
         let (workspace, _) = hub.member(&device, &ws)?;
         let store = with_replica(&workspace, |r| Ok(r.chunk_store()))?;
-        let mut bundle = Vec::new();
+        // Room for the largest answer up front (pages are touched only as they are written):
+        // growing by doubling would copy the bundle and hold it twice.
+        let mut bundle = Vec::with_capacity(shoal_protocol::CHUNK_BUNDLE_MAX);
         let mut count = 0u64;
         for hash in &wanted {
             // Unchecked: the receiver checks every chunk of a bundle and refuses it whole on
@@ -891,7 +893,7 @@ async fn fetch_chunk_bundle(
             let Some(bytes) = store.get_unchecked(hash)? else {
                 continue;
             };
-            if bundle.len() + bytes.len() > shoal_protocol::CHUNK_BUNDLE_MAX {
+            if bundle.len() + bytes.len() + 36 > shoal_protocol::CHUNK_BUNDLE_MAX {
                 break;
             }
             shoal_protocol::bundle_chunk(&mut bundle, hash, &bytes);
