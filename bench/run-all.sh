@@ -81,49 +81,10 @@ fi
 shoal_bin="$REPO/target/release/shoal"
 bench_bin="$REPO/target/release/shoal-bench"
 if [ "${SHOAL_BENCH_NO_BUILD:-0}" != 1 ]; then
-  tries="${SHOAL_BENCH_BUILD_TRIES:-5}"
-  for i in $(seq 1 "$tries"); do
-    built=0
-    if [ -n "${SHOAL_BENCH_REV:-}" ]; then
-      commit="$(git -C "$REPO" rev-parse --short "$SHOAL_BENCH_REV")"
-      dirty=""
-      src="${TMPDIR:-/tmp}/shoal-bench-export-$commit"
-      if [ ! -f "$src/Cargo.toml" ]; then
-        rm -rf "$src.part" && mkdir -p "$src.part"
-        git -C "$REPO" archive "$commit" | tar -x -C "$src.part"
-        mv "$src.part" "$src"
-      fi
-      target="${CARGO_TARGET_DIR:-$REPO/target/bench-export}"
-      # shoal-bench depends on no shoal crate: the working tree's is built as is
-      if (cd "$src" && CARGO_TARGET_DIR="$target" timeout 1800 \
-            cargo build --release -p shoal-cli) \
-         && (cd "$REPO" && timeout 1800 cargo build --release -p shoal-bench); then
-        shoal_bin="$target/release/shoal"
-        built=1
-      fi
-    else
-      # what is being built: recorded now, since commits may land during the run
-      commit="$(git -C "$REPO" rev-parse --short HEAD)"
-      dirty="$(git -C "$REPO" status --porcelain --untracked-files=no | cut -c4-)"
-      if (cd "$REPO" && timeout 1800 cargo build --release -p shoal-cli -p shoal-bench); then
-        if [ "$(git -C "$REPO" rev-parse --short HEAD)" != "$commit" ]; then
-          log "HEAD moved during the build; building again"
-          continue
-        fi
-        built=1
-      fi
-    fi
-    if [ "$built" = 1 ]; then
-      export SHOAL_BENCH_BUILD_COMMIT="$commit" SHOAL_BENCH_BUILD_DIRTY="$dirty"
-      break
-    fi
-    if [ "$i" -eq "$tries" ]; then
-      log "cargo build failed $tries times"
-      exit 1
-    fi
-    log "cargo build failed (try $i of $tries); retrying in 60 s"
-    sleep 60
-  done
+  # shoal-bench depends on no shoal crate: the working tree's is built as is.
+  . "$HERE/build-shoal.sh"
+  build_shoal shoal-bench
+  shoal_bin="$SHOAL_BIN"
 fi
 mkdir -p "$work/bin"
 cp "$shoal_bin" "$work/bin/shoal"

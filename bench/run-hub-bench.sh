@@ -9,7 +9,8 @@
 # release mode (retrying a failed build, e.g. while someone is mid-edit),
 # then runs the harness. SHOAL_BENCH_NO_BUILD=1 skips the build (e.g. with
 # --shoal PATH); SHOAL_BENCH_LIMIT bounds the whole run in seconds (default
-# 7200); SHOAL_BENCH_BUILD_TRIES (default 5) and a 60 s pause between tries.
+# 7200); SHOAL_BENCH_BUILD_TRIES (default 5) and a 60 s pause between tries;
+# SHOAL_BENCH_REV=REV builds that commit from a clean export (build-shoal.sh).
 # The commit and the uncommitted files at build time go to the harness in
 # SHOAL_BENCH_BUILD_COMMIT / SHOAL_BENCH_BUILD_DIRTY (set them yourself with
 # SHOAL_BENCH_NO_BUILD=1 if you know what the binary is).
@@ -27,28 +28,12 @@ if [ "${#need[@]}" -gt 0 ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}"
 fi
 
+shoal=()
 if [ "${SHOAL_BENCH_NO_BUILD:-0}" != 1 ]; then
-  tries="${SHOAL_BENCH_BUILD_TRIES:-5}"
-  for i in $(seq 1 "$tries"); do
-    # what is being built: recorded now, since commits may land during the run
-    commit="$(git -C "$REPO" rev-parse --short HEAD)"
-    dirty="$(git -C "$REPO" status --porcelain --untracked-files=no | cut -c4-)"
-    if (cd "$REPO" && timeout 1800 cargo build --release -p shoal-cli); then
-      if [ "$(git -C "$REPO" rev-parse --short HEAD)" != "$commit" ]; then
-        echo "HEAD moved during the build; building again" >&2
-        continue
-      fi
-      export SHOAL_BENCH_BUILD_COMMIT="$commit" SHOAL_BENCH_BUILD_DIRTY="$dirty"
-      break
-    fi
-    if [ "$i" -eq "$tries" ]; then
-      echo "cargo build failed $tries times" >&2
-      exit 1
-    fi
-    echo "cargo build failed (try $i of $tries); retrying in 60 s" >&2
-    sleep 60
-  done
+  . "$HERE/build-shoal.sh"
+  build_shoal
+  shoal=(--shoal "$SHOAL_BIN")
 fi
 
 exec timeout --kill-after=30 "${SHOAL_BENCH_LIMIT:-7200}" \
-  python3 -u "$HERE/hub_bench.py" "$@"
+  python3 -u "$HERE/hub_bench.py" "${shoal[@]}" "$@"

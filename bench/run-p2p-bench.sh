@@ -30,44 +30,9 @@ fi
 
 shoal=()
 if [ "${SHOAL_BENCH_NO_BUILD:-0}" != 1 ]; then
-  tries="${SHOAL_BENCH_BUILD_TRIES:-5}"
-  for i in $(seq 1 "$tries"); do
-    if [ -n "${SHOAL_BENCH_REV:-}" ]; then
-      commit="$(git -C "$REPO" rev-parse --short "$SHOAL_BENCH_REV")"
-      dirty=""
-      src="${TMPDIR:-/tmp}/shoal-bench-export-$commit"
-      if [ ! -f "$src/Cargo.toml" ]; then
-        rm -rf "$src.part" && mkdir -p "$src.part"
-        git -C "$REPO" archive "$commit" | tar -x -C "$src.part"
-        mv "$src.part" "$src"
-      fi
-      target="${CARGO_TARGET_DIR:-$REPO/target/bench-export}"
-      if (cd "$src" && CARGO_TARGET_DIR="$target" timeout 1800 \
-            cargo build --release -p shoal-cli); then
-        shoal=(--shoal "$target/release/shoal")
-        export SHOAL_BENCH_BUILD_COMMIT="$commit" SHOAL_BENCH_BUILD_DIRTY="$dirty"
-        break
-      fi
-    else
-      # what is being built: recorded now, since commits may land during the run
-      commit="$(git -C "$REPO" rev-parse --short HEAD)"
-      dirty="$(git -C "$REPO" status --porcelain --untracked-files=no | cut -c4-)"
-      if (cd "$REPO" && timeout 1800 cargo build --release -p shoal-cli); then
-        if [ "$(git -C "$REPO" rev-parse --short HEAD)" != "$commit" ]; then
-          echo "HEAD moved during the build; building again" >&2
-          continue
-        fi
-        export SHOAL_BENCH_BUILD_COMMIT="$commit" SHOAL_BENCH_BUILD_DIRTY="$dirty"
-        break
-      fi
-    fi
-    if [ "$i" -eq "$tries" ]; then
-      echo "cargo build failed $tries times" >&2
-      exit 1
-    fi
-    echo "cargo build failed (try $i of $tries); retrying in 60 s" >&2
-    sleep 60
-  done
+  . "$HERE/build-shoal.sh"
+  build_shoal
+  shoal=(--shoal "$SHOAL_BIN")
 fi
 
 exec timeout --kill-after=30 "${SHOAL_BENCH_LIMIT:-1800}" \

@@ -268,12 +268,32 @@ impl FolderReplica {
             });
         }
 
+        // Renames: vanished paths by inode.
+        let mut vanished_by_inode: HashMap<(u64, ItemKind), &LocalFile> = HashMap::new();
+        for (path, file) in &recorded {
+            let gone = found.get(path).is_none_or(|f| f.kind != file.kind);
+            if gone && file.role == Role::Main {
+                vanished_by_inode.insert((file.inode, file.kind), file);
+            }
+        }
+        // A new path showing a vanished file (same inode, size, time and mode) is that file
+        // renamed: its content is known, so a renamed large file is not read again.
+        let renamed: HashMap<&String, &LocalFile> = found
+            .iter()
+            .filter(|(path, info)| info.kind == ItemKind::File && !recorded.contains_key(*path))
+            .filter_map(|(path, info)| {
+                let old = vanished_by_inode.get(&(info.inode, info.kind))?;
+                (same_stat(info, old) && old.content.is_some()).then_some((path, *old))
+            })
+            .collect();
+
         // Hash what may have changed, in parallel.
         let to_hash: Vec<(&String, &Found)> = found
             .iter()
             .filter(|(path, info)| {
                 info.kind == ItemKind::File
                     && !recorded.get(*path).is_some_and(|r| same_stat(info, r))
+                    && !renamed.contains_key(path)
             })
             .collect();
         progress.finish();
@@ -320,15 +340,6 @@ impl FolderReplica {
             HashMap::new()
         };
 
-        // Renames: vanished paths by inode.
-        let mut vanished_by_inode: HashMap<(u64, ItemKind), &LocalFile> = HashMap::new();
-        for (path, file) in &recorded {
-            let gone = found.get(path).is_none_or(|f| f.kind != file.kind);
-            if gone && file.role == Role::Main {
-                vanished_by_inode.insert((file.inode, file.kind), file);
-            }
-        }
-
         let mut path_items: HashMap<String, ItemId> = HashMap::new();
         path_items.insert(String::new(), ItemId::ROOT);
         let mut pending: BTreeMap<ItemId, Pending> = BTreeMap::new();
@@ -365,12 +376,14 @@ impl FolderReplica {
             if info.kind == ItemKind::File
                 && content.is_none()
                 && !recorded.get(path).is_some_and(|r| same_stat(info, r))
+                && !renamed.contains_key(path)
             {
                 continue; // changed while hashing: next scan
             }
             let content_hash = content
                 .map(|c| c.hash)
-                .or_else(|| recorded.get(path).and_then(|r| r.content));
+                .or_else(|| recorded.get(path).and_then(|r| r.content))
+                .or_else(|| renamed.get(path).and_then(|r| r.content));
             let entry = Entry {
                 parent,
                 name: file_name(path).to_owned(),
