@@ -160,6 +160,7 @@ impl PeerServer {
         request: &DownloadRequest,
     ) -> Result<DownloadResponse, PeerError> {
         let knowledge = Knowledge::try_from(&request.knowledge)?;
+        let held = shoal_protocol::parse_held(&request.held)?;
         let session = shoal_protocol::hex16(&rand::random());
         let (batches, tag) = self.with_store(ws, |store| {
             let offer = SyncOffer {
@@ -203,6 +204,7 @@ impl PeerServer {
             let batches = wire_batches(
                 planned,
                 |hash| store.content(hash),
+                &held,
                 &locations,
                 |index| routes::download_batch(ws, &session, index),
             )?;

@@ -856,9 +856,30 @@ fn upload(
                 contents.insert(content.hash, content);
             }
         }
+        // Large contents the hub already holds (a renamed or copied file) go without their
+        // chunk lists.
+        let large: Vec<ContentHash> = contents
+            .values()
+            .filter(|c| c.size >= LOCAL_REUSE_MIN)
+            .map(|c| c.hash)
+            .collect();
+        let known = if large.is_empty() {
+            HashSet::new()
+        } else {
+            client.contents_known(&entry.id, &large).unwrap_or_default()
+        };
         let body = shoal_protocol::upload_batch(
             &batch,
-            contents.values().map(WireContent::from).collect(),
+            contents
+                .values()
+                .map(|c| {
+                    if known.contains(&c.hash) {
+                        WireContent::held(&c.hash, c.size)
+                    } else {
+                        WireContent::from(c)
+                    }
+                })
+                .collect(),
             !failed_before,
         );
         let batch_id = hex16(&rand::random());
@@ -991,6 +1012,13 @@ fn download(
             max_items: limits.max_items,
             max_bytes: limits.max_bytes,
         },
+        // Chunk lists of large contents we hold need not travel again (a renamed file).
+        held: folder
+            .store()
+            .contents_at_least(LOCAL_REUSE_MIN, shoal_protocol::HELD_MAX)?
+            .iter()
+            .map(|h| hex32(&h.0))
+            .collect(),
     };
     let response = client.download(&entry.id, &request)?;
     report.hub_tag = response.tag.clone();
@@ -1026,7 +1054,15 @@ fn download(
         let batch = batch_from_wire(&wire)?;
         let mut contents = Vec::new();
         for content in &wire.contents {
-            let content = ChunkedContent::try_from(content)?;
+            let content = if content.held {
+                // We said we hold its chunk list.
+                let hash = shoal_protocol::parse_hash(&content.hash)?;
+                folder.store().content(&hash)?.ok_or_else(|| {
+                    AgentError::Protocol(format!("content {hash} came without its chunk list"))
+                })?
+            } else {
+                ChunkedContent::try_from(content)?
+            };
             all_contents.insert(content.hash, content.clone());
             contents.push(content);
         }

@@ -244,7 +244,7 @@ fn a_large_file_changed_in_the_middle_moves_only_the_changed_chunks() -> TestRes
     let root = tempfile::tempdir()?;
     let (hub, laptop, desktop, _bob) = team(root.path())?;
     let token = laptop.token()?;
-    let mut big = noise(8 << 20, 6);
+    let mut big = noise(24 << 20, 6);
     std::fs::write(laptop.folder.join("big.bin"), &big)?;
     laptop.sync()?;
     let first = desktop.sync()?;
@@ -254,7 +254,7 @@ fn a_large_file_changed_in_the_middle_moves_only_the_changed_chunks() -> TestRes
     // 100 KiB overwritten in the middle: the laptop uploads and the desktop fetches only the
     // chunks around it; the rest comes from the desktop's own copy.
     let puts = hub_metric(&hub.url, &token, "chunk_puts")?;
-    big[4 << 20..(4 << 20) + (100 << 10)].copy_from_slice(&noise(100 << 10, 7));
+    big[12 << 20..(12 << 20) + (100 << 10)].copy_from_slice(&noise(100 << 10, 7));
     std::fs::write(laptop.folder.join("big.bin"), &big)?;
     laptop.sync()?;
     let uploaded = hub_metric(&hub.url, &token, "chunk_puts")? - puts;
@@ -269,5 +269,50 @@ fn a_large_file_changed_in_the_middle_moves_only_the_changed_chunks() -> TestRes
         uploaded <= 8,
         "{uploaded} chunks uploaded for a 100 KiB change"
     );
+
+    // Renamed: the hub and the desktop already hold the content and its chunk list, so
+    // neither the content nor the list travels.
+    let traffic = || -> AnyResult<u64> {
+        Ok(hub_metric(&hub.url, &token, "bytes_in")? + hub_metric(&hub.url, &token, "bytes_out")?)
+    };
+    let before = traffic()?;
+    std::fs::create_dir_all(laptop.folder.join("archive"))?;
+    std::fs::rename(
+        laptop.folder.join("big.bin"),
+        laptop.folder.join("archive/big-moved.bin"),
+    )?;
+    laptop.sync()?;
+    let third = desktop.sync()?;
+    assert_eq!(
+        std::fs::read(desktop.folder.join("archive/big-moved.bin"))?,
+        big
+    );
+    assert!(!desktop.folder.join("big.bin").exists());
+    assert_eq!(bytes_fetched(&third), 0, "{third}");
+    let moved = traffic()? - before;
+    eprintln!("rename: {moved} bytes through the hub");
+    assert!(
+        moved < 32 << 10,
+        "{moved} bytes through the hub for a rename of a 24 MiB file"
+    );
+
+    // Asked about a content it does not hold, the hub says so; a malformed list is refused.
+    let workspaces: serde_json::Value =
+        serde_json::from_str(&laptop.run(&["workspace", "list", "--json"])?)?;
+    let ws = workspaces[0]["id"].as_str().ok_or("no workspace id")?;
+    shoal_agent::install_default_provider();
+    let ask = |contents: Vec<String>| -> AnyResult<reqwest::blocking::Response> {
+        Ok(reqwest::blocking::Client::new()
+            .post(format!("{}/v1/workspaces/{ws}/contents/known", hub.url))
+            .bearer_auth(&token)
+            .header("shoal-replica", "11".repeat(16))
+            .header("shoal-epoch", "0")
+            .json(&serde_json::json!({ "contents": contents }))
+            .send()?)
+    };
+    let unknown = "ab".repeat(32);
+    let answer: serde_json::Value = ask(vec![unknown])?.json()?;
+    assert_eq!(answer["contents"], serde_json::json!([]), "{answer}");
+    assert_eq!(ask(vec!["not hex".into()])?.status().as_u16(), 400);
     Ok(())
 }

@@ -161,6 +161,7 @@ fn a_key_the_hub_did_not_vouch_for_gets_nothing() -> TestResult {
             max_items: 100,
             max_bytes: 1 << 20,
         },
+        held: Vec::new(),
     };
 
     // The laptop's own key, vouched for by the hub: served.
@@ -198,6 +199,19 @@ fn a_key_the_hub_did_not_vouch_for_gets_nothing() -> TestResult {
             .fetch_content_bundle(&location, &[(unknown, vec![unknown])])?
             .is_empty(),
         "served a content it does not hold"
+    );
+    // Contents the caller says it holds are named without their chunk lists.
+    let held_request = shoal_protocol::DownloadRequest {
+        held: contents
+            .iter()
+            .map(|c| shoal_protocol::hex32(&c.hash.0))
+            .collect(),
+        ..request.clone()
+    };
+    let named = client.download(&ws, &held_request)?.batch.contents;
+    assert!(
+        !named.is_empty() && named.iter().all(|c| c.held && c.chunks.is_empty()),
+        "{named:?}"
     );
     let too_many = vec![(unknown, vec![unknown; 20_000])];
     assert!(

@@ -422,6 +422,25 @@ impl HubClient {
             .collect())
     }
 
+    /// Which of `contents` the hub holds the chunk lists of.
+    pub fn contents_known(
+        &self,
+        ws: &str,
+        contents: &[ContentHash],
+    ) -> Result<std::collections::HashSet<ContentHash>, ClientError> {
+        let body = shoal_protocol::ContentsKnown {
+            contents: contents.iter().map(|h| hex32(&h.0)).collect(),
+        };
+        let answer: shoal_protocol::ContentsKnown = self.json(|| {
+            Self::with_body(
+                self.request(reqwest::Method::POST, &routes::contents_known(ws)),
+                &body,
+            )
+        })?;
+        shoal_protocol::parse_held(&answer.contents)
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
     /// Gets one chunk, resuming with a ranged request if the transfer breaks off.
     pub fn get_chunk(
         &self,

@@ -402,6 +402,7 @@ fn router(hub: Shared) -> Router {
         )
         .route("/v1/workspaces/{ws}/chunks", post(put_chunk_bundle))
         .route("/v1/workspaces/{ws}/chunks/fetch", post(fetch_chunk_bundle))
+        .route("/v1/workspaces/{ws}/contents/known", post(contents_known))
         .route(
             "/v1/workspaces/{ws}/chunks/{hash}",
             get(get_chunk)
@@ -526,9 +527,10 @@ async fn download(
     let response = blocking(&caller.request, move || {
         let (workspace, _) = hub.member(&device, &ws)?;
         let knowledge = Knowledge::try_from(&body.knowledge)?;
+        let held = shoal_protocol::parse_held(&body.held)?;
         with_replica(&workspace, |r| {
             r.check_epoch(&replica, epoch)?;
-            r.download(&knowledge, body.limits)
+            r.download(&knowledge, &held, body.limits)
         })
     })
     .await?;
@@ -858,6 +860,32 @@ async fn put_chunk_bundle(
     Ok(Json(
         serde_json::json!({ "chunks": count, "stored": stored }),
     ))
+}
+
+/// Which of the named contents the hub holds the chunk lists of: an uploader then leaves those
+/// lists out of its batch (a renamed large file costs no chunk list).
+async fn contents_known(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path(ws): Path<String>,
+    JsonBody(body): JsonBody<shoal_protocol::ContentsKnown>,
+) -> Result<Json<shoal_protocol::ContentsKnown>, ApiError> {
+    let asked = shoal_protocol::parse_held(&body.contents).map_err(|e| caller.fail(e.into()))?;
+    let device = caller.device.clone();
+    let known = blocking(&caller.request, move || {
+        let (workspace, _) = hub.member(&device, &ws)?;
+        with_replica(&workspace, |r| {
+            let mut known = Vec::new();
+            for hash in &asked {
+                if r.has_content(hash)? {
+                    known.push(shoal_protocol::hex32(&hash.0));
+                }
+            }
+            Ok(known)
+        })
+    })
+    .await?;
+    Ok(Json(shoal_protocol::ContentsKnown { contents: known }))
 }
 
 /// Many chunks in one answer, as a bundle: a device fetching thousands of small files asks

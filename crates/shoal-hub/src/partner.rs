@@ -169,6 +169,7 @@ fn sync_once(
             max_items: limits.max_items,
             max_bytes: limits.max_bytes,
         },
+        held: Vec::new(),
     };
     let response = client.download(ws, &request)?;
     let mut wire = response.batch;

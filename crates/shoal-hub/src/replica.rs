@@ -203,6 +203,7 @@ impl WorkspaceReplica {
     pub(crate) fn download(
         &mut self,
         knowledge: &Knowledge,
+        held: &HashSet<ContentHash>,
         limits: WireLimits,
     ) -> Result<DownloadResponse, HubError> {
         self.expire();
@@ -222,6 +223,7 @@ impl WorkspaceReplica {
         let batches = wire_batches(
             planned,
             |hash| store.content(hash),
+            held,
             &self.locations(),
             |index| routes::download_batch(id, &session, index),
         )?;
@@ -339,7 +341,17 @@ impl WorkspaceReplica {
         }
         let mut contents = HashMap::new();
         for wire in &batch.contents {
-            let content = ChunkedContent::try_from(wire)?;
+            // Named without its chunk list: the uploader asked and was told it is held here.
+            let content = if wire.held {
+                let hash = shoal_protocol::parse_hash(&wire.hash)?;
+                self.store.content(&hash)?.ok_or_else(|| {
+                    HubError::BadRequest(format!(
+                        "content {hash} is not held here; send its chunk list"
+                    ))
+                })?
+            } else {
+                ChunkedContent::try_from(wire)?
+            };
             contents.insert(content.hash, content);
         }
         let mut items = Vec::with_capacity(versions.len());
@@ -403,6 +415,11 @@ impl WorkspaceReplica {
     /// files are written whole and named by their content).
     pub(crate) fn chunk_store(&self) -> ChunkStore {
         self.chunks.clone()
+    }
+
+    /// Whether the chunk list of a content is held.
+    pub(crate) fn has_content(&self, hash: &ContentHash) -> Result<bool, HubError> {
+        Ok(self.store.content(hash)?.is_some())
     }
 
     /// Whether a chunk is held.

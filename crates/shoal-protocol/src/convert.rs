@@ -138,14 +138,34 @@ impl From<&ChunkedContent> for WireContent {
                     len: c.len,
                 })
                 .collect(),
+            held: false,
+        }
+    }
+}
+
+impl WireContent {
+    /// A content named without its chunk list, for a receiver that holds it.
+    pub fn held(hash: &ContentHash, size: u64) -> WireContent {
+        WireContent {
+            hash: hex32(&hash.0),
+            size,
+            chunks: Vec::new(),
+            held: true,
         }
     }
 }
 
 impl TryFrom<&WireContent> for ChunkedContent {
     type Error = WireError;
-    /// Checks every chunk is within the protocol's sizes and that they add up to the size.
+    /// Checks every chunk is within the protocol's sizes and that they add up to the size. A
+    /// content sent without its chunk list (`held`) is refused: the receiver looks it up itself.
     fn try_from(wire: &WireContent) -> Result<Self, WireError> {
+        if wire.held {
+            return Err(WireError::Invalid(format!(
+                "content {} came without its chunk list",
+                wire.hash
+            )));
+        }
         let mut offset = 0u64;
         let mut chunks = Vec::with_capacity(wire.chunks.len());
         for chunk in &wire.chunks {

@@ -13,8 +13,8 @@ pub mod routes;
 pub use convert::{WireError, hex16, hex32, parse_hash, parse_item, parse_replica};
 pub use messages::*;
 pub use plan::{
-    CHUNK_BUNDLE_MAX, bundle_chunk, dot_path, parse_dot_path, refusals_tag, unbundle_chunks,
-    upload_batch, wire_batches,
+    CHUNK_BUNDLE_MAX, bundle_chunk, dot_path, parse_dot_path, parse_held, refusals_tag,
+    unbundle_chunks, upload_batch, wire_batches,
 };
 
 /// The protocol version, sent as the `shoal-protocol` header.

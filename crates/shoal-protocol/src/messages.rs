@@ -115,6 +115,10 @@ pub struct WireContent {
     pub size: u64,
     /// Chunks, in order.
     pub chunks: Vec<WireChunk>,
+    /// True when the chunk list is left out because the receiver said it holds this content
+    /// (`DownloadRequest.held`, `POST …/contents/known`); `chunks` is then empty.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
 }
 
 // ---- download --------------------------------------------------------------------------
@@ -126,6 +130,23 @@ pub struct DownloadRequest {
     pub knowledge: WireKnowledge,
     /// The caller's batch limits.
     pub limits: WireLimits,
+    /// Large contents (hex) whose chunk lists the caller holds: batches name them without
+    /// their chunks (`WireContent.held`), so a renamed large file costs no chunk list. At most
+    /// `HELD_MAX`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<String>,
+}
+
+/// Most contents a `DownloadRequest.held` or a `ContentsKnown` may name.
+pub const HELD_MAX: usize = 10_000;
+
+/// `POST /v1/workspaces/{ws}/contents/known`: which of these contents (hex) the hub holds the
+/// chunk list of; the answer is the same message with those it holds. An uploader leaves the
+/// chunk lists of those out of its batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentsKnown {
+    /// Content hashes (hex), at most `HELD_MAX`.
+    pub contents: Vec<String>,
 }
 
 /// A batch of versions the caller lacks.

@@ -8,11 +8,12 @@ use shoal_core::{Batch, ChunkedContent, ContentHash};
 use crate::{Location, WireBatch, WireContent, WireKnowledge, WireVector, WireVersion};
 
 /// The wire form of `planned`: each batch with the chunk lists of its contents (each content
-/// once per batch, looked up with `content`), the transport `locations`, and the URI of the
-/// next batch (`next_uri(index)`).
+/// once per batch, looked up with `content`, or only named when the receiver said it `held` it),
+/// the transport `locations`, and the URI of the next batch (`next_uri(index)`).
 pub fn wire_batches<E>(
     planned: Vec<Batch>,
     mut content: impl FnMut(&ContentHash) -> Result<Option<ChunkedContent>, E>,
+    held: &HashSet<ContentHash>,
     locations: &[Location],
     next_uri: impl Fn(usize) -> String,
 ) -> Result<Vec<WireBatch>, E> {
@@ -26,8 +27,17 @@ pub fn wire_batches<E>(
                 .entry
                 .content
                 .filter(|h| !version.entry.deleted && seen.insert(*h));
-            if let Some(found) = hash.map(|h| content(&h)).transpose()?.flatten() {
-                contents.push(WireContent::from(&found));
+            match hash {
+                // The receiver holds its chunk list: name it only.
+                Some(h) if held.contains(&h) => {
+                    contents.push(WireContent::held(&h, version.entry.size));
+                }
+                Some(h) => {
+                    if let Some(found) = content(&h)? {
+                        contents.push(WireContent::from(&found));
+                    }
+                }
+                None => {}
             }
         }
         batches.push(WireBatch {
@@ -113,6 +123,21 @@ pub fn upload_batch(batch: &Batch, contents: Vec<WireContent>, whole: bool) -> c
         learned: WireKnowledge::from(&learned),
         last: batch.last,
     }
+}
+
+/// The contents a caller says it holds (`DownloadRequest.held`, `ContentsKnown`): at most
+/// `HELD_MAX`, each a 64-hex hash.
+pub fn parse_held(list: &[String]) -> Result<HashSet<ContentHash>, crate::WireError> {
+    if list.len() > crate::HELD_MAX {
+        return Err(crate::WireError::Invalid(format!(
+            "{} contents named; at most {}",
+            list.len(),
+            crate::HELD_MAX
+        )));
+    }
+    list.iter()
+        .map(|h| crate::parse_hash(h))
+        .collect::<Result<_, _>>()
 }
 
 /// Most bytes a chunk bundle (`POST …/chunks`) may carry.

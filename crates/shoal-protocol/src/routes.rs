@@ -72,6 +72,10 @@ pub fn peer_negotiate(ws: &str) -> String {
 pub fn peer_contents(ws: &str) -> String {
     format!("{}/contents", workspace(ws))
 }
+/// `POST` a `ContentsKnown` to the hub: which contents it holds the chunk lists of.
+pub fn contents_known(ws: &str) -> String {
+    format!("{}/contents/known", workspace(ws))
+}
 /// `GET` (members) or `PUT` (owners) a workspace's validation rules.
 pub fn rules(ws: &str) -> String {
     format!("{}/rules", workspace(ws))

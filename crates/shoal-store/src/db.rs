@@ -360,6 +360,25 @@ impl Store {
         Ok(missing)
     }
 
+    /// The contents of at least `min_size` bytes whose chunk lists are held, at most `limit`.
+    pub fn contents_at_least(&self, min_size: u64, limit: usize) -> Result<Vec<ContentHash>> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT hash FROM contents WHERE size >= ?1 LIMIT ?2")?;
+        let rows = statement.query_map(params![min_size as i64, limit as i64], |row| {
+            row.get::<_, Vec<u8>>(0)
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let bytes = row?;
+            let hash: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| StoreError::Decode(DecodeError::Invalid("content hash")))?;
+            out.push(ContentHash(hash));
+        }
+        Ok(out)
+    }
+
     /// The chunk list of a content, if known.
     pub fn content(&self, hash: &ContentHash) -> Result<Option<ChunkedContent>> {
         let chunks: Option<Vec<u8>> = self
