@@ -378,13 +378,16 @@ def render(shoal_rows, shoal_files, shoal_meta, peers, peer_files, peer_meta, re
               ratio(t(S[("mirror", wl)]), t(P[("unison", wl)]))]
         if any(r is not None for r in rs):
             out.append(f"| {label} | " + " | ".join(fratio(r) for r in rs) + " |")
+    def memory(wl, m):
+        """Peak RSS per device: shoal in mode m, and Syncthing, on workload wl."""
+        st, s = P[("syncthing", wl)], S[(m, wl)]
+        return (s.median_of(dev_rss) if s and s.n else None,
+                st.median_of(peer_dev_rss) if st and st.n else None)
+
     mem_rows = []
     for wl in ("W1", "W1L", "W2"):
-        st = P[("syncthing", wl)]
-        sy = st.median_of(peer_dev_rss) if st and st.n else None
         for m in ("p2p", "hub"):
-            s = S[(m, wl)]
-            sv = s.median_of(dev_rss) if s and s.n else None
+            sv, sy = memory(wl, m)
             if sv is not None or sy is not None:
                 mem_rows.append(f"| {wl} {m} | {fmib(sv)} | {fmib(sy)} | {fratio(ratio(sv, sy))} |")
         mi, un = S[("mirror", wl)], P[("unison", wl)]
@@ -453,11 +456,8 @@ def render(shoal_rows, shoal_files, shoal_meta, peers, peer_files, peer_meta, re
             T.judge(f"W6 {label} ({m}): visible on the other side < 1 s",
                     None if not ok else st.t < 1.0, fsec(st.t if ok else None))
     for wl in ("W1", "W1L", "W2"):
-        st = P[("syncthing", wl)]
-        sy = st.median_of(peer_dev_rss) if st and st.n else None
         for m in ("p2p", "hub"):
-            s = S[(m, wl)]
-            sv = s.median_of(dev_rss) if s and s.n else None
+            sv, sy = memory(wl, m)
             T.judge(f"memory {wl} ({m}): peak RSS per device ≤ ½ Syncthing's",
                     None if sv is None or sy is None else sv <= 0.5 * sy,
                     f"shoal {fmib(sv)} vs ½ Syncthing = {fmib(sy / 2 if sy else None)} "

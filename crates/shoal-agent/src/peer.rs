@@ -303,9 +303,12 @@ impl PeerServer {
                 else {
                     continue;
                 };
+                // By hash: a large file's list has thousands of chunks, a request dozens.
+                let by_hash: HashMap<ContentHash, &ChunkRef> =
+                    known.chunks.iter().map(|c| (c.hash, c)).collect();
                 let pieces: Vec<ChunkRef> = chunks
                     .iter()
-                    .filter_map(|c| known.chunks.iter().find(|k| k.hash == *c).cloned())
+                    .filter_map(|c| by_hash.get(c).map(|k| **k))
                     .collect();
                 held.push((file.path, pieces));
             }

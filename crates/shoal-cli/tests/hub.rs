@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{AnyResult, Device, Hub, TestResult, hub_metric, wait_for};
+use support::{AnyResult, Device, Hub, TestResult, hub_metric, noise, wait_for};
 
 /// alice on two devices and bob on one, all in workspace "team".
 fn team(root: &std::path::Path) -> AnyResult<(Hub, Device, Device, Device)> {
@@ -212,19 +212,6 @@ fn a_device_restored_from_a_backup_starts_a_new_epoch_and_catches_up() -> TestRe
         "a reused dot made a false conflict: {tree:?}"
     );
     Ok(())
-}
-
-/// Pseudo-random bytes (incompressible, no repeated chunks) from a seed.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
 }
 
 fn bytes_fetched(summary: &serde_json::Value) -> u64 {

@@ -5,7 +5,7 @@ mod support;
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
 use serde_json::json;
-use support::{AnyResult, Device, Hub, TestResult};
+use support::{AnyResult, Device, Hub, TestResult, noise};
 
 fn hub_with_workspace(root: &std::path::Path) -> AnyResult<(Hub, Device, String)> {
     let data = root.join("hub");
@@ -451,15 +451,7 @@ fn an_interrupted_upload_resumes_without_resending_chunks_and_failed_items_are_r
     let root = tempfile::tempdir()?;
     let (hub, alice, ws) = hub_with_workspace(root.path())?;
     // 24 MiB of incompressible data: several hundred chunks.
-    let mut state = 0x9e3779b97f4a7c15u64;
-    let big: Vec<u8> = (0..24 << 20)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let big = noise(24 << 20, 1);
     std::fs::write(alice.folder.join("big.bin"), &big)?;
     let chunk_dir = hub.data.join("workspaces").join(&ws).join("chunks");
     let count_chunks = || -> usize {

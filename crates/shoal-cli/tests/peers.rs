@@ -506,12 +506,22 @@ fn a_device_that_cannot_be_reached_hears_through_the_hub() -> TestResult {
         Agent::start(&laptop, &[])?,
         Agent::start(&phone, &["--no-peers"])?,
     ];
+    // The laptop must know the phone is online (it has no address) before the change, or it
+    // would have no one to tell.
+    let phone_online = || {
+        std::fs::read(agents[0].home.join("peers.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.as_array().cloned())
+            .is_some_and(|peers| {
+                peers
+                    .iter()
+                    .any(|p| p["device_name"] == "phone" && p["status"].as_str() != Some("offline"))
+            })
+    };
     assert!(
-        wait_for(Duration::from_secs(20), || agents[0]
-            .home
-            .join("peers.json")
-            .exists()),
-        "the laptop heard of nobody"
+        wait_for(Duration::from_secs(20), phone_online),
+        "the laptop did not hear the phone is online"
     );
     let relayed = hub_metric(&hub.url, &token, "negotiations_relayed")?;
     laptop.write("relayed.txt", "told through the hub")?;

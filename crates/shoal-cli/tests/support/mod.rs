@@ -12,6 +12,19 @@ use std::time::{Duration, Instant};
 pub type TestResult = Result<(), Box<dyn std::error::Error>>;
 pub type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// Incompressible pseudo-random bytes (no repeated chunks), the same for the same seed.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
 pub fn shoal() -> Command {
     Command::new(env!("CARGO_BIN_EXE_shoal"))
 }
