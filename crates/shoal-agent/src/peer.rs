@@ -204,6 +204,14 @@ impl PeerServer {
             let batches = wire_batches(
                 planned,
                 |hash| store.content(hash),
+                |content| {
+                    store.nearest_contents(
+                        content.size,
+                        0,
+                        |h| held.contains(h) && *h != content.hash,
+                        shoal_protocol::DELTA_BASES,
+                    )
+                },
                 &held,
                 &locations,
                 |index| routes::download_batch(ws, &session, index),

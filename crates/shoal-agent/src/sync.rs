@@ -857,16 +857,30 @@ fn upload(
             }
         }
         // Large contents the hub already holds (a renamed or copied file) go without their
-        // chunk lists.
-        let large: Vec<ContentHash> = contents
-            .values()
-            .filter(|c| c.size >= LOCAL_REUSE_MIN)
-            .map(|c| c.hash)
-            .collect();
-        let known = if large.is_empty() {
+        // chunk lists; the others, where the hub holds a similar content (an older version of
+        // a changed file), as edits of that content's list.
+        let mut bases: HashMap<ContentHash, Vec<ChunkedContent>> = HashMap::new();
+        let mut asked: Vec<ContentHash> = Vec::new();
+        for content in contents.values().filter(|c| c.size >= LOCAL_REUSE_MIN) {
+            asked.push(content.hash);
+            if content.chunks.len() >= shoal_protocol::DELTA_MIN_CHUNKS {
+                let near = store.nearest_contents(
+                    content.size,
+                    LOCAL_REUSE_MIN,
+                    |h| !contents.contains_key(h),
+                    shoal_protocol::DELTA_BASES,
+                )?;
+                asked.extend(near.iter().map(|c| c.hash));
+                bases.insert(content.hash, near);
+            }
+        }
+        asked.sort_unstable_by_key(|h| h.0);
+        asked.dedup();
+        asked.truncate(shoal_protocol::HELD_MAX);
+        let known = if asked.is_empty() {
             HashSet::new()
         } else {
-            client.contents_known(&entry.id, &large).unwrap_or_default()
+            client.contents_known(&entry.id, &asked).unwrap_or_default()
         };
         let body = shoal_protocol::upload_batch(
             &batch,
@@ -874,10 +888,15 @@ fn upload(
                 .values()
                 .map(|c| {
                     if known.contains(&c.hash) {
-                        WireContent::held(&c.hash, c.size)
-                    } else {
-                        WireContent::from(c)
+                        return WireContent::held(&c.hash, c.size);
                     }
+                    let held_bases: Vec<ChunkedContent> = bases
+                        .remove(&c.hash)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|b| known.contains(&b.hash))
+                        .collect();
+                    WireContent::encode(c, &held_bases)
                 })
                 .collect(),
             !failed_before,
@@ -1061,7 +1080,12 @@ fn download(
                     AgentError::Protocol(format!("content {hash} came without its chunk list"))
                 })?
             } else {
-                ChunkedContent::try_from(content)?
+                // An edit of a list we hold (a large file changed in a few places).
+                let base = match content.base_hash()? {
+                    Some(base) => folder.store().content(&base)?,
+                    None => None,
+                };
+                content.resolve(base.as_ref())?
             };
             all_contents.insert(content.hash, content.clone());
             contents.push(content);

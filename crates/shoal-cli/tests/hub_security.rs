@@ -420,6 +420,30 @@ fn malformed_and_oversized_requests_are_refused_and_change_nothing() -> TestResu
         .send()?;
     assert_eq!(oversized.status(), StatusCode::PAYLOAD_TOO_LARGE);
 
+    // A chunk list sent as an edit of a content the hub does not hold, or with a run outside
+    // any base, is refused before anything is planned.
+    let edited = |copies: serde_json::Value| {
+        json!({"versions": [], "last": false, "learned": [], "contents": [{
+            "hash": "cd".repeat(32), "size": 10, "chunks": [], "base": "ef".repeat(32),
+            "copies": copies}]})
+    };
+    for body in [
+        edited(json!([{"at": 0, "from": 0, "count": 1}])),
+        edited(json!([{"at": 0, "from": 4_000_000_000u32, "count": 4_000_000_000u32}])),
+    ] {
+        let refused = sync_headers(client.put(url("/upload/batches/b4")))
+            .json(&body)
+            .send()?;
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        let answer: serde_json::Value = refused.json()?;
+        assert!(
+            answer["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("not held")),
+            "{answer}"
+        );
+    }
+
     // A version whose name would escape its folder is refused at commit.
     let version = json!({
         "item": "42".repeat(16),

@@ -223,6 +223,14 @@ impl WorkspaceReplica {
         let batches = wire_batches(
             planned,
             |hash| store.content(hash),
+            |content| {
+                store.nearest_contents(
+                    content.size,
+                    0,
+                    |h| held.contains(h) && *h != content.hash,
+                    shoal_protocol::DELTA_BASES,
+                )
+            },
             held,
             &self.locations(),
             |index| routes::download_batch(id, &session, index),
@@ -341,16 +349,22 @@ impl WorkspaceReplica {
         }
         let mut contents = HashMap::new();
         for wire in &batch.contents {
-            // Named without its chunk list: the uploader asked and was told it is held here.
-            let content = if wire.held {
-                let hash = shoal_protocol::parse_hash(&wire.hash)?;
+            // Named without its chunk list, or sent as an edit of another content's list: the
+            // uploader asked and was told the content (or the base) is held here.
+            let held_here = |hash: ContentHash| {
                 self.store.content(&hash)?.ok_or_else(|| {
                     HubError::BadRequest(format!(
                         "content {hash} is not held here; send its chunk list"
                     ))
-                })?
+                })
+            };
+            let content = if wire.held {
+                held_here(shoal_protocol::parse_hash(&wire.hash)?)?
             } else {
-                ChunkedContent::try_from(wire)?
+                match wire.base_hash()? {
+                    Some(base) => wire.resolve(Some(&held_here(base)?))?,
+                    None => ChunkedContent::try_from(wire)?,
+                }
             };
             contents.insert(content.hash, content);
         }

@@ -139,6 +139,8 @@ impl From<&ChunkedContent> for WireContent {
                 })
                 .collect(),
             held: false,
+            base: None,
+            copies: Vec::new(),
         }
     }
 }
@@ -151,6 +153,8 @@ impl WireContent {
             size,
             chunks: Vec::new(),
             held: true,
+            base: None,
+            copies: Vec::new(),
         }
     }
 }
@@ -158,11 +162,12 @@ impl WireContent {
 impl TryFrom<&WireContent> for ChunkedContent {
     type Error = WireError;
     /// Checks every chunk is within the protocol's sizes and that they add up to the size. A
-    /// content sent without its chunk list (`held`) is refused: the receiver looks it up itself.
+    /// content sent without its chunk list (`held`) or as an edit of another (`base`) is
+    /// refused: the receiver looks it up or rebuilds it itself (`WireContent::resolve`).
     fn try_from(wire: &WireContent) -> Result<Self, WireError> {
-        if wire.held {
+        if wire.held || wire.base.is_some() || !wire.copies.is_empty() {
             return Err(WireError::Invalid(format!(
-                "content {} came without its chunk list",
+                "content {} came without its whole chunk list",
                 wire.hash
             )));
         }

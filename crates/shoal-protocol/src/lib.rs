@@ -6,11 +6,13 @@
 //! the wire validate everything, since the other side may be anyone. See `docs/protocol.md`.
 
 mod convert;
+mod delta;
 mod messages;
 mod plan;
 pub mod routes;
 
 pub use convert::{WireError, hex16, hex32, parse_hash, parse_item, parse_replica};
+pub use delta::{DELTA_BASES, DELTA_MIN_CHUNKS};
 pub use messages::*;
 pub use plan::{
     CHUNK_BUNDLE_MAX, bundle_chunk, dot_path, parse_dot_path, parse_held, refusals_tag,

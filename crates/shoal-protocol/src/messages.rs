@@ -119,6 +119,25 @@ pub struct WireContent {
     /// (`DownloadRequest.held`, `POST …/contents/known`); `chunks` is then empty.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub held: bool,
+    /// A content the receiver holds (hex) when the chunk list is sent as an edit of that
+    /// content's list: the runs in `copies` come from the base, `chunks` holds the rest in
+    /// order. A large file changed in a few places then costs a few entries, not its whole list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// Runs of the base's chunks, in increasing `at` order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copies: Vec<WireCopy>,
+}
+
+/// A run of chunks taken from the base content's list (`WireContent.base`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireCopy {
+    /// Where the run starts in the rebuilt list.
+    pub at: u32,
+    /// Where it starts in the base's list.
+    pub from: u32,
+    /// How many chunks.
+    pub count: u32,
 }
 
 // ---- download --------------------------------------------------------------------------

@@ -8,11 +8,13 @@ use shoal_core::{Batch, ChunkedContent, ContentHash};
 use crate::{Location, WireBatch, WireContent, WireKnowledge, WireVector, WireVersion};
 
 /// The wire form of `planned`: each batch with the chunk lists of its contents (each content
-/// once per batch, looked up with `content`, or only named when the receiver said it `held` it),
-/// the transport `locations`, and the URI of the next batch (`next_uri(index)`).
+/// once per batch, looked up with `content`, or only named when the receiver said it `held` it,
+/// or sent as an edit of one of the held contents `bases` offers for it), the transport
+/// `locations`, and the URI of the next batch (`next_uri(index)`).
 pub fn wire_batches<E>(
     planned: Vec<Batch>,
     mut content: impl FnMut(&ContentHash) -> Result<Option<ChunkedContent>, E>,
+    mut bases: impl FnMut(&ChunkedContent) -> Result<Vec<ChunkedContent>, E>,
     held: &HashSet<ContentHash>,
     locations: &[Location],
     next_uri: impl Fn(usize) -> String,
@@ -34,7 +36,13 @@ pub fn wire_batches<E>(
                 }
                 Some(h) => {
                     if let Some(found) = content(&h)? {
-                        contents.push(WireContent::from(&found));
+                        let candidates =
+                            if held.is_empty() || found.chunks.len() < crate::DELTA_MIN_CHUNKS {
+                                Vec::new()
+                            } else {
+                                bases(&found)?
+                            };
+                        contents.push(WireContent::encode(&found, &candidates));
                     }
                 }
                 None => {}

@@ -379,6 +379,42 @@ impl Store {
         Ok(out)
     }
 
+    /// Up to `limit` contents that `accept` takes, of at least `min_size` bytes and nearest in
+    /// size to `size` (ties by hash), with their chunk lists: the likely bases when a changed
+    /// large file's list is sent as an edit.
+    pub fn nearest_contents(
+        &self,
+        size: u64,
+        min_size: u64,
+        accept: impl Fn(&ContentHash) -> bool,
+        limit: usize,
+    ) -> Result<Vec<ChunkedContent>> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT hash, size FROM contents WHERE size >= ?1")?;
+        let rows = statement.query_map(params![min_size as i64], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?))
+        })?;
+        let mut near = Vec::new();
+        for row in rows {
+            let (bytes, found) = row?;
+            let hash = ContentHash(
+                bytes
+                    .try_into()
+                    .map_err(|_| StoreError::Decode(DecodeError::Invalid("content hash")))?,
+            );
+            if accept(&hash) {
+                near.push(((found as u64).abs_diff(size), hash));
+            }
+        }
+        near.sort_unstable_by_key(|&(distance, hash)| (distance, hash.0));
+        let mut out = Vec::new();
+        for (_, hash) in near.into_iter().take(limit) {
+            out.extend(self.content(&hash)?);
+        }
+        Ok(out)
+    }
+
     /// The chunk list of a content, if known.
     pub fn content(&self, hash: &ContentHash) -> Result<Option<ChunkedContent>> {
         let chunks: Option<Vec<u8>> = self
