@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::BufRead;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -60,8 +61,13 @@ impl Default for AgentOptions {
 
 /// Something that may call for work.
 pub(crate) enum Signal {
-    /// Files changed in a workspace's folder.
-    Files(String),
+    /// Files changed in a workspace's folder. The watcher sends one and no other until the
+    /// loop takes it (clearing `queued`), so the events of a burst of writes (the agent's own
+    /// included) wait as one signal, not thousands.
+    Files {
+        workspace: String,
+        queued: Option<Arc<AtomicBool>>,
+    },
     /// The hub's knowledge of a workspace.
     Hub { workspace: String, compact: String },
     /// A peer's knowledge of a workspace (a negotiation message).
@@ -141,11 +147,21 @@ fn listen_presence(client: HubClient, signals: Sender<Signal>) {
     }
 }
 
+/// Notes a workspace whose files changed and lets its watcher signal again: events from now
+/// on may be after the scan this signal leads to.
+fn take_files(files: &mut BTreeSet<String>, workspace: String, queued: Option<Arc<AtomicBool>>) {
+    if let Some(queued) = queued {
+        queued.store(false, Ordering::Release);
+    }
+    files.insert(workspace);
+}
+
 fn watch(
     workspace: &WorkspaceEntry,
     signals: Sender<Signal>,
 ) -> Result<notify::RecommendedWatcher, AgentError> {
     let id = workspace.id.clone();
+    let queued = Arc::new(AtomicBool::new(false));
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         // Our own state and temporary files are not changes.
@@ -155,8 +171,11 @@ fn watch(
                     .file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with(shoal_core::TEMP_PREFIX))
         });
-        if relevant && !event.kind.is_access() {
-            let _ = signals.send(Signal::Files(id.clone()));
+        if relevant && !event.kind.is_access() && !queued.swap(true, Ordering::AcqRel) {
+            let _ = signals.send(Signal::Files {
+                workspace: id.clone(),
+                queued: Some(queued.clone()),
+            });
         }
     })
     .map_err(|e| AgentError::Config(format!("cannot watch {}: {e}", workspace.path.display())))?;
@@ -663,7 +682,10 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
     for workspace in &workspaces {
         agent.refresh(&workspace.id);
         // Changes made while the agent was not running.
-        let _ = signals.send(Signal::Files(workspace.id.clone()));
+        let _ = signals.send(Signal::Files {
+            workspace: workspace.id.clone(),
+            queued: None,
+        });
     }
     let mut last_state = None;
     agent.save_state(&mut last_state);
@@ -689,8 +711,8 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
         let mut files: BTreeSet<String> = BTreeSet::new();
         let mut other = Vec::new();
         match inbox.recv_timeout(wake.saturating_duration_since(Instant::now())) {
-            Ok(Signal::Files(ws)) => {
-                files.insert(ws);
+            Ok(Signal::Files { workspace, queued }) => {
+                take_files(&mut files, workspace, queued);
                 // Coalesce a burst of file events until the folder is quiet; keep other
                 // signals for after.
                 let cap = Instant::now() + options.debounce_max;
@@ -701,8 +723,8 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
                         .saturating_duration_since(Instant::now()),
                 ) {
                     match signal {
-                        Signal::Files(ws) => {
-                            files.insert(ws);
+                        Signal::Files { workspace, queued } => {
+                            take_files(&mut files, workspace, queued);
                             quiet_until = Instant::now() + options.debounce;
                         }
                         signal => other.push(signal),
@@ -718,8 +740,8 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
         // acting on each stale one would start a round of its own.
         while let Ok(signal) = inbox.try_recv() {
             match signal {
-                Signal::Files(ws) => {
-                    files.insert(ws);
+                Signal::Files { workspace, queued } => {
+                    take_files(&mut files, workspace, queued);
                 }
                 signal => other.push(signal),
             }
@@ -734,7 +756,7 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
         // announced to the contacts as they are now.
         for signal in other {
             match signal {
-                Signal::Files(ws) => agent.on_files(&ws),
+                Signal::Files { workspace, .. } => agent.on_files(&workspace),
                 Signal::Hub { workspace, compact } => agent.on_hub(&workspace, &compact),
                 Signal::Peer {
                     workspace,

@@ -502,7 +502,7 @@ const PARALLEL_TRANSFERS: usize = 4;
 
 /// Bundles are sent once they hold this much: large enough that per-request costs vanish,
 /// small enough to keep a few in flight.
-const BUNDLE_TARGET: usize = 2 << 20;
+const BUNDLE_TARGET: usize = 1 << 20;
 
 /// One item's content to send: the chunks the hub lacks and the file holding them.
 struct Outgoing<'a> {

@@ -6,7 +6,7 @@
 //! only if the target is still as it was last recorded. A crash at any point leaves either the
 //! old file or the complete new one, and the next scan adopts what was already put in place.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -409,10 +409,11 @@ impl FolderReplica {
         }
 
         // 5. Rename the new files into place, if their targets are as recorded.
+        let removed: HashSet<&str> = removed_records.iter().map(String::as_str).collect();
         for (path, temp, want) in ready {
             let target = self.absolute(&path);
             let target_ok = match recorded.get(&path) {
-                Some(have) if !removed_records.contains(&path) => stat_matches(&target, have),
+                Some(have) if !removed.contains(path.as_str()) => stat_matches(&target, have),
                 _ => stat(&target)?.is_none(),
             };
             if !target_ok {
@@ -442,7 +443,16 @@ impl FolderReplica {
         // Anything left undone (content missing, a path in the way) is retried next run.
         tx.set_needs_materialize(!report.skipped.is_empty())?;
         tx.commit()?;
-        self.clear_staging(&desired)?;
+        // What each path holds now, from the records in hand rather than reloading them all.
+        let written: HashMap<&str, Option<ContentHash>> = new_records
+            .iter()
+            .map(|f| (f.path.as_str(), f.content))
+            .collect();
+        self.clear_staging(&desired, |path| match written.get(path) {
+            Some(content) => Some(*content),
+            None if removed.contains(path) => None,
+            None => recorded.get(path).map(|have| have.content),
+        })?;
         Ok(report)
     }
 
@@ -466,7 +476,12 @@ impl FolderReplica {
     }
 
     /// Removes staged content no placement still waits for, and stray temporary files.
-    fn clear_staging(&self, desired: &BTreeMap<String, Placement>) -> Result<(), FolderError> {
+    /// `holds(path)` is the content recorded at a path (`None` when nothing is recorded there).
+    fn clear_staging(
+        &self,
+        desired: &BTreeMap<String, Placement>,
+        holds: impl Fn(&str) -> Option<Option<ContentHash>>,
+    ) -> Result<(), FolderError> {
         let dir = self.staging_dir();
         let Ok(entries) = fs::read_dir(&dir) else {
             return Ok(());
@@ -475,14 +490,9 @@ impl FolderReplica {
         if entries.is_empty() {
             return Ok(());
         }
-        let recorded = self.store.local_files()?;
-        let waiting: std::collections::HashSet<String> = desired
+        let waiting: HashSet<String> = desired
             .values()
-            .filter(|p| {
-                recorded
-                    .get(&p.path)
-                    .is_none_or(|r| r.content != p.version.entry.content)
-            })
+            .filter(|p| holds(&p.path).is_none_or(|content| content != p.version.entry.content))
             .filter_map(|p| p.version.entry.content.map(|h| h.to_string()))
             .collect();
         for entry in entries {

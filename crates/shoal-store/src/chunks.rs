@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use shoal_core::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkRef, ChunkedContent, ContentHash};
 
 /// How much of a stream is cut at once. Chunks of a block are hashed on every core while
-/// the whole-content hash runs beside them.
-const BLOCK: usize = 8 << 20;
+/// the whole-content hash runs beside them; 4 MiB keeps both cores busy and the buffer small.
+const BLOCK: usize = 4 << 20;
 
 /// Below this, a block is hashed on the calling thread (thread hand-offs would cost more).
 const PARALLEL_MIN: usize = 1 << 20;
