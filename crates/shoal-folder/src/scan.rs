@@ -457,15 +457,21 @@ impl FolderReplica {
         let root = &self.root;
         let store = &self.store;
         let recorded = rayon::in_place_scope(|scope| {
-            scope.spawn(|_| found = walk(root, &skipped));
-            store.local_records()
+            scope.spawn(|_| {
+                found = walk(root, &skipped);
+                tracing::debug!(
+                    entries = found.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "walked"
+                );
+            });
+            let recorded = store.local_records();
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "loaded records"
+            );
+            recorded
         })?;
-        tracing::debug!(
-            entries = found.len(),
-            records = recorded.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "walked and loaded records"
-        );
         let mut report = ScanReport {
             skipped: skipped.into_inner().unwrap_or_default(),
             ..ScanReport::default()
@@ -537,6 +543,11 @@ impl FolderReplica {
             }
         }
 
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            unchanged,
+            "compared"
+        );
         if unchanged && to_hash.is_empty() {
             return Ok(report);
         }
