@@ -183,8 +183,8 @@ fn found_from_stat(stat: &rustix::fs::Stat) -> Option<Found> {
     })
 }
 
-/// Walks one folder: each directory is read once and its entries are stat'ed relative to it
-/// (no path lookup per file); subdirectories are walked in parallel.
+/// Reads a folder's directories: each is read once and its entries are stat'ed relative to it
+/// (no path lookup per file).
 struct Walker<'a> {
     root: &'a Path,
     skipped: &'a Mutex<Vec<Skipped>>,
@@ -197,15 +197,20 @@ impl Walker<'_> {
         }
     }
 
-    /// Everything under the directory at `relative` ("" for the root), in no particular order.
-    fn walk_dir(&self, relative: &str, rules: Option<Arc<Rules>>) -> Vec<(String, Found)> {
+    /// The entries of the directory at `relative` ("" for the root), and the rules in force
+    /// below it.
+    fn read_dir(
+        &self,
+        relative: &str,
+        rules: Option<Arc<Rules>>,
+    ) -> (Vec<(String, Found)>, Option<Arc<Rules>>) {
         let absolute = crate::absolute(self.root, relative);
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
         let dir = match rustix::fs::open(&absolute, flags, Mode::empty()) {
             Ok(dir) => dir,
             Err(error) => {
                 self.skip(String::new(), walk_error(&absolute, error));
-                return Vec::new();
+                return (Vec::new(), rules);
             }
         };
         // Names (each with its NUL) in one buffer: no allocation per entry.
@@ -239,7 +244,6 @@ impl Walker<'_> {
         }
 
         let mut found = Vec::with_capacity(entries.len());
-        let mut subdirs = Vec::new();
         for &(start, end, listed_type) in &entries {
             let Ok(c_name) = CStr::from_bytes_with_nul(&names[start..end]) else {
                 continue;
@@ -292,26 +296,14 @@ impl Walker<'_> {
                 continue;
             }
             match info {
-                Some(info) => {
-                    if info.kind == ItemKind::Directory {
-                        subdirs.push(found.len());
-                    }
-                    found.push((path, info));
-                }
+                Some(info) => found.push((path, info)),
                 None => self.skip(
                     path,
                     "not a regular file or directory (symlinks are not synced)".into(),
                 ),
             }
         }
-        // Closed before going deeper, so open directories stay few however deep the tree.
-        drop(dir);
-        let below: Vec<Vec<(String, Found)>> = subdirs
-            .par_iter()
-            .map(|&index| self.walk_dir(&found[index].0, rules.clone()))
-            .collect();
-        found.extend(below.into_iter().flatten());
-        found
+        (found, rules)
     }
 
     /// The rules of the directory at `absolute` (which holds a `.shoalignore`) over `parent`.
@@ -341,7 +333,26 @@ fn walk_error(path: &Path, error: rustix::io::Errno) -> String {
 /// Walks the folder: every file and directory, minus shoal's own state, temporary files and
 /// what `.shoalignore` files exclude; sorted by path.
 fn walk(root: &Path, skipped: &Mutex<Vec<Skipped>>) -> Vec<(String, Found)> {
-    let mut found = Walker { root, skipped }.walk_dir("", None);
+    let walker = Walker { root, skipped };
+    let mut found = Vec::new();
+    // One depth at a time, its directories in parallel: no recursion, however deep the tree,
+    // and only one directory open per thread.
+    let mut level: Vec<(String, Option<Arc<Rules>>)> = vec![(String::new(), None)];
+    while !level.is_empty() {
+        let read: Vec<_> = level
+            .par_iter()
+            .map(|(relative, rules)| walker.read_dir(relative, rules.clone()))
+            .collect();
+        level = Vec::new();
+        for (entries, rules) in read {
+            for (path, info) in &entries {
+                if info.kind == ItemKind::Directory {
+                    level.push((path.clone(), rules.clone()));
+                }
+            }
+            found.extend(entries);
+        }
+    }
     found.par_sort_unstable_by(|a, b| a.0.cmp(&b.0));
     found
 }
@@ -950,6 +961,8 @@ mod tests {
             write(root, path, path);
         }
         fs::create_dir_all(root.join("empty-dir")).expect("mkdir");
+        let deep = vec!["deep"; 300].join("/");
+        write(root, &format!("{deep}/leaf"), "at the bottom");
         fs::write(root.join(OsStr::from_bytes(b"raw\xffname")), "x").expect("write");
         std::os::unix::fs::symlink("a", root.join("link")).expect("symlink");
         std::os::unix::fs::symlink("missing", root.join("a/dangling")).expect("symlink");
@@ -1000,5 +1013,6 @@ mod tests {
             new.iter()
                 .any(|(path, info)| path == "a/b/tool.sh" && info.executable)
         );
+        assert!(paths.contains(&format!("{deep}/leaf").as_str()));
     }
 }
