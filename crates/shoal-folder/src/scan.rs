@@ -6,18 +6,22 @@
 //! was not recorded (a crash after a file was renamed into place, before it was recorded) is
 //! adopted, not taken for a new local change.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::{CStr, OsStr};
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use rayon::prelude::*;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RawDir};
 use shoal_core::{
     Entry, ItemId, ItemKind, ItemState, Knowledge, Placement, Role, STATE_DIR_NAME, TEMP_PREFIX,
     layout, validate_name,
 };
-use shoal_store::{ChunkedContent, LocalFile, Store, chunk_reader};
+use shoal_store::{ChunkedContent, LocalFile, LocalStat, Store, chunk_reader};
 
 use crate::{FolderError, FolderReplica, Progress, io_error, now_ns};
 
@@ -64,7 +68,7 @@ impl ScanReport {
 }
 
 /// What a file system entry looks like, for change detection.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Found {
     pub(crate) kind: ItemKind,
     pub(crate) size: u64,
@@ -95,12 +99,41 @@ fn found_from(metadata: &fs::Metadata) -> Option<Found> {
 }
 
 pub(crate) fn same_stat(found: &Found, recorded: &LocalFile) -> bool {
-    found.kind == recorded.kind
+    same_as(
+        found,
+        recorded.kind,
+        recorded.size,
+        recorded.mtime_ns,
+        recorded.inode,
+        recorded.executable,
+    )
+}
+
+fn same_stat_as(found: &Found, recorded: &LocalStat) -> bool {
+    same_as(
+        found,
+        recorded.kind,
+        recorded.size,
+        recorded.mtime_ns,
+        recorded.inode,
+        recorded.executable,
+    )
+}
+
+fn same_as(
+    found: &Found,
+    kind: ItemKind,
+    size: u64,
+    mtime_ns: i64,
+    inode: u64,
+    executable: bool,
+) -> bool {
+    found.kind == kind
         && (found.kind == ItemKind::Directory
-            || found.size == recorded.size
-                && found.mtime_ns == recorded.mtime_ns
-                && found.inode == recorded.inode
-                && found.executable == recorded.executable)
+            || found.size == size
+                && found.mtime_ns == mtime_ns
+                && found.inode == inode
+                && found.executable == executable)
 }
 
 fn parent_path(path: &str) -> &str {
@@ -111,75 +144,217 @@ fn file_name(path: &str) -> &str {
     path.rsplit_once('/').map_or(path, |(_, name)| name)
 }
 
-/// Walks the folder: every file and directory, minus shoal's own state, temporary files and
-/// what `.shoalignore` files exclude.
-fn walk(root: &Path, skipped: &Mutex<Vec<Skipped>>) -> BTreeMap<String, Found> {
-    let found = Mutex::new(BTreeMap::new());
-    let walker = ignore::WalkBuilder::new(root)
-        .hidden(false)
-        .ignore(false)
-        .git_ignore(false)
-        .git_global(false)
-        .git_exclude(false)
-        .parents(false)
-        .follow_links(false)
-        .add_custom_ignore_filename(".shoalignore")
-        .filter_entry(|entry| {
-            let name = entry.file_name().to_string_lossy();
-            if name.starts_with(TEMP_PREFIX) {
-                // Left by a run that was killed before renaming it into place: never complete.
-                let _ = fs::remove_file(entry.path());
-                return false;
+/// The name of the files that exclude paths from syncing (gitignore syntax).
+const IGNORE_FILE: &str = ".shoalignore";
+
+/// The `.shoalignore` rules in force in one directory: its own file's, then its parents'.
+struct Rules {
+    matcher: Gitignore,
+    parent: Option<Arc<Rules>>,
+}
+
+/// Whether the rules exclude `path` (absolute). The nearest file with a matching pattern
+/// decides, so a folder's own file can re-include what a parent's excludes.
+fn ignored(rules: Option<&Arc<Rules>>, path: &Path, is_dir: bool) -> bool {
+    let mut next = rules;
+    while let Some(level) = next {
+        match level.matcher.matched(path, is_dir) {
+            ignore::Match::None => next = level.parent.as_ref(),
+            decided => return decided.is_ignore(),
+        }
+    }
+    false
+}
+
+#[allow(clippy::unnecessary_cast)] // the field types differ between architectures
+fn found_from_stat(stat: &rustix::fs::Stat) -> Option<Found> {
+    let kind = match FileType::from_raw_mode(stat.st_mode as u32) {
+        FileType::Directory => ItemKind::Directory,
+        FileType::RegularFile => ItemKind::File,
+        _ => return None,
+    };
+    let file = kind == ItemKind::File;
+    Some(Found {
+        kind,
+        size: if file { stat.st_size as u64 } else { 0 },
+        mtime_ns: stat.st_mtime as i64 * 1_000_000_000 + stat.st_mtime_nsec as i64,
+        inode: stat.st_ino as u64,
+        executable: file && stat.st_mode as u32 & 0o111 != 0,
+    })
+}
+
+/// Reads a folder's directories: each is read once and its entries are stat'ed relative to it
+/// (no path lookup per file).
+struct Walker<'a> {
+    root: &'a Path,
+    skipped: &'a Mutex<Vec<Skipped>>,
+}
+
+impl Walker<'_> {
+    fn skip(&self, path: String, reason: String) {
+        if let Ok(mut list) = self.skipped.lock() {
+            list.push(Skipped { path, reason });
+        }
+    }
+
+    /// The entries of the directory at `relative` ("" for the root), and the rules in force
+    /// below it.
+    fn read_dir(
+        &self,
+        relative: &str,
+        rules: Option<Arc<Rules>>,
+    ) -> (Vec<(String, Found)>, Option<Arc<Rules>>) {
+        let absolute = crate::absolute(self.root, relative);
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        let dir = match rustix::fs::open(&absolute, flags, Mode::empty()) {
+            Ok(dir) => dir,
+            Err(error) => {
+                self.skip(String::new(), walk_error(&absolute, error));
+                return (Vec::new(), rules);
             }
-            !(entry.depth() == 1 && name == STATE_DIR_NAME)
-        })
-        .build_parallel();
-    walker.run(|| {
-        Box::new(|result| {
-            let skip = |path: String, reason: String| {
-                if let Ok(mut list) = skipped.lock() {
-                    list.push(Skipped { path, reason });
-                }
-            };
-            let entry = match result {
-                Ok(entry) => entry,
-                Err(error) => {
-                    skip(String::new(), error.to_string());
-                    return ignore::WalkState::Continue;
-                }
-            };
-            if entry.depth() == 0 {
-                return ignore::WalkState::Continue;
-            }
-            let Ok(relative) = entry.path().strip_prefix(root) else {
-                return ignore::WalkState::Continue;
-            };
-            let Some(text) = relative.to_str() else {
-                skip(
-                    relative.to_string_lossy().into_owned(),
-                    "the name is not valid UTF-8".into(),
-                );
-                return ignore::WalkState::Skip;
-            };
-            if let Err(error) = validate_name(file_name(text)) {
-                skip(text.to_owned(), error.to_string());
-                return ignore::WalkState::Skip;
-            }
-            match entry.metadata().ok().as_ref().and_then(found_from) {
-                Some(info) => {
-                    if let Ok(mut map) = found.lock() {
-                        map.insert(text.to_owned(), info);
+        };
+        // Names (each with its NUL) in one buffer: no allocation per entry.
+        let mut names: Vec<u8> = Vec::new();
+        let mut entries: Vec<(usize, usize, FileType)> = Vec::new();
+        let mut buffer: Vec<u8> = Vec::with_capacity(32 * 1024);
+        let mut listing = RawDir::new(&dir, buffer.spare_capacity_mut());
+        while let Some(entry) = listing.next() {
+            match entry {
+                Ok(entry) => {
+                    let name = entry.file_name().to_bytes_with_nul();
+                    if name == b".\0" || name == b"..\0" {
+                        continue;
                     }
+                    let start = names.len();
+                    names.extend_from_slice(name);
+                    entries.push((start, names.len(), entry.file_type()));
                 }
-                None => skip(
-                    text.to_owned(),
+                Err(error) => {
+                    self.skip(String::new(), walk_error(&absolute, error));
+                    break;
+                }
+            }
+        }
+        let mut rules = rules;
+        let has_ignore_file = entries
+            .iter()
+            .any(|&(start, end, _)| &names[start..end - 1] == IGNORE_FILE.as_bytes());
+        if has_ignore_file {
+            rules = self.read_rules(&absolute, rules);
+        }
+
+        let mut found = Vec::with_capacity(entries.len());
+        for &(start, end, listed_type) in &entries {
+            let Ok(c_name) = CStr::from_bytes_with_nul(&names[start..end]) else {
+                continue;
+            };
+            let name = c_name.to_bytes();
+            let stat = rustix::fs::statat(&dir, c_name, AtFlags::SYMLINK_NOFOLLOW);
+            let info = stat.as_ref().ok().and_then(found_from_stat);
+            let is_dir = match &stat {
+                Ok(_) => info.as_ref().is_some_and(|f| f.kind == ItemKind::Directory),
+                Err(_) => listed_type == FileType::Directory,
+            };
+            if rules.is_some()
+                && ignored(
+                    rules.as_ref(),
+                    &absolute.join(OsStr::from_bytes(name)),
+                    is_dir,
+                )
+            {
+                continue;
+            }
+            if name.starts_with(TEMP_PREFIX.as_bytes()) {
+                // Left by a run that was killed before renaming it into place: never complete.
+                let _ = rustix::fs::unlinkat(&dir, c_name, AtFlags::empty());
+                continue;
+            }
+            if relative.is_empty() && name == STATE_DIR_NAME.as_bytes() {
+                continue;
+            }
+            let text = match std::str::from_utf8(name) {
+                Ok(text) => text,
+                Err(_) => {
+                    let lossy = String::from_utf8_lossy(name);
+                    let path = if relative.is_empty() {
+                        lossy.into_owned()
+                    } else {
+                        format!("{relative}/{lossy}")
+                    };
+                    self.skip(path, "the name is not valid UTF-8".into());
+                    continue;
+                }
+            };
+            let mut path = String::with_capacity(relative.len() + 1 + text.len());
+            if !relative.is_empty() {
+                path.push_str(relative);
+                path.push('/');
+            }
+            path.push_str(text);
+            if let Err(error) = validate_name(text) {
+                self.skip(path, error.to_string());
+                continue;
+            }
+            match info {
+                Some(info) => found.push((path, info)),
+                None => self.skip(
+                    path,
                     "not a regular file or directory (symlinks are not synced)".into(),
                 ),
             }
-            ignore::WalkState::Continue
-        })
-    });
-    found.into_inner().unwrap_or_default()
+        }
+        (found, rules)
+    }
+
+    /// The rules of the directory at `absolute` (which holds a `.shoalignore`) over `parent`.
+    fn read_rules(&self, absolute: &Path, parent: Option<Arc<Rules>>) -> Option<Arc<Rules>> {
+        let file = absolute.join(IGNORE_FILE);
+        if !file.exists() {
+            return parent;
+        }
+        let mut builder = GitignoreBuilder::new(absolute);
+        if let Some(error) = builder.add(&file) {
+            self.skip(String::new(), error.to_string());
+        }
+        match builder.build() {
+            Ok(matcher) => Some(Arc::new(Rules { matcher, parent })),
+            Err(error) => {
+                self.skip(String::new(), error.to_string());
+                parent
+            }
+        }
+    }
+}
+
+fn walk_error(path: &Path, error: rustix::io::Errno) -> String {
+    format!("{}: {}", path.display(), std::io::Error::from(error))
+}
+
+/// Walks the folder: every file and directory, minus shoal's own state, temporary files and
+/// what `.shoalignore` files exclude; sorted by path.
+fn walk(root: &Path, skipped: &Mutex<Vec<Skipped>>) -> Vec<(String, Found)> {
+    let walker = Walker { root, skipped };
+    let mut found = Vec::new();
+    // One depth at a time, its directories in parallel: no recursion, however deep the tree,
+    // and only one directory open per thread.
+    let mut level: Vec<(String, Option<Arc<Rules>>)> = vec![(String::new(), None)];
+    while !level.is_empty() {
+        let read: Vec<_> = level
+            .par_iter()
+            .map(|(relative, rules)| walker.read_dir(relative, rules.clone()))
+            .collect();
+        level = Vec::new();
+        for (entries, rules) in read {
+            for (path, info) in &entries {
+                if info.kind == ItemKind::Directory {
+                    level.push((path.clone(), rules.clone()));
+                }
+            }
+            found.extend(entries);
+        }
+    }
+    found.par_sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    found
 }
 
 /// Hashes a file and checks it did not change while being read.
@@ -216,19 +391,62 @@ struct Pending {
     entry: Entry,
     base: Knowledge,
     resolves: Vec<Knowledge>,
-    /// Where the change was seen on disk (none for deletions and settled conflicts).
-    at: Option<String>,
+    /// Where the change was seen on disk, as an index into what the walk found (none for
+    /// deletions and settled conflicts).
+    at: Option<usize>,
 }
 
 impl Pending {
-    fn new(entry: Entry, base: Knowledge, at: Option<&String>) -> Pending {
+    fn new(entry: Entry, base: Knowledge, at: Option<usize>) -> Pending {
         Pending {
             entry,
             base,
             resolves: Vec::new(),
-            at: at.cloned(),
+            at,
         }
     }
+}
+
+/// How what the walk found lines up with the records, path by path.
+struct Pairing {
+    /// For each path found, its record (an index into the records).
+    record_of: Vec<Option<usize>>,
+    /// For each record, whether its path was found with the same kind.
+    present: Vec<bool>,
+    /// Whether every path found has a record showing the same stat, and every record was
+    /// found.
+    unchanged: bool,
+}
+
+/// Pairs two lists sorted by path in one pass.
+fn pair(found: &[(String, Found)], records: &[LocalStat]) -> Pairing {
+    let mut pairing = Pairing {
+        record_of: vec![None; found.len()],
+        present: vec![false; records.len()],
+        unchanged: found.len() == records.len(),
+    };
+    let (mut i, mut j) = (0, 0);
+    while i < found.len() && j < records.len() {
+        let (path, info) = &found[i];
+        match path.as_str().cmp(records[j].path.as_str()) {
+            std::cmp::Ordering::Less => {
+                pairing.unchanged = false;
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                pairing.unchanged = false;
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                pairing.record_of[i] = Some(j);
+                pairing.present[j] = info.kind == records[j].kind;
+                pairing.unchanged &= same_stat_as(info, &records[j]);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    pairing
 }
 
 impl FolderReplica {
@@ -245,85 +463,103 @@ impl FolderReplica {
         progress.start("scan", 0);
         let skipped = Mutex::new(Vec::new());
         let started = std::time::Instant::now();
-        let found = walk(&self.root, &skipped);
-        tracing::debug!(
-            entries = found.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "walked"
-        );
+        // The walk runs on the thread pool while this thread loads the records.
+        let mut found = Vec::new();
+        let root = &self.root;
+        let store = &self.store;
+        let recorded = rayon::in_place_scope(|scope| {
+            scope.spawn(|_| {
+                found = walk(root, &skipped);
+                tracing::debug!(
+                    entries = found.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "walked"
+                );
+            });
+            let recorded = store.local_records();
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "loaded records"
+            );
+            recorded
+        })?;
         let mut report = ScanReport {
             skipped: skipped.into_inner().unwrap_or_default(),
             ..ScanReport::default()
         };
-        let recorded = self.store.local_files()?;
-        tracing::debug!(
-            records = recorded.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "loaded records"
-        );
         if found.is_empty() && !recorded.is_empty() && !options.allow_empty {
             return Err(FolderError::LooksEmpty {
                 path: self.root.clone(),
                 recorded: recorded.len(),
             });
         }
+        let stats = recorded.stats();
+        let Pairing {
+            record_of,
+            present,
+            unchanged,
+        } = pair(&found, stats);
+        let record_at = |i: usize| record_of[i].map(|j| &stats[j]);
 
         // Renames: vanished paths by inode.
-        let mut vanished_by_inode: HashMap<(u64, ItemKind), &LocalFile> = HashMap::new();
-        for (path, file) in &recorded {
-            let gone = found.get(path).is_none_or(|f| f.kind != file.kind);
-            if gone && file.role == Role::Main {
-                vanished_by_inode.insert((file.inode, file.kind), file);
+        let mut vanished_by_inode: HashMap<(u64, ItemKind), usize> = HashMap::new();
+        for (j, file) in stats.iter().enumerate() {
+            if !present[j] && file.role == Role::Main {
+                vanished_by_inode.insert((file.inode, file.kind), j);
             }
         }
         // A new path showing a vanished file (same inode, size, time and mode) is that file
         // renamed: its content is known, so a renamed large file is not read again.
-        let renamed: HashMap<&String, &LocalFile> = found
+        let renamed: HashMap<usize, usize> = found
             .iter()
-            .filter(|(path, info)| info.kind == ItemKind::File && !recorded.contains_key(*path))
-            .filter_map(|(path, info)| {
-                let old = vanished_by_inode.get(&(info.inode, info.kind))?;
-                (same_stat(info, old) && old.content.is_some()).then_some((path, *old))
+            .enumerate()
+            .filter(|(i, (_, info))| info.kind == ItemKind::File && record_of[*i].is_none())
+            .filter_map(|(i, (_, info))| {
+                let old = *vanished_by_inode.get(&(info.inode, info.kind))?;
+                (same_stat_as(info, &stats[old]) && stats[old].content.is_some())
+                    .then_some((i, old))
             })
             .collect();
 
         // Hash what may have changed, in parallel.
-        let to_hash: Vec<(&String, &Found)> = found
-            .iter()
-            .filter(|(path, info)| {
+        let to_hash: Vec<usize> = (0..found.len())
+            .filter(|&i| {
+                let info = &found[i].1;
                 info.kind == ItemKind::File
-                    && !recorded.get(*path).is_some_and(|r| same_stat(info, r))
-                    && !renamed.contains_key(path)
+                    && !record_at(i).is_some_and(|r| same_stat_as(info, r))
+                    && !renamed.contains_key(&i)
             })
             .collect();
         progress.finish();
-        progress.start("hash", to_hash.iter().map(|(_, f)| f.size).sum());
+        progress.start("hash", to_hash.iter().map(|&i| found[i].1.size).sum());
         let root = &self.root;
-        let hashed: HashMap<String, ChunkedContent> = to_hash
+        let hashed: HashMap<usize, ChunkedContent> = to_hash
             .par_iter()
-            .filter_map(|(path, info)| {
+            .filter_map(|&i| {
+                let (path, info) = &found[i];
                 let content = hash_file(&crate::absolute(root, path), info);
                 progress.advance(info.size);
-                Some(((*path).clone(), content?))
+                Some((i, content?))
             })
             .collect();
         progress.finish();
         report.hashed_bytes = hashed.values().map(|c| c.size).sum();
-        for (path, info) in &to_hash {
-            if !hashed.contains_key(*path) {
+        for &i in &to_hash {
+            if !hashed.contains_key(&i) {
+                let (path, info) = &found[i];
                 report.skipped.push(Skipped {
-                    path: (*path).clone(),
+                    path: path.clone(),
                     reason: format!("changed while being read ({} bytes); will retry", info.size),
                 });
             }
         }
 
-        let nothing_new = to_hash.is_empty()
-            && recorded
-                .iter()
-                .all(|(path, r)| found.get(path).is_some_and(|f| same_stat(f, r)))
-            && found.keys().all(|path| recorded.contains_key(path));
-        if nothing_new {
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            unchanged,
+            "compared"
+        );
+        if unchanged && to_hash.is_empty() {
             return Ok(report);
         }
 
@@ -340,11 +576,11 @@ impl FolderReplica {
             HashMap::new()
         };
 
-        let mut path_items: HashMap<String, ItemId> = HashMap::new();
-        path_items.insert(String::new(), ItemId::ROOT);
+        let mut path_items: HashMap<&str, ItemId> = HashMap::new();
+        path_items.insert("", ItemId::ROOT);
         let mut pending: BTreeMap<ItemId, Pending> = BTreeMap::new();
         let mut records: Vec<LocalFile> = Vec::new();
-        let mut moved_from: BTreeSet<String> = BTreeSet::new();
+        let mut moved_from: HashSet<usize> = HashSet::new();
         let mut resolves: BTreeMap<ItemId, Vec<Knowledge>> = BTreeMap::new();
 
         let record =
@@ -364,7 +600,7 @@ impl FolderReplica {
                 }
             };
 
-        for (path, info) in &found {
+        for (i, (path, info)) in found.iter().enumerate() {
             let Some(parent) = path_items.get(parent_path(path)).copied() else {
                 report.skipped.push(Skipped {
                     path: path.clone(),
@@ -372,18 +608,18 @@ impl FolderReplica {
                 });
                 continue;
             };
-            let content = hashed.get(path);
+            let content = hashed.get(&i);
             if info.kind == ItemKind::File
                 && content.is_none()
-                && !recorded.get(path).is_some_and(|r| same_stat(info, r))
-                && !renamed.contains_key(path)
+                && !record_at(i).is_some_and(|r| same_stat_as(info, r))
+                && !renamed.contains_key(&i)
             {
                 continue; // changed while hashing: next scan
             }
             let content_hash = content
                 .map(|c| c.hash)
-                .or_else(|| recorded.get(path).and_then(|r| r.content))
-                .or_else(|| renamed.get(path).and_then(|r| r.content));
+                .or_else(|| record_at(i).and_then(|r| r.content))
+                .or_else(|| renamed.get(&i).and_then(|&j| stats[j].content));
             let entry = Entry {
                 parent,
                 name: file_name(path).to_owned(),
@@ -395,40 +631,42 @@ impl FolderReplica {
                 executable: info.executable,
             };
             // What the layout wants here: adopt it when the disk already holds exactly that.
-            if let Some(want) = desired.get(path) {
+            if let Some(want) = desired.get(path.as_str()) {
                 let same = want.version.entry.kind == info.kind
                     && (info.kind == ItemKind::Directory
                         || want.version.entry.content == content_hash
                             && want.version.entry.executable == info.executable);
-                let already = recorded
-                    .get(path)
-                    .is_some_and(|r| r.dot == want.version.dot && same_stat(info, r));
+                let already = match record_at(i) {
+                    Some(r) => same_stat_as(info, r) && recorded.dot(r)? == want.version.dot,
+                    None => false,
+                };
                 if same && !already {
                     records.push(record(path, want.item, &want.version, want.role, info));
                     if want.role == Role::Main {
-                        path_items.insert(path.clone(), want.item);
+                        path_items.insert(path, want.item);
                     }
                     continue;
                 }
             }
-            match recorded.get(path).filter(|r| r.kind == info.kind) {
+            match record_at(i).filter(|r| r.kind == info.kind) {
                 Some(previous) if previous.role == Role::Main => {
-                    path_items.insert(path.clone(), previous.item);
-                    if info.kind == ItemKind::File && !same_stat(info, previous) {
+                    path_items.insert(path, previous.item);
+                    if info.kind == ItemKind::File && !same_stat_as(info, previous) {
+                        let previous = recorded.full(previous)?;
                         if previous.content != content_hash
                             || previous.executable != info.executable
                         {
                             report.modified += 1;
                             pending.insert(
                                 previous.item,
-                                Pending::new(entry, previous.history.clone(), Some(path)),
+                                Pending::new(entry, previous.history, Some(i)),
                             );
                         } else {
                             records.push(LocalFile {
                                 size: info.size,
                                 mtime_ns: info.mtime_ns,
                                 inode: info.inode,
-                                ..previous.clone()
+                                ..previous
                             });
                         }
                     }
@@ -436,31 +674,32 @@ impl FolderReplica {
                 Some(previous) => {
                     // A conflict copy: unchanged, or changed by the user (then it becomes a file
                     // of its own and the conflict is settled).
-                    if same_stat(info, previous) {
+                    if same_stat_as(info, previous) {
                         continue;
                     }
                     resolves
                         .entry(previous.item)
                         .or_default()
-                        .push(previous.history.clone());
+                        .push(recorded.full(previous)?.history);
                     report.created += 1;
                     pending.insert(
                         ItemId(rand::random()),
-                        Pending::new(entry, Knowledge::new(), Some(path)),
+                        Pending::new(entry, Knowledge::new(), Some(i)),
                     );
                 }
                 None => {
                     let moved = vanished_by_inode
                         .get(&(info.inode, info.kind))
                         .copied()
-                        .filter(|old| {
-                            info.kind == ItemKind::Directory || old.content == content_hash
+                        .filter(|&old| {
+                            info.kind == ItemKind::Directory || stats[old].content == content_hash
                         });
                     match moved {
                         Some(old) => {
                             vanished_by_inode.remove(&(info.inode, info.kind));
-                            moved_from.insert(old.path.clone());
-                            path_items.insert(path.clone(), old.item);
+                            moved_from.insert(old);
+                            let old = recorded.full(&stats[old])?;
+                            path_items.insert(path, old.item);
                             let state = items.get(&self.store, &old.item)?;
                             let unchanged_place = state.is_some_and(|s| {
                                 let w = s.winner();
@@ -472,21 +711,18 @@ impl FolderReplica {
                                     path: path.clone(),
                                     inode: info.inode,
                                     mtime_ns: info.mtime_ns,
-                                    ..old.clone()
+                                    ..old
                                 });
                             } else {
                                 report.moved += 1;
-                                pending.insert(
-                                    old.item,
-                                    Pending::new(entry, old.history.clone(), Some(path)),
-                                );
+                                pending.insert(old.item, Pending::new(entry, old.history, Some(i)));
                             }
                         }
                         None => {
                             let item = ItemId(rand::random());
-                            path_items.insert(path.clone(), item);
+                            path_items.insert(path, item);
                             report.created += 1;
-                            pending.insert(item, Pending::new(entry, Knowledge::new(), Some(path)));
+                            pending.insert(item, Pending::new(entry, Knowledge::new(), Some(i)));
                         }
                     }
                 }
@@ -495,20 +731,19 @@ impl FolderReplica {
 
         // Vanished paths: deletions, or settled conflicts.
         let mut removed_paths = Vec::new();
-        for (path, previous) in &recorded {
-            let present = found.get(path).is_some_and(|f| f.kind == previous.kind);
-            if present {
+        for (j, previous) in stats.iter().enumerate() {
+            if present[j] {
                 continue;
             }
-            removed_paths.push(path.clone());
-            if moved_from.contains(path) {
+            removed_paths.push(previous.path.as_str());
+            if moved_from.contains(&j) {
                 continue;
             }
             if previous.role == Role::ConflictCopy {
                 resolves
                     .entry(previous.item)
                     .or_default()
-                    .push(previous.history.clone());
+                    .push(recorded.full(previous)?.history);
                 continue;
             }
             if pending.contains_key(&previous.item) {
@@ -523,7 +758,7 @@ impl FolderReplica {
             report.deleted += 1;
             pending.insert(
                 previous.item,
-                Pending::new(entry, previous.history.clone(), None),
+                Pending::new(entry, recorded.full(previous)?.history, None),
             );
         }
         for (item, histories) in resolves {
@@ -565,8 +800,7 @@ impl FolderReplica {
                 Some(state) => state.compact_context(base, writer),
                 None => base,
             };
-            let at = change.at;
-            if let Some(content) = at.as_ref().and_then(|path| hashed.get(path)) {
+            if let Some(content) = change.at.and_then(|i| hashed.get(&i)) {
                 tx.put_content(content)?;
             }
             let version = tx.write_local(item, change.entry, context, now)?;
@@ -575,15 +809,14 @@ impl FolderReplica {
             disk_lags |= shoal_core::ItemAccess::get(&mut tx, &item)?.is_some_and(|state| {
                 state.versions().len() > 1 || state.winner().dot != version.dot
             });
-            if let Some((path, info)) = at.as_ref().and_then(|path| Some((path, found.get(path)?)))
-            {
+            if let Some((path, info)) = change.at.map(|i| &found[i]) {
                 records.push(record(path, item, &version, Role::Main, info));
             }
         }
         if disk_lags {
             tx.set_needs_materialize(true)?;
         }
-        for path in &removed_paths {
+        for path in removed_paths {
             tx.remove_local_file(path)?;
         }
         for file in &records {
@@ -600,5 +833,186 @@ pub(crate) fn stat(path: &Path) -> Result<Option<Found>, FolderError> {
         Ok(metadata) => Ok(found_from(&metadata)),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(error) => Err(io_error(path)(error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// The walk as it was before it read directories itself (the `ignore` crate's walker):
+    /// the new one must find exactly the same.
+    fn reference_walk(root: &Path, skipped: &Mutex<Vec<Skipped>>) -> BTreeMap<String, Found> {
+        let found = Mutex::new(BTreeMap::new());
+        let walker = ignore::WalkBuilder::new(root)
+            .hidden(false)
+            .ignore(false)
+            .git_ignore(false)
+            .git_global(false)
+            .git_exclude(false)
+            .parents(false)
+            .follow_links(false)
+            .add_custom_ignore_filename(".shoalignore")
+            .filter_entry(|entry| {
+                let name = entry.file_name().to_string_lossy();
+                if name.starts_with(TEMP_PREFIX) {
+                    let _ = fs::remove_file(entry.path());
+                    return false;
+                }
+                !(entry.depth() == 1 && name == STATE_DIR_NAME)
+            })
+            .build_parallel();
+        walker.run(|| {
+            Box::new(|result| {
+                let skip = |path: String, reason: String| {
+                    skipped.lock().expect("lock").push(Skipped { path, reason });
+                };
+                let entry = match result {
+                    Ok(entry) => entry,
+                    Err(error) => {
+                        skip(String::new(), error.to_string());
+                        return ignore::WalkState::Continue;
+                    }
+                };
+                if entry.depth() == 0 {
+                    return ignore::WalkState::Continue;
+                }
+                let relative = entry.path().strip_prefix(root).expect("under the root");
+                let Some(text) = relative.to_str() else {
+                    skip(
+                        relative.to_string_lossy().into_owned(),
+                        "the name is not valid UTF-8".into(),
+                    );
+                    return ignore::WalkState::Skip;
+                };
+                if let Err(error) = validate_name(file_name(text)) {
+                    skip(text.to_owned(), error.to_string());
+                    return ignore::WalkState::Skip;
+                }
+                match entry.metadata().ok().as_ref().and_then(found_from) {
+                    Some(info) => {
+                        found.lock().expect("lock").insert(text.to_owned(), info);
+                    }
+                    None => skip(
+                        text.to_owned(),
+                        "not a regular file or directory (symlinks are not synced)".into(),
+                    ),
+                }
+                ignore::WalkState::Continue
+            })
+        });
+        found.into_inner().expect("lock")
+    }
+
+    fn write(root: &Path, path: &str, text: &str) {
+        let path = crate::absolute(root, path);
+        fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+        fs::write(path, text).expect("write");
+    }
+
+    fn sorted(skipped: Mutex<Vec<Skipped>>) -> Vec<(String, String)> {
+        let mut list: Vec<_> = skipped
+            .into_inner()
+            .expect("lock")
+            .into_iter()
+            .map(|s| (s.path, s.reason))
+            .collect();
+        list.sort();
+        list
+    }
+
+    #[test]
+    fn the_walk_finds_what_the_ignore_crate_found() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = &dir.path().canonicalize().expect("canonical");
+        write(
+            root,
+            ".shoalignore",
+            "*.log\n!keep.log\nbuild/\n/top-only\nsecret*\n",
+        );
+        write(root, "a/.shoalignore", "!x.log\nsub/*.tmp\n");
+        for path in [
+            "a/b/c.txt",
+            "a/x.log",
+            "a/keep.log",
+            "a/y.log",
+            "a/sub/y.tmp",
+            "a/sub/z.txt",
+            "a/top-only",
+            "a/build/inside",
+            "build/inside",
+            "top-only",
+            "keep.log",
+            "other.log",
+            "n1/inner",
+            "n1.b",
+            "n1-c",
+            "n1/deeper/file",
+            "secret/file",
+            "empty.txt",
+            "\u{e9}t\u{e9}/caf\u{e9}.txt",
+            ".shoal/state.db",
+            "a/.shoal/not-state",
+            "bad\u{1}name/inside",
+        ] {
+            write(root, path, path);
+        }
+        fs::create_dir_all(root.join("empty-dir")).expect("mkdir");
+        let deep = vec!["deep"; 300].join("/");
+        write(root, &format!("{deep}/leaf"), "at the bottom");
+        fs::write(root.join(OsStr::from_bytes(b"raw\xffname")), "x").expect("write");
+        std::os::unix::fs::symlink("a", root.join("link")).expect("symlink");
+        std::os::unix::fs::symlink("missing", root.join("a/dangling")).expect("symlink");
+        let tool = root.join("a/b/tool.sh");
+        fs::write(&tool, "#!/bin/sh").expect("write");
+        fs::set_permissions(&tool, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let temp = format!("{TEMP_PREFIX}left.tmp");
+
+        write(root, &format!("a/{temp}"), "partial");
+        let first = walk(root, &Mutex::new(Vec::new()));
+        assert!(
+            !root.join("a").join(&temp).exists(),
+            "a left-over temporary file is removed"
+        );
+        assert!(!first.iter().any(|(path, _)| path.contains(TEMP_PREFIX)));
+        // Compared once the removal no longer changes the folder's time.
+        let old_skipped = Mutex::new(Vec::new());
+        let old = reference_walk(root, &old_skipped);
+        let new_skipped = Mutex::new(Vec::new());
+        let new = walk(root, &new_skipped);
+
+        let old: Vec<(String, Found)> = old.into_iter().collect();
+        assert_eq!(new, old);
+        assert_eq!(sorted(new_skipped), sorted(old_skipped));
+        let paths: Vec<&str> = new.iter().map(|(path, _)| path.as_str()).collect();
+        for present in [
+            "a/x.log",
+            "a/keep.log",
+            "a/top-only",
+            "keep.log",
+            "n1.b",
+            "empty-dir",
+        ] {
+            assert!(paths.contains(&present), "{present} missing from {paths:?}");
+        }
+        for absent in [
+            "a/y.log",
+            "other.log",
+            "top-only",
+            "build",
+            "a/build",
+            "secret",
+            ".shoal",
+        ] {
+            assert!(!paths.contains(&absent), "{absent} in {paths:?}");
+        }
+        assert!(
+            new.iter()
+                .any(|(path, info)| path == "a/b/tool.sh" && info.executable)
+        );
+        assert!(paths.contains(&format!("{deep}/leaf").as_str()));
     }
 }

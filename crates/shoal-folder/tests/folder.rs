@@ -128,3 +128,120 @@ fn a_renamed_file_is_not_read_again_but_a_renamed_and_edited_one_is() -> TestRes
     assert_eq!(changed.hashed_bytes, edited.len() as u64, "{changed:?}");
     Ok(())
 }
+
+/// Every file of a folder but shoal's state, with its bytes.
+type Tree = Vec<(String, Vec<u8>)>;
+
+fn tree(root: &std::path::Path) -> Result<Tree, Box<dyn std::error::Error>> {
+    let mut files = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            if path.strip_prefix(root)?.starts_with(".shoal") {
+                continue;
+            }
+            if entry.file_type()?.is_dir() {
+                dirs.push(path);
+            } else {
+                let relative = path.strip_prefix(root)?.to_string_lossy().into_owned();
+                files.push((relative, fs::read(&path)?));
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+#[test]
+fn every_kind_of_local_change_is_found_and_follows_the_recorded_version() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir()?;
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    fs::create_dir_all(&b)?;
+    for folder in ["d1", "d2", "d3"] {
+        for file in [
+            "grow",
+            "same-size",
+            "touch",
+            "mode",
+            "move",
+            "gone",
+            "copy",
+            "kind",
+        ] {
+            let path = a.join(folder).join(file);
+            fs::create_dir_all(a.join(folder))?;
+            fs::write(path, format!("{folder}/{file} v1"))?;
+        }
+    }
+    mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
+    let mut replica = FolderReplica::open(&a, "a")?;
+    let quiet = replica.scan(&ScanOptions::default(), &NoProgress)?;
+    assert!(!quiet.changed(), "{quiet:?}");
+
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    fs::write(a.join("d1/grow"), "d1/grow v2, longer")?;
+    // Same size, new bytes: only the time (and the content) tell.
+    let same = fs::OpenOptions::new()
+        .write(true)
+        .open(a.join("d1/same-size"))?;
+    std::io::Write::write_all(&mut &same, b"D1/SAME-SIZE V1")?;
+    same.set_modified(later)?;
+    drop(same);
+    // A new time alone is no new version, but the record follows it.
+    fs::File::options()
+        .write(true)
+        .open(a.join("d2/touch"))?
+        .set_modified(later)?;
+    fs::set_permissions(a.join("d2/mode"), fs::Permissions::from_mode(0o755))?;
+    fs::rename(a.join("d2/move"), a.join("d3/moved"))?;
+    fs::remove_file(a.join("d3/gone"))?;
+    // Same bytes, size and time under a new inode: read again, same content, no new version.
+    let copy = a.join("d3/copy");
+    let modified = fs::metadata(&copy)?.modified()?;
+    fs::copy(&copy, a.join("d3/copy.new"))?;
+    fs::rename(a.join("d3/copy.new"), &copy)?;
+    fs::File::options()
+        .write(true)
+        .open(&copy)?
+        .set_modified(modified)?;
+    fs::remove_file(a.join("d3/kind"))?;
+    fs::create_dir(a.join("d3/kind"))?;
+
+    let report = replica.scan(&ScanOptions::default(), &NoProgress)?;
+    assert_eq!(
+        (
+            report.modified,
+            report.moved,
+            report.deleted,
+            report.created
+        ),
+        (3, 1, 2, 1),
+        "{report:?}"
+    );
+    let records = replica.store().local_files()?;
+    let touched = fs::metadata(a.join("d2/touch"))?;
+    assert_eq!(
+        records["d2/touch"].mtime_ns,
+        std::os::unix::fs::MetadataExt::mtime(&touched) * 1_000_000_000
+            + std::os::unix::fs::MetadataExt::mtime_nsec(&touched)
+    );
+    assert_eq!(
+        records["d3/copy"].inode,
+        std::os::unix::fs::MetadataExt::ino(&fs::metadata(&copy)?)
+    );
+    let again = replica.scan(&ScanOptions::default(), &NoProgress)?;
+    assert!(!again.changed(), "{again:?}");
+    assert_eq!(again.hashed_bytes, 0);
+    drop(replica);
+
+    // Each edit follows the version it replaced: no conflict, and b ends up the same.
+    mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
+    assert_eq!(tree(&a)?, tree(&b)?);
+    assert!(FolderReplica::open(&b, "b")?.conflicts()?.is_empty());
+    assert!(FolderReplica::open(&a, "a")?.conflicts()?.is_empty());
+    Ok(())
+}

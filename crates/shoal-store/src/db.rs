@@ -120,6 +120,83 @@ pub struct LocalFile {
     pub executable: bool,
 }
 
+/// What a scan compares with the disk at one path: the fields that show a change. The
+/// version and history stay encoded until [`LocalRecords::full`] asks for them, which a scan
+/// does only for the paths that changed.
+#[derive(Clone, Debug)]
+pub struct LocalStat {
+    /// Slash-separated path relative to the folder root.
+    pub path: String,
+    /// The item shown there.
+    pub item: ItemId,
+    /// Winner or conflict copy.
+    pub role: Role,
+    /// File or directory.
+    pub kind: ItemKind,
+    /// Content hash, for files.
+    pub content: Option<ContentHash>,
+    /// Size on disk.
+    pub size: u64,
+    /// Modification time on disk, nanoseconds.
+    pub mtime_ns: i64,
+    /// Inode number, to recognise renames.
+    pub inode: u64,
+    /// Executable bit.
+    pub executable: bool,
+    /// Where the encoded dot, then the encoded history, are in [`LocalRecords`]' buffer.
+    encoded: (usize, usize, usize),
+}
+
+/// Every path recorded on disk, sorted by path (byte order, as `str` orders), loaded in one
+/// pass without decoding what only a changed path needs.
+#[derive(Clone, Debug, Default)]
+pub struct LocalRecords {
+    stats: Vec<LocalStat>,
+    encoded: Vec<u8>,
+}
+
+impl LocalRecords {
+    /// The records, sorted by path.
+    pub fn stats(&self) -> &[LocalStat] {
+        &self.stats
+    }
+
+    /// How many paths are recorded.
+    pub fn len(&self) -> usize {
+        self.stats.len()
+    }
+
+    /// Whether no path is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.stats.is_empty()
+    }
+
+    /// The version whose content is on disk at `stat`'s path.
+    pub fn dot(&self, stat: &LocalStat) -> Result<Dot> {
+        let (start, middle, _) = stat.encoded;
+        dot_from(self.encoded.get(start..middle).unwrap_or_default())
+    }
+
+    /// The whole record of `stat` (one of [`Self::stats`]).
+    pub fn full(&self, stat: &LocalStat) -> Result<LocalFile> {
+        let (_, middle, end) = stat.encoded;
+        let history = self.encoded.get(middle..end).unwrap_or_default();
+        Ok(LocalFile {
+            path: stat.path.clone(),
+            item: stat.item,
+            role: stat.role,
+            dot: self.dot(stat)?,
+            history: Knowledge::from_bytes(history)?,
+            kind: stat.kind,
+            content: stat.content,
+            size: stat.size,
+            mtime_ns: stat.mtime_ns,
+            inode: stat.inode,
+            executable: stat.executable,
+        })
+    }
+}
+
 /// One replica's metadata database.
 pub struct Store {
     conn: Connection,
@@ -447,6 +524,52 @@ impl Store {
         Ok(files)
     }
 
+    /// What was last recorded on disk, sorted by path, for a scan to compare.
+    pub fn local_records(&self) -> Result<LocalRecords> {
+        // The primary key gives path order (SQLite's BINARY collation compares bytes, like
+        // `str`), so no sort runs.
+        let mut statement = self.conn.prepare(&format!(
+            "SELECT {LOCAL_FILE_COLUMNS} FROM local_files ORDER BY path"
+        ))?;
+        let mut rows = statement.query([])?;
+        let mut records = LocalRecords::default();
+        while let Some(row) = rows.next()? {
+            let start = records.encoded.len();
+            records
+                .encoded
+                .extend_from_slice(value(row.get_ref(3)?.as_blob())?);
+            let middle = records.encoded.len();
+            records
+                .encoded
+                .extend_from_slice(value(row.get_ref(4)?.as_blob())?);
+            let content = match value(row.get_ref(6)?.as_blob_or_null())? {
+                Some(bytes) => Some(ContentHash(
+                    bytes
+                        .try_into()
+                        .map_err(|_| DecodeError::Invalid("hash is not 32 bytes"))?,
+                )),
+                None => None,
+            };
+            records.stats.push(LocalStat {
+                path: value(row.get_ref(0)?.as_str())?.to_owned(),
+                item: ItemId(
+                    value(row.get_ref(1)?.as_blob())?
+                        .try_into()
+                        .map_err(|_| DecodeError::Invalid("item id is not 16 bytes"))?,
+                ),
+                role: role_from(row.get(2)?),
+                kind: kind_from(row.get(5)?),
+                content,
+                size: row.get::<_, i64>(7)? as u64,
+                mtime_ns: row.get(8)?,
+                inode: row.get::<_, i64>(9)? as u64,
+                executable: row.get::<_, i64>(10)? != 0,
+                encoded: (start, middle, records.encoded.len()),
+            });
+        }
+        Ok(records)
+    }
+
     /// A recorded file holding the content `hash`, if any.
     pub fn local_file_with(&self, hash: &ContentHash) -> Result<Option<LocalFile>> {
         local_file_with(&self.conn, hash)
@@ -540,6 +663,27 @@ impl Store {
 const LOCAL_FILE_COLUMNS: &str =
     "path, item, role, dot, history, kind, content, size, mtime_ns, inode, executable";
 
+/// A borrowed column's value, or the error SQLite would give for a wrong type.
+fn value<T>(result: rusqlite::types::FromSqlResult<T>) -> Result<T> {
+    result.map_err(|error| StoreError::Sqlite(error.into()))
+}
+
+fn role_from(value: i64) -> Role {
+    if value == 0 {
+        Role::Main
+    } else {
+        Role::ConflictCopy
+    }
+}
+
+fn kind_from(value: i64) -> ItemKind {
+    if value == 0 {
+        ItemKind::Directory
+    } else {
+        ItemKind::File
+    }
+}
+
 fn local_file_from(row: &rusqlite::Row<'_>) -> Result<LocalFile> {
     let dot: Vec<u8> = row.get(3)?;
     let history: Vec<u8> = row.get(4)?;
@@ -547,18 +691,10 @@ fn local_file_from(row: &rusqlite::Row<'_>) -> Result<LocalFile> {
     Ok(LocalFile {
         path: row.get(0)?,
         item: item_from(row.get(1)?)?,
-        role: if row.get::<_, i64>(2)? == 0 {
-            Role::Main
-        } else {
-            Role::ConflictCopy
-        },
+        role: role_from(row.get(2)?),
         dot: dot_from(&dot)?,
         history: Knowledge::from_bytes(&history)?,
-        kind: if row.get::<_, i64>(5)? == 0 {
-            ItemKind::Directory
-        } else {
-            ItemKind::File
-        },
+        kind: kind_from(row.get(5)?),
         content: content.map(hash_from).transpose()?,
         size: row.get::<_, i64>(7)? as u64,
         mtime_ns: row.get(8)?,

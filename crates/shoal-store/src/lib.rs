@@ -8,5 +8,7 @@ mod chunks;
 mod db;
 
 pub use chunks::{ChunkError, ChunkStore, chunk_bytes, chunk_reader};
-pub use db::{ContentIndex, Identity, LocalFile, Store, StoreError, Transaction};
+pub use db::{
+    ContentIndex, Identity, LocalFile, LocalRecords, LocalStat, Store, StoreError, Transaction,
+};
 pub use shoal_core::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkRef, ChunkedContent};
