@@ -207,7 +207,6 @@ impl PeerServer {
                 |content| {
                     store.nearest_contents(
                         content.size,
-                        0,
                         |h| held.contains(h) && *h != content.hash,
                         shoal_protocol::DELTA_BASES,
                     )

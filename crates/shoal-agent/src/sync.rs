@@ -866,7 +866,6 @@ fn upload(
             if content.chunks.len() >= shoal_protocol::DELTA_MIN_CHUNKS {
                 let near = store.nearest_contents(
                     content.size,
-                    LOCAL_REUSE_MIN,
                     |h| !contents.contains_key(h),
                     shoal_protocol::DELTA_BASES,
                 )?;

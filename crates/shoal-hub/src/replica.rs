@@ -226,7 +226,6 @@ impl WorkspaceReplica {
             |content| {
                 store.nearest_contents(
                     content.size,
-                    0,
                     |h| held.contains(h) && *h != content.hash,
                     shoal_protocol::DELTA_BASES,
                 )

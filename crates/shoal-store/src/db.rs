@@ -68,6 +68,10 @@ CREATE TABLE refused (
 -- The epoch each partner replica last synced in: an older one means it was restored.
 ALTER TABLE partners ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+-- Contents of a similar size: the bases a changed large file's chunk list is sent against.
+CREATE INDEX contents_by_size ON contents (size);
+"#,
 ];
 
 /// Who a replica is.
@@ -456,20 +460,20 @@ impl Store {
         Ok(out)
     }
 
-    /// Up to `limit` contents that `accept` takes, of at least `min_size` bytes and nearest in
-    /// size to `size` (ties by hash), with their chunk lists: the likely bases when a changed
-    /// large file's list is sent as an edit.
+    /// Up to `limit` contents that `accept` takes, between half and twice `size` bytes and
+    /// nearest in size to it (ties by hash), with their chunk lists: the likely bases when a
+    /// changed large file's list is sent as an edit.
     pub fn nearest_contents(
         &self,
         size: u64,
-        min_size: u64,
         accept: impl Fn(&ContentHash) -> bool,
         limit: usize,
     ) -> Result<Vec<ChunkedContent>> {
         let mut statement = self
             .conn
-            .prepare_cached("SELECT hash, size FROM contents WHERE size >= ?1")?;
-        let rows = statement.query_map(params![min_size as i64], |row| {
+            .prepare_cached("SELECT hash, size FROM contents WHERE size BETWEEN ?1 AND ?2")?;
+        let (low, high) = (size / 2, size.saturating_mul(2).min(i64::MAX as u64));
+        let rows = statement.query_map(params![low as i64, high as i64], |row| {
             Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?))
         })?;
         let mut near = Vec::new();
