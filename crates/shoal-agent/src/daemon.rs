@@ -27,7 +27,7 @@ use shoal_protocol::{Availability, Negotiation, PeerPresence, PresenceEvent, Pre
 
 use crate::home::{AgentState, DeviceConfig, Home, SyncRecord, WorkspaceEntry};
 use crate::peers::{AgentCounters, Contacts};
-use crate::sync::{compact_knowledge, pull_from_peer, scan_workspace};
+use crate::sync::{compact_knowledge, pull_from_peer_with, scan_workspace};
 use crate::{AgentError, DeviceIdentity, sync_workspace, sync_workspace_with};
 use shoal_client::HubClient;
 
@@ -156,14 +156,21 @@ fn take_files(files: &mut BTreeSet<String>, workspace: String, queued: Option<Ar
     files.insert(workspace);
 }
 
+/// Watches a workspace's folder: any change (or a lost event, which calls for a rescan) marks
+/// it `dirty` and signals the loop.
 fn watch(
     workspace: &WorkspaceEntry,
     signals: Sender<Signal>,
+    dirty: Arc<AtomicBool>,
 ) -> Result<notify::RecommendedWatcher, AgentError> {
     let id = workspace.id.clone();
     let queued = Arc::new(AtomicBool::new(false));
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
+        let Ok(event) = event else {
+            // The watcher may have lost events: only a scan can tell.
+            dirty.store(true, Ordering::Release);
+            return;
+        };
         // Our own state and temporary files are not changes.
         let relevant = event.paths.iter().any(|p| {
             !p.components().any(|c| c.as_os_str() == ".shoal")
@@ -171,7 +178,11 @@ fn watch(
                     .file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with(shoal_core::TEMP_PREFIX))
         });
-        if relevant && !event.kind.is_access() && !queued.swap(true, Ordering::AcqRel) {
+        if !(relevant && !event.kind.is_access() || event.need_rescan()) {
+            return;
+        }
+        dirty.store(true, Ordering::Release);
+        if !queued.swap(true, Ordering::AcqRel) {
             let _ = signals.send(Signal::Files {
                 workspace: id.clone(),
                 queued: Some(queued.clone()),
@@ -243,11 +254,21 @@ struct Agent {
     pulled: HashMap<(String, String), String>,
     /// Clients of peers: device → (address, key, client).
     peer_clients: HashMap<String, (String, String, HubClient)>,
+    /// Per workspace: whether the watcher saw anything since the last scan began.
+    dirty: HashMap<String, Arc<AtomicBool>>,
 }
 
 impl Agent {
     fn entry(&self, ws: &str) -> Option<WorkspaceEntry> {
         self.workspaces.iter().find(|w| w.id == ws).cloned()
+    }
+
+    /// Whether `ws` needs a scan before others' changes are applied; a scan about to start
+    /// clears it (events from then on mark it again). Unwatched workspaces always do.
+    fn take_dirty(&self, ws: &str) -> bool {
+        self.dirty
+            .get(ws)
+            .is_none_or(|flag| flag.swap(false, Ordering::AcqRel))
     }
 
     fn refresh(&mut self, ws: &str) {
@@ -406,6 +427,7 @@ impl Agent {
     fn on_files(&mut self, ws: &str) {
         let Some(entry) = self.entry(ws) else { return };
         let before = self.ours(ws);
+        self.take_dirty(ws);
         if let Err(error) = scan_workspace(&self.device, &entry) {
             tracing::warn!(workspace = %entry.name, %error, "scan failed");
             return;
@@ -444,7 +466,8 @@ impl Agent {
         let before = self.ours(ws);
         let started = Instant::now();
         AgentCounters::bump(&self.counters.peer_pulls, 1);
-        match pull_from_peer(&self.device, &entry, &client, &NoProgress) {
+        let scan_first = self.take_dirty(ws);
+        match pull_from_peer_with(&self.device, &entry, &client, &NoProgress, scan_first) {
             Ok(report) => {
                 tracing::info!(
                     workspace = %entry.name,
@@ -560,6 +583,8 @@ impl Agent {
         }
         AgentCounters::bump(&self.counters.hub_sessions, 1);
         let peers = self.nearby(ws);
+        // The round scans first.
+        self.take_dirty(ws);
         let result = sync_workspace_with(&self.device, &entry, &peers, &NoProgress);
         let mut record = self.home.sync_record(ws).unwrap_or_default();
         record.at = now_ns();
@@ -656,8 +681,12 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
     };
 
     let mut watchers = Vec::new();
+    let mut dirty = HashMap::new();
     for workspace in &workspaces {
-        watchers.push(watch(workspace, signals.clone())?);
+        // Unscanned at start: changes made while the agent was not running.
+        let flag = Arc::new(AtomicBool::new(true));
+        watchers.push(watch(workspace, signals.clone(), flag.clone())?);
+        dirty.insert(workspace.id.clone(), flag);
     }
     watchers.push(watch_availability(home, signals.clone())?);
     {
@@ -678,6 +707,7 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
         hub_connected: false,
         pulled: HashMap::new(),
         peer_clients: HashMap::new(),
+        dirty,
     };
     for workspace in &workspaces {
         agent.refresh(&workspace.id);

@@ -715,13 +715,25 @@ pub fn pull_from_peer(
     peer: &HubClient,
     progress: &dyn Progress,
 ) -> Result<SyncReport, AgentError> {
+    pull_from_peer_with(device, entry, peer, progress, true)
+}
+
+/// [`pull_from_peer`], scanning the folder first only when `scan_first`: a caller that watches
+/// the folder and saw nothing change since its last scan leaves it out.
+pub fn pull_from_peer_with(
+    device: &DeviceConfig,
+    entry: &WorkspaceEntry,
+    peer: &HubClient,
+    progress: &dyn Progress,
+    scan_first: bool,
+) -> Result<SyncReport, AgentError> {
     let mut folder = open_folder(device, entry)?;
     // Local changes first, as they are: a rename not yet scanned would otherwise look like a
     // new file once the peer's versions are in place.
-    let mut report = SyncReport {
-        scan: folder.scan(&ScanOptions::default(), progress)?,
-        ..SyncReport::default()
-    };
+    let mut report = SyncReport::default();
+    if scan_first {
+        report.scan = folder.scan(&ScanOptions::default(), progress)?;
+    }
     let remote = Remote {
         client: peer,
         knowledge: &Knowledge::new(),
@@ -1038,7 +1050,12 @@ fn download(
             .map(|h| hex32(&h.0))
             .collect(),
     };
+    let started = std::time::Instant::now();
     let response = client.download(&entry.id, &request)?;
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "download: planned"
+    );
     report.hub_tag = response.tag.clone();
     if response.recovery {
         let candidates = folder.recovery_candidates(hub_knowledge)?;
@@ -1135,6 +1152,10 @@ fn download(
             knowledge: WireKnowledge::from(&folder.store().knowledge()?),
         },
     )?;
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "download: applied"
+    );
     if folder.store().needs_materialize()? {
         let source = HubSource::new(client, all_contents, locations, &entry.id, peers);
         report.materialize = folder.materialize(Some(&source), progress)?;

@@ -120,8 +120,18 @@ impl FolderReplica {
         progress: &dyn Progress,
     ) -> Result<MaterializeReport, FolderError> {
         let mut report = MaterializeReport::default();
+        let started = std::time::Instant::now();
         let items = self.store.load_items()?;
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "materialize: loaded items"
+        );
         let tree = layout(&items);
+        tracing::debug!(
+            items = items.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "materialize: laid out"
+        );
         for note in &tree.notes {
             if let shoal_core::LayoutNote::BadName { item, error } = note {
                 report.refused.push(Skipped {
@@ -136,6 +146,10 @@ impl FolderReplica {
             .map(|p| (p.path.clone(), p))
             .collect();
         let mut recorded = self.store.local_files()?;
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "materialize: loaded records"
+        );
         let mut new_records: Vec<LocalFile> = Vec::new();
         let mut removed_records: Vec<String> = Vec::new();
 
@@ -265,10 +279,15 @@ impl FolderReplica {
                     && !recorded.get(*path).is_some_and(|h| matches(want, h))
             })
             .collect();
-        let mut by_hash: HashMap<ContentHash, Vec<String>> = HashMap::new();
+        // Where each wanted content is already on disk (only those: most records are not).
+        let mut by_hash: HashMap<ContentHash, Vec<String>> = wanted_files
+            .iter()
+            .filter_map(|(_, want)| want.version.entry.content)
+            .map(|hash| (hash, Vec::new()))
+            .collect();
         for file in recorded.values() {
-            if let Some(hash) = file.content {
-                by_hash.entry(hash).or_default().push(file.path.clone());
+            if let Some(paths) = file.content.and_then(|hash| by_hash.get_mut(&hash)) {
+                paths.push(file.path.clone());
             }
         }
         let mut ready: Vec<(String, PathBuf, Placement)> = Vec::new();
@@ -443,6 +462,11 @@ impl FolderReplica {
         // Anything left undone (content missing, a path in the way) is retried next run.
         tx.set_needs_materialize(!report.skipped.is_empty())?;
         tx.commit()?;
+        tracing::debug!(
+            written = report.written,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "materialize: committed"
+        );
         // What each path holds now, from the records in hand rather than reloading them all.
         let written: HashMap<&str, Option<ContentHash>> = new_records
             .iter()

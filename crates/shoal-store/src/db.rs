@@ -364,23 +364,36 @@ impl Store {
 
     /// Every item with its current versions.
     pub fn load_items(&self) -> Result<BTreeMap<ItemId, ItemState>> {
-        let mut statement = self
-            .conn
-            .prepare("SELECT item, body FROM versions ORDER BY item")?;
+        // In table order, grouped in memory: walking the item index would look up every row's
+        // body in the table again.
+        let mut statement = self.conn.prepare("SELECT item, body FROM versions")?;
         let mut rows = statement.query([])?;
-        let mut grouped: BTreeMap<ItemId, Vec<Version>> = BTreeMap::new();
+        let mut all: Vec<(ItemId, Version)> = Vec::new();
         while let Some(row) = rows.next()? {
-            let item = item_from(row.get(0)?)?;
-            let body: Vec<u8> = row.get(1)?;
-            grouped
-                .entry(item)
-                .or_default()
-                .push(Version::from_bytes(&body)?);
+            let item = ItemId(
+                value(row.get_ref(0)?.as_blob())?
+                    .try_into()
+                    .map_err(|_| DecodeError::Invalid("item id is not 16 bytes"))?,
+            );
+            all.push((
+                item,
+                Version::from_bytes(value(row.get_ref(1)?.as_blob())?)?,
+            ));
         }
-        Ok(grouped
-            .into_iter()
-            .filter_map(|(id, versions)| Some((id, ItemState::from_versions(versions)?)))
-            .collect())
+        // Stable: an item's versions keep the order the table gave them.
+        all.sort_by_key(|(item, _)| *item);
+        let mut items = BTreeMap::new();
+        let mut rest = all.into_iter().peekable();
+        while let Some((item, first)) = rest.next() {
+            let mut versions = vec![first];
+            while let Some((_, version)) = rest.next_if(|(next, _)| *next == item) {
+                versions.push(version);
+            }
+            if let Some(state) = ItemState::from_versions(versions) {
+                items.insert(item, state);
+            }
+        }
+        Ok(items)
     }
 
     /// One item's current versions.
