@@ -314,6 +314,16 @@ impl ItemState {
     /// covered or an ancestor of a concurrent version, so covering it loses nothing; other
     /// writers' entries stay exact, and are folded when those writers write next.
     pub fn compact_context(&self, mut history: Knowledge, writer: WriterId) -> Knowledge {
+        // The fold below claims own writes that are ancestors of a version left concurrent;
+        // claim what they had seen too (it is in that version's context). Otherwise a replica
+        // that holds such an ancestor but not yet its concurrent descendant would drop the
+        // ancestor on receiving this write and keep nothing that covers what the ancestor had
+        // superseded. Covering a concurrent version's ancestors never covers the version.
+        for version in &self.versions {
+            if !history.contains(&version.dot) {
+                history.merge(&version.context);
+            }
+        }
         let highest_covered = history.highest(&writer);
         let oldest_uncovered = self
             .versions
