@@ -28,7 +28,7 @@ use shoal_protocol::{Availability, Negotiation, PeerPresence, PresenceEvent, Pre
 use crate::home::{AgentState, DeviceConfig, Home, SyncRecord, WorkspaceEntry};
 use crate::peers::{AgentCounters, Contacts};
 use crate::sync::{compact_knowledge, pull_from_peer_with, scan_workspace};
-use crate::{AgentError, DeviceIdentity, sync_workspace, sync_workspace_with};
+use crate::{AgentError, DeviceIdentity, sync_workspace, sync_workspace_scanning};
 use shoal_client::HubClient;
 
 /// Settings of the daemon.
@@ -583,9 +583,8 @@ impl Agent {
         }
         AgentCounters::bump(&self.counters.hub_sessions, 1);
         let peers = self.nearby(ws);
-        // The round scans first.
-        self.take_dirty(ws);
-        let result = sync_workspace_with(&self.device, &entry, &peers, &NoProgress);
+        let scan_first = self.take_dirty(ws);
+        let result = sync_workspace_scanning(&self.device, &entry, &peers, &NoProgress, scan_first);
         let mut record = self.home.sync_record(ws).unwrap_or_default();
         record.at = now_ns();
         match result {

@@ -619,6 +619,25 @@ pub fn sync_workspace_with(
     peers: &[HubClient],
     progress: &dyn Progress,
 ) -> Result<SyncReport, AgentError> {
+    sync_workspace_scanning(device, entry, peers, progress, true)
+}
+
+/// [`sync_workspace_with`], scanning the folder only when `scan_first`: a caller that watches
+/// the folder and saw nothing change since its last scan leaves it out.
+pub fn sync_workspace_scanning(
+    device: &DeviceConfig,
+    entry: &WorkspaceEntry,
+    peers: &[HubClient],
+    progress: &dyn Progress,
+    scan_first: bool,
+) -> Result<SyncReport, AgentError> {
+    let scan = |folder: &mut FolderReplica| -> Result<ScanReport, AgentError> {
+        Ok(if scan_first {
+            folder.scan(&ScanOptions::default(), progress)?
+        } else {
+            ScanReport::default()
+        })
+    };
     let mut folder = open_folder(device, entry)?;
     let base = HubClient::new(&device.hub, Some(&device.token))?.for_device(&device.device);
     let mut report = SyncReport::default();
@@ -644,7 +663,7 @@ pub fn sync_workspace_with(
             client.upload_offer(&entry.id)?
         }
         Ok(None) => {
-            let scan = folder.scan(&ScanOptions::default(), progress)?;
+            let scan = scan(&mut folder)?;
             let unchanged = folder.store().knowledge()?.compact().to_string() == ours;
             // A folder still waiting to be brought in line may need content from the hub.
             if unchanged && !folder.store().needs_materialize()? {
@@ -682,7 +701,7 @@ pub fn sync_workspace_with(
 
     report.scan = match scanned {
         Some(scan) => scan,
-        None => folder.scan(&ScanOptions::default(), progress)?,
+        None => scan(&mut folder)?,
     };
     let limits = BatchLimits::default().negotiate(BatchLimits {
         max_items: offer.limits.max_items,
