@@ -5,7 +5,7 @@
 //! into another's replica. A caller must present a device key the hub vouched for (checked in
 //! the TLS handshake) and share the workspace it asks about; anything else gets nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -21,10 +21,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::serve::{IncomingStream, Listener};
-use shoal_core::{BatchLimits, ChunkRef, ContentHash, Knowledge, SyncOffer, plan_batches};
+use shoal_core::{Batch, BatchLimits, ChunkRef, ContentHash, Knowledge, SyncOffer, plan_batches};
 use shoal_protocol::{
     ContentFetch, DownloadRequest, DownloadResponse, ErrorBody, Location, Negotiation, WireBatch,
-    parse_hash, routes, wire_batches,
+    parse_hash, routes, wire_batch,
 };
 use shoal_store::Store;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -38,11 +38,22 @@ use crate::{AgentError, DeviceIdentity};
 /// How long an unfinished download session is kept.
 const SESSION_TTL: Duration = Duration::from_secs(30 * 60);
 
+/// A download being served. Batches are kept as planned and put in wire form one at a time,
+/// when asked for: the wire form of a large plan is several times its size.
 struct Session {
     workspace: String,
-    batches: Vec<WireBatch>,
+    batches: Arc<Vec<Batch>>,
+    held: Arc<HashSet<ContentHash>>,
     created: Instant,
 }
+
+/// A content's chunks by hash.
+type ChunkIndex = HashMap<ContentHash, ChunkRef>;
+
+/// How many chunk indexes the server keeps, and the fewest chunks a content must have to be
+/// kept (a small one is cheaper to decode again).
+const CHUNK_INDEXES_KEPT: usize = 4;
+const CHUNK_INDEX_MIN: usize = 64;
 
 /// State behind the peer routes.
 pub(crate) struct PeerServer {
@@ -51,6 +62,9 @@ pub(crate) struct PeerServer {
     contacts: Arc<RwLock<Contacts>>,
     stores: Mutex<HashMap<String, Store>>,
     sessions: Mutex<HashMap<String, Session>>,
+    /// The chunk indexes of the large contents served last: a large file is fetched a
+    /// bundle at a time, and decoding its list for every bundle cost more than reading it.
+    chunk_indexes: Mutex<Vec<(ContentHash, Arc<ChunkIndex>)>>,
     signals: Mutex<Sender<Signal>>,
     counters: Arc<AgentCounters>,
 }
@@ -114,6 +128,7 @@ impl PeerServer {
             contacts,
             stores: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            chunk_indexes: Mutex::new(Vec::new()),
             signals: Mutex::new(signals),
             counters,
         }
@@ -190,6 +205,12 @@ impl PeerServer {
                 max_bytes: request.limits.max_bytes,
             });
             let mut planned = plan_batches(missing, &offer, limits);
+            if planned.is_empty() {
+                return Err(PeerError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "no batch".into(),
+                ));
+            }
             if withheld {
                 // The caller must not learn dots it was not sent.
                 for batch in &mut planned {
@@ -197,30 +218,9 @@ impl PeerServer {
                     batch.forgotten = Default::default();
                 }
             }
-            let locations = [Location {
-                transport: "peer".into(),
-                url: routes::peer_contents(ws),
-            }];
-            let batches = wire_batches(
-                planned,
-                |hash| store.content(hash),
-                |content| {
-                    store.nearest_contents(
-                        content.size,
-                        |h| held.contains(h) && *h != content.hash,
-                        shoal_protocol::DELTA_BASES,
-                    )
-                },
-                &held,
-                &locations,
-                |index| routes::download_batch(ws, &session, index),
-            )?;
-            Ok((batches, offer.knowledge.compact().to_string()))
+            Ok((planned, offer.knowledge.compact().to_string()))
         })?;
-        let first = batches
-            .first()
-            .cloned()
-            .ok_or_else(|| PeerError(StatusCode::INTERNAL_SERVER_ERROR, "no batch".into()))?;
+        let first = self.wire_batch(ws, &session, &batches, 0, &held)?;
         let mut sessions = self
             .sessions
             .lock()
@@ -230,7 +230,8 @@ impl PeerServer {
             session.clone(),
             Session {
                 workspace: ws.to_owned(),
-                batches,
+                batches: Arc::new(batches),
+                held: Arc::new(held),
                 created: Instant::now(),
             },
         );
@@ -240,6 +241,42 @@ impl PeerServer {
             result: routes::download_result(ws, &session),
             recovery: false,
             tag,
+        })
+    }
+
+    /// Batch `index` of a session's plan in wire form, with the chunk lists it needs.
+    fn wire_batch(
+        &self,
+        ws: &str,
+        session: &str,
+        batches: &[Batch],
+        index: usize,
+        held: &HashSet<ContentHash>,
+    ) -> Result<WireBatch, PeerError> {
+        let batch = batches
+            .get(index)
+            .ok_or_else(|| PeerError(StatusCode::NOT_FOUND, "no such batch".into()))?;
+        let locations = [Location {
+            transport: "peer".into(),
+            url: routes::peer_contents(ws),
+        }];
+        let next =
+            (index + 1 < batches.len()).then(|| routes::download_batch(ws, session, index + 1));
+        self.with_store(ws, |store| {
+            Ok(wire_batch(
+                batch,
+                |hash| store.content(hash),
+                |content| {
+                    store.nearest_contents(
+                        content.size,
+                        |h| held.contains(h) && *h != content.hash,
+                        shoal_protocol::DELTA_BASES,
+                    )
+                },
+                held,
+                &locations,
+                next,
+            )?)
         })
     }
 
@@ -275,6 +312,33 @@ impl PeerServer {
 }
 
 impl PeerServer {
+    /// A held content's chunks by hash (a large file's list has thousands of chunks, a
+    /// request dozens), kept for the next bundles when the content is large.
+    fn chunk_index(
+        &self,
+        store: &Store,
+        content: &ContentHash,
+    ) -> Result<Option<Arc<ChunkIndex>>, PeerError> {
+        let poisoned = || PeerError(StatusCode::INTERNAL_SERVER_ERROR, "poisoned".into());
+        let kept = self.chunk_indexes.lock().map_err(|_| poisoned())?;
+        if let Some((_, index)) = kept.iter().find(|(hash, _)| hash == content) {
+            return Ok(Some(index.clone()));
+        }
+        drop(kept);
+        let Some(known) = store.content(content)? else {
+            return Ok(None);
+        };
+        let index: Arc<ChunkIndex> = Arc::new(known.chunks.iter().map(|c| (c.hash, *c)).collect());
+        if known.chunks.len() >= CHUNK_INDEX_MIN {
+            let mut kept = self.chunk_indexes.lock().map_err(|_| poisoned())?;
+            if kept.len() >= CHUNK_INDEXES_KEPT {
+                kept.remove(0);
+            }
+            kept.push((*content, index.clone()));
+        }
+        Ok(Some(index))
+    }
+
     /// Many chunks of contents this device holds, read from their files and checked, in one
     /// bundle of at most `CHUNK_BUNDLE_MAX` bytes; chunks not held (or changed since the scan)
     /// are left out.
@@ -305,17 +369,15 @@ impl PeerServer {
         let held = self.with_store(ws, |store| {
             let mut held = Vec::with_capacity(wanted.len());
             for (content, chunks) in &wanted {
-                let (Some(known), Some(file)) =
-                    (store.content(content)?, store.local_file_with(content)?)
-                else {
+                let Some(file) = store.local_file_with(content)? else {
                     continue;
                 };
-                // By hash: a large file's list has thousands of chunks, a request dozens.
-                let by_hash: HashMap<ContentHash, &ChunkRef> =
-                    known.chunks.iter().map(|c| (c.hash, c)).collect();
+                let Some(by_hash) = self.chunk_index(store, content)? else {
+                    continue;
+                };
                 let pieces: Vec<ChunkRef> = chunks
                     .iter()
-                    .filter_map(|c| by_hash.get(c).map(|k| **k))
+                    .filter_map(|c| by_hash.get(c).copied())
                     .collect();
                 held.push((file.path, pieces));
             }
@@ -377,17 +439,17 @@ async fn download_batch(
     Path((ws, session, index)): Path<(String, String, usize)>,
 ) -> Result<axum::Json<WireBatch>, PeerError> {
     server.authorize(&conn, &ws)?;
-    let sessions = server
+    let (batches, held) = server
         .sessions
         .lock()
-        .map_err(|_| PeerError(StatusCode::INTERNAL_SERVER_ERROR, "poisoned".into()))?;
-    sessions
+        .map_err(|_| PeerError(StatusCode::INTERNAL_SERVER_ERROR, "poisoned".into()))?
         .get(&session)
         .filter(|s| s.workspace == ws)
-        .and_then(|s| s.batches.get(index))
-        .cloned()
+        .map(|s| (s.batches.clone(), s.held.clone()))
+        .ok_or_else(|| PeerError(StatusCode::NOT_FOUND, "no such batch".into()))?;
+    blocking(move || server.wire_batch(&ws, &session, &batches, index, &held))
+        .await
         .map(axum::Json)
-        .ok_or_else(|| PeerError(StatusCode::NOT_FOUND, "no such batch".into()))
 }
 
 async fn download_result(

@@ -144,6 +144,47 @@ impl<'a> HubSource<'a> {
         (ContentHash::of(&bytes) == chunk.hash).then_some(bytes)
     }
 
+    /// Copies `group` (consecutive chunks of one content) into `dest` with one read and one
+    /// write when this device holds all of them, in the same order, in one of its files: the
+    /// common case of a large file changed in a few places. Every chunk is checked; false
+    /// leaves the group to be copied chunk by chunk.
+    fn copy_local_run(
+        &self,
+        group: &[(ContentHash, &ChunkRef)],
+        dest: &File,
+        run: &mut Vec<u8>,
+    ) -> bool {
+        let Some((_, first)) = group.first() else {
+            return false;
+        };
+        let Some((path, start, _)) = self.local.get(&first.hash) else {
+            return false;
+        };
+        let mut end = first.offset;
+        for (_, chunk) in group {
+            let at = chunk.offset.checked_sub(first.offset);
+            let held_here = self.local.get(&chunk.hash).is_some_and(|(p, offset, len)| {
+                p == path && *len == chunk.len && offset.checked_sub(*start) == at
+            });
+            if !held_here || chunk.offset != end {
+                return false;
+            }
+            end += u64::from(chunk.len);
+        }
+        let Ok(source) = File::open(path) else {
+            return false;
+        };
+        run.resize((end - first.offset) as usize, 0);
+        if std::os::unix::fs::FileExt::read_exact_at(&source, run, *start).is_err() {
+            return false;
+        }
+        let intact = group.iter().all(|(_, chunk)| {
+            let at = (chunk.offset - first.offset) as usize;
+            ContentHash::of(&run[at..at + chunk.len as usize]) == chunk.hash
+        });
+        intact && std::os::unix::fs::FileExt::write_all_at(dest, run, first.offset).is_ok()
+    }
+
     /// Fetches the chunks of the small contents among `contents` in bundles of a few
     /// megabytes, several at once, from the nearest holder: thousands of small files then cost
     /// a few requests. Anything not fetched here is fetched when its content is copied.
@@ -369,10 +410,14 @@ impl ContentSource for HubSource<'_> {
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let work = || {
+            let mut run = Vec::new();
             while !failed.load(Relaxed) {
                 let Some(group) = groups.get(next.fetch_add(1, Relaxed)) else {
                     return;
                 };
+                if self.copy_local_run(group, &file, &mut run) {
+                    continue;
+                }
                 let mut here: HashMap<ContentHash, Vec<u8>> = HashMap::new();
                 let mut open = HashMap::new();
                 for (_, chunk) in group {
@@ -542,7 +587,9 @@ fn send_contents(
         let workers: Vec<_> = (0..PARALLEL_TRANSFERS.min(pieces.len().max(1)))
             .map(|_| {
                 scope.spawn(|| -> Result<(), AgentError> {
-                    let mut bundle = Vec::with_capacity(BUNDLE_TARGET + (256 << 10));
+                    // One bundle per worker at a time: the next is allocated only once the
+                    // last is sent, so its memory is reused instead of doubled.
+                    let mut bundle = Vec::new();
                     while let Some(&(index, chunks)) =
                         pieces.get(next.fetch_add(1, Ordering::Relaxed))
                     {
@@ -565,15 +612,14 @@ fn send_contents(
                                 sent[index].store(false, Ordering::Relaxed);
                                 break;
                             }
+                            if bundle.capacity() == 0 {
+                                bundle.reserve_exact(BUNDLE_TARGET + (256 << 10));
+                            }
                             shoal_protocol::bundle_chunk(&mut bundle, &chunk.hash, &bytes);
                             chunk_count.fetch_add(1, Ordering::Relaxed);
                             byte_count.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                             if bundle.len() >= BUNDLE_TARGET {
-                                let full = std::mem::replace(
-                                    &mut bundle,
-                                    Vec::with_capacity(BUNDLE_TARGET + (256 << 10)),
-                                );
-                                client.put_chunk_bundle(location, full)?;
+                                client.put_chunk_bundle(location, std::mem::take(&mut bundle))?;
                             }
                         }
                     }
@@ -1131,9 +1177,11 @@ fn download(
             wire.locations.clone()
         };
         let local = local_chunks(folder, entry, &batch, &contents)?;
+        // This batch's contents only: cloning every list received so far for each batch
+        // held two copies of them at the end of a large download.
         let mut source = HubSource::new(
             client,
-            all_contents.clone(),
+            contents.iter().map(|c| (c.hash, c.clone())).collect(),
             locations.clone(),
             &entry.id,
             peers,

@@ -524,7 +524,8 @@ pub(crate) fn sync(home: &Home, name: Option<&str>, json: bool) -> anyhow::Resul
                 "workspace": workspace.name,
                 "peer": peer.device_name,
                 "downloaded": report.downloaded,
-                "bytes_downloaded": report.bytes_from_hub,
+                // All from that peer (its batches name it as the place to fetch from).
+                "bytes_downloaded": report.bytes_from_peers + report.bytes_from_hub,
                 "conflicts": report.conflicts,
             }));
             if !json {

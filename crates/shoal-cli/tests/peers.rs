@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{Agent, AnyResult, Device, Hub, TestResult, hub_metric, wait_for};
+use support::{Agent, AnyResult, Device, Hub, TestResult, hub_metric, noise, wait_for};
 
 /// alice on two devices and bob on one, all in workspace "team", synced once.
 fn team(root: &std::path::Path) -> AnyResult<(Hub, Device, Device, Device)> {
@@ -374,9 +374,8 @@ fn content_comes_from_a_peer_before_the_hub() -> TestResult {
     desktop_agent.stop();
 
     let commits = hub_metric(&hub.url, &token, "upload_commits")?;
-    let big: Vec<u8> = (0..3u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    // Large enough for its chunk list to travel as an edit when it changes (64+ chunks).
+    let big = noise(6 << 20, 11);
     std::fs::write(laptop.folder.join("big.bin"), &big)?;
     assert!(
         wait_for(Duration::from_secs(20), || {
@@ -388,10 +387,50 @@ fn content_comes_from_a_peer_before_the_hub() -> TestResult {
     let chunk_gets = hub_metric(&hub.url, &token, "chunk_gets")?;
     let summary = desktop.sync()?;
     assert_eq!(std::fs::read(desktop.folder.join("big.bin"))?, big);
-    // Pulled from the peer, or fetched from it during the hub round: either way, not the hub.
-    let from_peer: u64 = summary
-        .as_array()
-        .ok_or("no summary")?
+    let (from_peer, from_hub) = content_bytes(&summary)?;
+    assert!(
+        from_peer >= big.len() as u64 && from_hub == 0,
+        "not from the peer: {summary}"
+    );
+    assert_eq!(
+        hub_metric(&hub.url, &token, "chunk_gets")?,
+        chunk_gets,
+        "the hub served content a peer held: {summary}"
+    );
+
+    // 64 KiB changed in the middle: the desktop builds the new version from its own copy and
+    // fetches only the chunks around the change, still from the peer.
+    let mut changed = big.clone();
+    let middle = changed.len() / 2;
+    for byte in &mut changed[middle..middle + (64 << 10)] {
+        *byte = byte.wrapping_add(1);
+    }
+    let commits = hub_metric(&hub.url, &token, "upload_commits")?;
+    std::fs::write(laptop.folder.join("big.bin"), &changed)?;
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            hub_metric(&hub.url, &token, "upload_commits").is_ok_and(|n| n > commits)
+        }),
+        "the laptop's agent did not upload the change"
+    );
+    let summary = desktop.sync()?;
+    assert!(
+        std::fs::read(desktop.folder.join("big.bin"))? == changed,
+        "the changed file differs"
+    );
+    let (from_peer, from_hub) = content_bytes(&summary)?;
+    assert!(
+        from_peer > 0 && from_peer < 1 << 20 && from_hub == 0,
+        "more than the changed chunks travelled: {summary}"
+    );
+    Ok(())
+}
+
+/// Content bytes a `shoal sync` summary says came from peers (pulled from one, or fetched
+/// from one during a hub round) and from the hub.
+fn content_bytes(summary: &serde_json::Value) -> AnyResult<(u64, u64)> {
+    let rounds = summary.as_array().ok_or("no summary")?;
+    let from_peer = rounds
         .iter()
         .map(|round| {
             round["bytes_from_peers"].as_u64().unwrap_or(0)
@@ -401,24 +440,11 @@ fn content_comes_from_a_peer_before_the_hub() -> TestResult {
                     .unwrap_or(0)
         })
         .sum();
-    // A chunk repeated within the file travels once, so the peer's bytes may be fewer than
-    // the file's; none may come from the hub.
-    let from_hub: u64 = summary
-        .as_array()
-        .ok_or("no summary")?
+    let from_hub = rounds
         .iter()
         .map(|round| round["bytes_from_hub"].as_u64().unwrap_or(0))
         .sum();
-    assert!(
-        from_peer >= big.len() as u64 / 2 && from_hub == 0,
-        "not from the peer: {summary}"
-    );
-    assert_eq!(
-        hub_metric(&hub.url, &token, "chunk_gets")?,
-        chunk_gets,
-        "the hub served content a peer held: {summary}"
-    );
-    Ok(())
+    Ok((from_peer, from_hub))
 }
 
 /// Bytes the hub's connections carried during `work`, less one metrics call's own cost.

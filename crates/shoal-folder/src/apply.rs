@@ -290,7 +290,9 @@ impl FolderReplica {
                 paths.push(file.path.clone());
             }
         }
-        let mut ready: Vec<(String, PathBuf, Placement)> = Vec::new();
+        // Written beside their targets, waiting for the rename (borrowing the placements:
+        // a copy of each would double the layout's memory on a large first sync).
+        let mut ready: Vec<(&String, PathBuf, &Placement)> = Vec::with_capacity(wanted_files.len());
         progress.start(
             "write",
             wanted_files.iter().map(|(_, w)| w.version.entry.size).sum(),
@@ -373,7 +375,7 @@ impl FolderReplica {
             file.set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(io_error(&temp))?;
             progress.advance(want.version.entry.size);
-            ready.push(((*path).clone(), temp, (*want).clone()));
+            ready.push((path, temp, want));
         }
         progress.finish();
         if !ready.is_empty() {
@@ -381,6 +383,7 @@ impl FolderReplica {
         }
 
         // 4. Removals: what is recorded but no longer wanted, files first, deepest first.
+        let ready_paths: HashSet<&str> = ready.iter().map(|(path, ..)| path.as_str()).collect();
         let mut unwanted: Vec<LocalFile> = recorded
             .values()
             .filter(|have| {
@@ -388,7 +391,7 @@ impl FolderReplica {
                     .get(&have.path)
                     .is_some_and(|want| matches(want, have))
             })
-            .filter(|have| !ready.iter().any(|(path, ..)| *path == have.path))
+            .filter(|have| !ready_paths.contains(have.path.as_str()))
             .cloned()
             .collect();
         unwanted.sort_by_key(|f| {
@@ -430,15 +433,15 @@ impl FolderReplica {
         // 5. Rename the new files into place, if their targets are as recorded.
         let removed: HashSet<&str> = removed_records.iter().map(String::as_str).collect();
         for (path, temp, want) in ready {
-            let target = self.absolute(&path);
-            let target_ok = match recorded.get(&path) {
+            let target = self.absolute(path);
+            let target_ok = match recorded.get(path) {
                 Some(have) if !removed.contains(path.as_str()) => stat_matches(&target, have),
                 _ => stat(&target)?.is_none(),
             };
             if !target_ok {
                 let _ = fs::remove_file(&temp);
                 report.skipped.push(Skipped {
-                    path,
+                    path: path.clone(),
                     reason: "changed since the last scan; not overwritten".into(),
                 });
                 continue;
@@ -446,7 +449,7 @@ impl FolderReplica {
             fs::rename(&temp, &target).map_err(io_error(&temp))?;
             report.written += 1;
             report.bytes += want.version.entry.size;
-            new_records.push(self.record_for(&path, &want)?);
+            new_records.push(self.record_for(path, want)?);
         }
         if report.written + report.renamed + report.deleted + report.folders > 0 {
             flush_filesystem(&self.root)?;

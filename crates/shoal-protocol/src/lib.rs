@@ -16,7 +16,7 @@ pub use delta::{DELTA_BASES, DELTA_MIN_CHUNKS};
 pub use messages::*;
 pub use plan::{
     CHUNK_BUNDLE_MAX, bundle_chunk, dot_path, parse_dot_path, parse_held, refusals_tag,
-    unbundle_chunks, upload_batch, wire_batches,
+    unbundle_chunks, upload_batch, wire_batch, wire_batches,
 };
 
 /// The protocol version, sent as the `shoal-protocol` header.

@@ -20,49 +20,65 @@ pub fn wire_batches<E>(
     next_uri: impl Fn(usize) -> String,
 ) -> Result<Vec<WireBatch>, E> {
     let count = planned.len();
-    let mut batches = Vec::with_capacity(count);
-    for (index, batch) in planned.into_iter().enumerate() {
-        let mut contents = Vec::new();
-        let mut seen = HashSet::new();
-        for (_, version) in &batch.versions {
-            let hash = version
-                .entry
-                .content
-                .filter(|h| !version.entry.deleted && seen.insert(*h));
-            match hash {
-                // The receiver holds its chunk list: name it only.
-                Some(h) if held.contains(&h) => {
-                    contents.push(WireContent::held(&h, version.entry.size));
-                }
-                Some(h) => {
-                    if let Some(found) = content(&h)? {
-                        let candidates =
-                            if held.is_empty() || found.chunks.len() < crate::DELTA_MIN_CHUNKS {
-                                Vec::new()
-                            } else {
-                                bases(&found)?
-                            };
-                        contents.push(WireContent::encode(&found, &candidates));
-                    }
-                }
-                None => {}
+    planned
+        .iter()
+        .enumerate()
+        .map(|(index, batch)| {
+            let next = (index + 1 < count).then(|| next_uri(index + 1));
+            wire_batch(batch, &mut content, &mut bases, held, locations, next)
+        })
+        .collect()
+}
+
+/// The wire form of one planned batch (see `wire_batches`), whose successor is at `next`. A
+/// server that keeps a long plan converts each batch only when it is asked for.
+pub fn wire_batch<E>(
+    batch: &Batch,
+    mut content: impl FnMut(&ContentHash) -> Result<Option<ChunkedContent>, E>,
+    mut bases: impl FnMut(&ChunkedContent) -> Result<Vec<ChunkedContent>, E>,
+    held: &HashSet<ContentHash>,
+    locations: &[Location],
+    next: Option<String>,
+) -> Result<WireBatch, E> {
+    let mut contents = Vec::new();
+    let mut seen = HashSet::new();
+    for (_, version) in &batch.versions {
+        let hash = version
+            .entry
+            .content
+            .filter(|h| !version.entry.deleted && seen.insert(*h));
+        match hash {
+            // The receiver holds its chunk list: name it only.
+            Some(h) if held.contains(&h) => {
+                contents.push(WireContent::held(&h, version.entry.size));
             }
+            Some(h) => {
+                if let Some(found) = content(&h)? {
+                    let candidates =
+                        if held.is_empty() || found.chunks.len() < crate::DELTA_MIN_CHUNKS {
+                            Vec::new()
+                        } else {
+                            bases(&found)?
+                        };
+                    contents.push(WireContent::encode(&found, &candidates));
+                }
+            }
+            None => {}
         }
-        batches.push(WireBatch {
-            versions: batch
-                .versions
-                .iter()
-                .map(|(id, v)| WireVersion::new(id, v))
-                .collect(),
-            contents,
-            locations: locations.to_vec(),
-            learned: WireKnowledge::from(&batch.learned),
-            last: batch.last,
-            forgotten: WireVector::from(&batch.forgotten),
-            next: (index + 1 < count).then(|| next_uri(index + 1)),
-        });
     }
-    Ok(batches)
+    Ok(WireBatch {
+        versions: batch
+            .versions
+            .iter()
+            .map(|(id, v)| WireVersion::new(id, v))
+            .collect(),
+        contents,
+        locations: locations.to_vec(),
+        learned: WireKnowledge::from(&batch.learned),
+        last: batch.last,
+        forgotten: WireVector::from(&batch.forgotten),
+        next,
+    })
 }
 
 /// A tag naming a set of refusals (version and reason): equal sets, equal tags, whatever the

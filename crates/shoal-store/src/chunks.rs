@@ -11,49 +11,52 @@ use std::path::{Path, PathBuf};
 
 use shoal_core::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkRef, ChunkedContent, ContentHash};
 
-/// How much of a stream is cut at once. Chunks of a block are hashed on every core while
-/// the whole-content hash runs beside them; 4 MiB keeps both cores busy and the buffer small.
+/// How much of a stream is cut at once. While one block is cut, the one before it is hashed on
+/// the other cores; 4 MiB keeps both busy and the buffers small.
 const BLOCK: usize = 4 << 20;
 
 /// Below this, a block is hashed on the calling thread (thread hand-offs would cost more).
 const PARALLEL_MIN: usize = 1 << 20;
 
-/// Reads `reader` to the end, cutting and hashing a block at a time. The cuts are those of
-/// `chunk_bytes` on the whole content: a chunk that reaches the end of a block before the
-/// stream ends is carried into the next block and cut again there.
-pub fn chunk_reader<R: Read>(mut reader: R) -> io::Result<ChunkedContent> {
-    use rayon::prelude::*;
+/// A block read and cut, not yet hashed.
+struct CutBlock {
+    data: Vec<u8>,
+    cuts: Vec<(usize, usize)>,
+    /// The stream ended with this block, so its last chunk is final.
+    end: bool,
+}
+
+impl CutBlock {
+    /// The bytes covered by the cuts; the rest starts the next block.
+    fn used(&self) -> usize {
+        self.cuts.last().map_or(0, |(offset, len)| offset + len)
+    }
+}
+
+/// Reads `reader` to the end, cutting a block at a time while the block before is hashed.
+/// The cuts are those of `chunk_bytes` on the whole content: a chunk that reaches the end of a
+/// block before the stream ends is carried into the next block and cut again there.
+pub fn chunk_reader<R: Read + Send>(mut reader: R) -> io::Result<ChunkedContent> {
     let mut whole = blake3::Hasher::new();
     let mut chunks = Vec::new();
-    let mut block: Vec<u8> = Vec::new();
     let mut base = 0u64;
+    let mut current = read_and_cut(&mut reader, Vec::new())?;
+    let mut spare = Vec::new();
     loop {
-        let end = fill(&mut reader, &mut block, BLOCK + CHUNK_MAX)?;
-        if block.is_empty() {
-            break;
-        }
-        let mut cuts: Vec<(usize, usize)> = Vec::new();
-        for cut in fastcdc::v2020::FastCDC::new(&block, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
-            if !end && cut.offset + cut.length == block.len() {
-                break;
-            }
-            cuts.push((cut.offset, cut.length));
-        }
-        let used = cuts.last().map_or(0, |(offset, len)| offset + len);
-        let data = &block[..used];
-        let hash_of =
-            |&(offset, len): &(usize, usize)| ContentHash::of(&data[offset..offset + len]);
-        let hashes: Vec<ContentHash> = if used < PARALLEL_MIN {
-            whole.update(data);
-            cuts.iter().map(hash_of).collect()
+        let used = current.used();
+        let (hashes, next) = if current.end {
+            (hash_block(&mut whole, &current), None)
         } else {
-            let (_, hashes) = rayon::join(
-                || whole.update_rayon(data),
-                || cuts.par_iter().map(hash_of).collect(),
+            let mut tail = std::mem::take(&mut spare);
+            tail.clear();
+            tail.extend_from_slice(&current.data[used..]);
+            let (hashes, next) = rayon::join(
+                || hash_block(&mut whole, &current),
+                || read_and_cut(&mut reader, tail),
             );
-            hashes
+            (hashes, Some(next?))
         };
-        for ((offset, len), hash) in cuts.iter().zip(hashes) {
+        for ((offset, len), hash) in current.cuts.iter().zip(hashes) {
             chunks.push(ChunkRef {
                 hash,
                 offset: base + *offset as u64,
@@ -61,9 +64,9 @@ pub fn chunk_reader<R: Read>(mut reader: R) -> io::Result<ChunkedContent> {
             });
         }
         base += used as u64;
-        block.drain(..used);
-        if end && block.is_empty() {
-            break;
+        match next {
+            Some(next) => spare = std::mem::replace(&mut current, next).data,
+            None => break,
         }
     }
     Ok(ChunkedContent {
@@ -73,33 +76,50 @@ pub fn chunk_reader<R: Read>(mut reader: R) -> io::Result<ChunkedContent> {
     })
 }
 
-/// Reads into `block` until it holds `target` bytes or the stream ends (then true). The buffer
-/// grows with what arrives, so a small file needs only a small one, and never past `target`.
-fn fill<R: Read>(reader: &mut R, block: &mut Vec<u8>, target: usize) -> io::Result<bool> {
-    while block.len() < target {
-        let have = block.len();
-        let room = (target - have).min(have.max(64 << 10));
-        block.resize(have + room, 0);
-        let read = loop {
-            match reader.read(&mut block[have..]) {
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                other => break other,
-            }
-        };
-        match read {
-            Ok(n) => {
-                block.truncate(have + n);
-                if n == 0 {
-                    return Ok(true);
-                }
-            }
-            Err(error) => {
-                block.truncate(have);
-                return Err(error);
-            }
+/// Fills `block` (which holds the previous block's uncut tail) and finds its cut points.
+fn read_and_cut<R: Read>(reader: &mut R, mut block: Vec<u8>) -> io::Result<CutBlock> {
+    let end = fill(reader, &mut block, BLOCK + CHUNK_MAX)?;
+    let mut cuts = Vec::new();
+    for cut in fastcdc::v2020::FastCDC::new(&block, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
+        if !end && cut.offset + cut.length == block.len() {
+            break;
         }
+        cuts.push((cut.offset, cut.length));
     }
-    Ok(false)
+    Ok(CutBlock {
+        data: block,
+        cuts,
+        end,
+    })
+}
+
+/// Hashes a cut block's chunks and feeds it to the whole-content hash, on every core when it
+/// is large.
+fn hash_block(whole: &mut blake3::Hasher, block: &CutBlock) -> Vec<ContentHash> {
+    use rayon::prelude::*;
+    let data = &block.data[..block.used()];
+    let hash_of = |&(offset, len): &(usize, usize)| ContentHash::of(&data[offset..offset + len]);
+    if data.len() < PARALLEL_MIN {
+        whole.update(data);
+        block.cuts.iter().map(hash_of).collect()
+    } else {
+        let (_, hashes) = rayon::join(
+            || whole.update_rayon(data),
+            || block.cuts.par_iter().map(hash_of).collect(),
+        );
+        hashes
+    }
+}
+
+/// Reads into `block` until it holds `target` bytes or the stream ends (then true). The buffer
+/// grows with what arrives, so a small file needs only a small one; `read_to_end` fills its
+/// spare room without zeroing it first where the reader allows.
+fn fill<R: Read>(reader: &mut R, block: &mut Vec<u8>, target: usize) -> io::Result<bool> {
+    let Some(want) = target.checked_sub(block.len()).filter(|w| *w > 0) else {
+        return Ok(false);
+    };
+    let read = reader.by_ref().take(want as u64).read_to_end(block)?;
+    Ok(read < want)
 }
 
 /// Cuts an in-memory content.
