@@ -111,6 +111,50 @@ fn three_devices_of_two_users_converge_through_the_hub() -> TestResult {
 }
 
 #[test]
+fn files_with_the_same_content_stay_separate_files() -> TestResult {
+    use std::os::unix::fs::MetadataExt;
+    let root = tempfile::tempdir()?;
+    let (_hub, laptop, desktop, _bob) = team(root.path())?;
+    for name in ["one.txt", "two.txt", "sub/three.txt"] {
+        laptop.write(name, "the same words")?;
+    }
+    for name in ["empty-a", "empty-b"] {
+        laptop.write(name, "")?;
+    }
+    sync_all(&[&laptop, &desktop])?;
+    assert_eq!(laptop.tree(), desktop.tree());
+    // Each path its own file: an edit in place of one must not show through another.
+    for group in [
+        &["one.txt", "two.txt", "sub/three.txt"][..],
+        &["empty-a", "empty-b"],
+    ] {
+        let inodes: std::collections::HashSet<u64> = group
+            .iter()
+            .map(|name| std::fs::metadata(desktop.folder.join(name)).map(|m| m.ino()))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(inodes.len(), group.len(), "{group:?} share an inode");
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(desktop.folder.join("one.txt"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b", and more"))?;
+    assert_eq!(
+        std::fs::read_to_string(desktop.folder.join("two.txt"))?,
+        "the same words"
+    );
+    sync_all(&[&desktop, &laptop])?;
+    assert_eq!(
+        laptop.tree().get("one.txt"),
+        Some(&Some("the same words, and more".into()))
+    );
+    assert_eq!(
+        laptop.tree().get("two.txt"),
+        Some(&Some("the same words".into()))
+    );
+    Ok(())
+}
+
+#[test]
 fn agents_propagate_changes_without_polling_and_survive_the_hub_going_away() -> TestResult {
     let root = tempfile::tempdir()?;
     let (hub, laptop, _desktop, bob) = team(root.path())?;

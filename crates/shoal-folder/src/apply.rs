@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -336,9 +336,17 @@ impl FolderReplica {
             let temp = temp_name(&dir);
             let staged = self.staged(&hash);
             // A hard link keeps the staged copy until the new file is recorded: a crash before
-            // that must not lose the only local copy of the content.
-            let copied = if staged.is_file() {
-                fs::hard_link(&staged, &temp).is_ok()
+            // that must not lose the only local copy of the content. Only one path may take
+            // the link; any other path with this content gets its own copy, or an edit in
+            // place of one file would show through the other.
+            let copied = if let Ok(meta) = fs::symlink_metadata(&staged)
+                && meta.is_file()
+            {
+                if meta.nlink() == 1 {
+                    fs::hard_link(&staged, &temp).is_ok()
+                } else {
+                    fs::copy(&staged, &temp).is_ok()
+                }
             } else {
                 by_hash.get(&hash).into_iter().flatten().any(|source| {
                     let Some(have) = recorded.get(source) else {
