@@ -403,7 +403,8 @@ impl ContentSource for HubSource<'_> {
         let Ok(file) = File::create(dest) else {
             return false;
         };
-        if file.set_len(content.size).is_err() {
+        // Sized first when chunks may land out of order; a one-chunk file is written whole.
+        if content.chunks.len() > 1 && file.set_len(content.size).is_err() {
             return false;
         }
         let groups = bundle_groups(content.chunks.iter().map(|c| (*hash, c)).collect());

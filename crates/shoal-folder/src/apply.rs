@@ -58,6 +58,63 @@ fn stat_matches(path: &Path, recorded: &LocalFile) -> bool {
     matches!(stat(path), Ok(Some(found)) if same_stat(&found, recorded))
 }
 
+/// A file waiting to be put in place: a temporary copy beside its target, or (`link`) the
+/// staged copy itself, linked in.
+struct Ready<'a> {
+    path: &'a String,
+    from: PathBuf,
+    link: bool,
+    want: &'a Placement,
+}
+
+/// Gives `path` the modification time and mode of `version` (`mode` is the current one, when
+/// known: a change is then made only if needed).
+fn set_times_and_mode(
+    path: &Path,
+    version: &Version,
+    mode: Option<u32>,
+) -> Result<(), FolderError> {
+    let mtime = version.entry.mtime_ns.max(0);
+    let at = rustix::fs::Timespec {
+        tv_sec: mtime / 1_000_000_000,
+        tv_nsec: (mtime % 1_000_000_000) as _,
+    };
+    let times = rustix::fs::Timestamps {
+        last_access: at,
+        last_modification: at,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        path,
+        &times,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| io_error(path)(e.into()))?;
+    let wanted = if version.entry.executable {
+        0o755
+    } else {
+        0o644
+    };
+    if mode.is_none_or(|m| m & 0o7777 != wanted) {
+        fs::set_permissions(path, fs::Permissions::from_mode(wanted)).map_err(io_error(path))?;
+    }
+    Ok(())
+}
+
+/// Puts `from` at `target` with `place` (a link or a rename that never replaces); false when
+/// something appeared at the target meanwhile.
+fn place_new(
+    from: &Path,
+    target: &Path,
+    place: impl FnOnce(&Path, &Path) -> std::io::Result<()>,
+) -> Result<bool, FolderError> {
+    match place(from, target) {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(error) => Err(io_error(from)(error)),
+    }
+}
+
 fn parent_path(path: &str) -> &str {
     path.rsplit_once('/').map_or("", |(parent, _)| parent)
 }
@@ -77,11 +134,21 @@ impl FolderReplica {
     ) -> Result<std::collections::HashSet<ContentHash>, FolderError> {
         let mut wanted: BTreeMap<ContentHash, u64> = BTreeMap::new();
         let mut available = std::collections::HashSet::new();
+        // One listing instead of a lookup per content.
+        let already_staged: HashSet<String> = fs::read_dir(self.staging_dir())
+            .map(|dir| {
+                dir.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
         for (_, version) in versions {
             let Some(hash) = version.entry.content.filter(|_| !version.entry.deleted) else {
                 continue;
             };
-            if self.staged(&hash).is_file() || self.store.local_file_with(&hash)?.is_some() {
+            if already_staged.contains(&hash.to_string())
+                || self.store.local_file_with(&hash)?.is_some()
+            {
                 available.insert(hash);
             } else {
                 wanted.insert(hash, version.entry.size);
@@ -290,9 +357,13 @@ impl FolderReplica {
                 paths.push(file.path.clone());
             }
         }
-        // Written beside their targets, waiting for the rename (borrowing the placements:
-        // a copy of each would double the layout's memory on a large first sync).
-        let mut ready: Vec<(&String, PathBuf, &Placement)> = Vec::with_capacity(wanted_files.len());
+        // Waiting to be put in place (borrowing the placements: a copy of each would double
+        // the layout's memory on a large first sync).
+        let mut ready: Vec<Ready> = Vec::with_capacity(wanted_files.len());
+        // Staged contents already given to a path in this run: one inode, one path.
+        let mut linked: HashSet<ContentHash> = HashSet::new();
+        // Folders known to exist (one check per folder, not per file).
+        let mut present_dirs: HashSet<&str> = HashSet::new();
         progress.start(
             "write",
             wanted_files.iter().map(|(_, w)| w.version.entry.size).sum(),
@@ -303,7 +374,7 @@ impl FolderReplica {
                 continue;
             };
             let dir = self.absolute(parent_path(path));
-            if !dir.is_dir() {
+            if !present_dirs.contains(parent_path(path)) && !dir.is_dir() {
                 report.skipped.push(Skipped {
                     path: (*path).clone(),
                     reason: "its folder could not be created".into(),
@@ -333,20 +404,31 @@ impl FolderReplica {
                     continue;
                 }
             }
-            let temp = temp_name(&dir);
+            present_dirs.insert(parent_path(path));
             let staged = self.staged(&hash);
-            // A hard link keeps the staged copy until the new file is recorded: a crash before
-            // that must not lose the only local copy of the content. Only one path may take
-            // the link; any other path with this content gets its own copy, or an edit in
+            let staged_meta = fs::symlink_metadata(&staged).ok().filter(|m| m.is_file());
+            // The staged copy itself becomes the file, by a hard link made when the others
+            // are renamed into place; the link keeps the staged copy until the new file is
+            // recorded, so a crash before that cannot lose the only local copy. Only one path
+            // may take it: any other path with this content gets its own copy, or an edit in
             // place of one file would show through the other.
-            let copied = if let Ok(meta) = fs::symlink_metadata(&staged)
-                && meta.is_file()
+            if let Some(meta) = &staged_meta
+                && meta.nlink() == 1
+                && linked.insert(hash)
             {
-                if meta.nlink() == 1 {
-                    fs::hard_link(&staged, &temp).is_ok()
-                } else {
-                    fs::copy(&staged, &temp).is_ok()
-                }
+                set_times_and_mode(&staged, &want.version, Some(meta.mode()))?;
+                progress.advance(want.version.entry.size);
+                ready.push(Ready {
+                    path,
+                    from: staged,
+                    link: true,
+                    want,
+                });
+                continue;
+            }
+            let temp = temp_name(&dir);
+            let copied = if staged_meta.is_some() {
+                fs::copy(&staged, &temp).is_ok()
             } else {
                 by_hash.get(&hash).into_iter().flatten().any(|source| {
                     let Some(have) = recorded.get(source) else {
@@ -356,8 +438,9 @@ impl FolderReplica {
                     stat_matches(&from, have)
                         && fs::copy(&from, &temp).is_ok()
                         && stat_matches(&from, have)
-                }) || ready.iter().any(|(_, earlier, p)| {
-                    p.version.entry.content == Some(hash) && fs::copy(earlier, &temp).is_ok()
+                }) || ready.iter().any(|earlier| {
+                    earlier.want.version.entry.content == Some(hash)
+                        && fs::copy(&earlier.from, &temp).is_ok()
                 }) || fallback.is_some_and(|source| source.copy_to(&hash, &temp))
             };
             if !copied {
@@ -368,22 +451,14 @@ impl FolderReplica {
                 });
                 continue;
             }
-            let file = fs::File::options()
-                .write(true)
-                .open(&temp)
-                .map_err(io_error(&temp))?;
-            let mtime = std::time::UNIX_EPOCH
-                + std::time::Duration::from_nanos(want.version.entry.mtime_ns.max(0) as u64);
-            file.set_modified(mtime).map_err(io_error(&temp))?;
-            let mode = if want.version.entry.executable {
-                0o755
-            } else {
-                0o644
-            };
-            file.set_permissions(fs::Permissions::from_mode(mode))
-                .map_err(io_error(&temp))?;
+            set_times_and_mode(&temp, &want.version, None)?;
             progress.advance(want.version.entry.size);
-            ready.push((path, temp, want));
+            ready.push(Ready {
+                path,
+                from: temp,
+                link: false,
+                want,
+            });
         }
         progress.finish();
         if !ready.is_empty() {
@@ -391,7 +466,7 @@ impl FolderReplica {
         }
 
         // 4. Removals: what is recorded but no longer wanted, files first, deepest first.
-        let ready_paths: HashSet<&str> = ready.iter().map(|(path, ..)| path.as_str()).collect();
+        let ready_paths: HashSet<&str> = ready.iter().map(|r| r.path.as_str()).collect();
         let mut unwanted: Vec<LocalFile> = recorded
             .values()
             .filter(|have| {
@@ -438,23 +513,60 @@ impl FolderReplica {
             }
         }
 
-        // 5. Rename the new files into place, if their targets are as recorded.
+        // 5. Put the new files in place, if their targets are as recorded. A path with nothing
+        //    recorded must still be empty: the link or rename refuses to replace what appeared.
         let removed: HashSet<&str> = removed_records.iter().map(String::as_str).collect();
-        for (path, temp, want) in ready {
+        for Ready {
+            path,
+            from,
+            link,
+            want,
+        } in ready
+        {
             let target = self.absolute(path);
-            let target_ok = match recorded.get(path) {
-                Some(have) if !removed.contains(path.as_str()) => stat_matches(&target, have),
-                _ => stat(&target)?.is_none(),
+            let replace = match recorded.get(path) {
+                Some(have) if !removed.contains(path.as_str()) => {
+                    stat_matches(&target, have).then_some(true)
+                }
+                _ => Some(false),
             };
-            if !target_ok {
-                let _ = fs::remove_file(&temp);
+            let placed = match replace {
+                None => false,
+                Some(true) if link => {
+                    // Over a recorded file: link beside it, then rename over it.
+                    let temp = temp_name(&self.absolute(parent_path(path)));
+                    fs::hard_link(&from, &temp).map_err(io_error(&from))?;
+                    fs::rename(&temp, &target).map_err(io_error(&temp))?;
+                    true
+                }
+                Some(true) => {
+                    fs::rename(&from, &target).map_err(io_error(&from))?;
+                    true
+                }
+                Some(false) if link => {
+                    place_new(&from, &target, |from, to| fs::hard_link(from, to))?
+                }
+                Some(false) => place_new(&from, &target, |from, to| {
+                    rustix::fs::renameat_with(
+                        rustix::fs::CWD,
+                        from,
+                        rustix::fs::CWD,
+                        to,
+                        rustix::fs::RenameFlags::NOREPLACE,
+                    )
+                    .map_err(std::io::Error::from)
+                })?,
+            };
+            if !placed {
+                if !link {
+                    let _ = fs::remove_file(&from);
+                }
                 report.skipped.push(Skipped {
                     path: path.clone(),
                     reason: "changed since the last scan; not overwritten".into(),
                 });
                 continue;
             }
-            fs::rename(&temp, &target).map_err(io_error(&temp))?;
             report.written += 1;
             report.bytes += want.version.entry.size;
             new_records.push(self.record_for(path, want)?);
