@@ -16,15 +16,15 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::connect_info::Connected;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::serve::{IncomingStream, Listener};
 use shoal_core::{Batch, BatchLimits, ChunkRef, ContentHash, Knowledge, SyncOffer, plan_batches};
 use shoal_protocol::{
-    ContentFetch, DownloadRequest, DownloadResponse, ErrorBody, Location, Negotiation, WireBatch,
-    parse_hash, routes, wire_batch,
+    ContentFetch, DownloadRequest, DownloadResponse, DownloadResult, ErrorBody, Location,
+    Negotiation, WireBatch, parse_hash, routes, wire_batch,
 };
 use shoal_store::Store;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -34,6 +34,9 @@ use crate::daemon::Signal;
 use crate::home::WorkspaceEntry;
 use crate::peers::{AgentCounters, Contacts};
 use crate::{AgentError, DeviceIdentity};
+
+/// The largest download result a peer reads (the hub's request limit).
+const RESULT_MAX: usize = 32 << 20;
 
 /// How long an unfinished download session is kept.
 const SESSION_TTL: Duration = Duration::from_secs(30 * 60);
@@ -456,6 +459,9 @@ async fn download_result(
     State(server): State<Shared>,
     ConnectInfo(conn): ConnectInfo<PeerConn>,
     Path((ws, session)): Path<(String, String)>,
+    // Read whole though a peer keeps nothing of it: a body left unread made the server drop
+    // the connection while the caller was still sending, and the pull fail at its very end.
+    axum::Json(_result): axum::Json<DownloadResult>,
 ) -> Result<StatusCode, PeerError> {
     server.authorize(&conn, &ws)?;
     let mut sessions = server
@@ -545,7 +551,8 @@ fn router(server: Shared) -> Router {
         )
         .route(
             "/v1/workspaces/{ws}/download/{session}/result",
-            put(download_result),
+            // A result lists every item of the download: tens of thousands in a large one.
+            put(download_result).layer(DefaultBodyLimit::max(RESULT_MAX)),
         )
         .route(
             "/v1/workspaces/{ws}/contents/{content}/{chunk}",

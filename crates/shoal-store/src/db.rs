@@ -513,11 +513,8 @@ impl Store {
     pub fn content(&self, hash: &ContentHash) -> Result<Option<ChunkedContent>> {
         let chunks: Option<Vec<u8>> = self
             .conn
-            .query_row(
-                "SELECT chunks FROM contents WHERE hash = ?1",
-                params![hash.0.to_vec()],
-                |row| row.get(0),
-            )
+            .prepare_cached("SELECT chunks FROM contents WHERE hash = ?1")?
+            .query_row(params![hash.0.to_vec()], |row| row.get(0))
             .optional()?;
         match chunks {
             None => Ok(None),
@@ -632,10 +629,13 @@ impl Store {
 
     /// Whether the version `dot` was refused.
     pub fn is_refused(&self, dot: &Dot) -> Result<bool> {
+        // Asked once per version served: a cached statement, not one parsed each time.
         let found: Option<i64> = self
             .conn
-            .query_row(
+            .prepare_cached(
                 "SELECT 1 FROM refused WHERE w_replica = ?1 AND w_epoch = ?2 AND tick = ?3",
+            )?
+            .query_row(
                 params![
                     dot.writer.replica.0.to_vec(),
                     dot.writer.epoch,
