@@ -579,6 +579,8 @@ impl FolderReplica {
         for path in &removed_records {
             tx.remove_local_file(path)?;
         }
+        // In key order, as the table is; a later record of a path still wins.
+        new_records.sort_by(|a, b| a.path.cmp(&b.path));
         for file in &new_records {
             tx.put_local_file(file)?;
         }

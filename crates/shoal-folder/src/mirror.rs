@@ -283,7 +283,10 @@ impl FolderReplica {
     ) -> Result<ReceiveReport, FolderError> {
         let available = self.stage(&batch.versions, source, progress)?;
         let mut tx = self.store_mut().begin()?;
-        for content in contents {
+        // In key order, as the table is (see the scan's commit).
+        let mut by_hash: Vec<&shoal_store::ChunkedContent> = contents.iter().collect();
+        by_hash.sort_unstable_by_key(|c| c.hash);
+        for content in by_hash {
             tx.put_content(content)?;
         }
         let mut knowledge = tx.knowledge().clone();
