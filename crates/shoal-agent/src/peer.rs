@@ -269,13 +269,7 @@ impl PeerServer {
             Ok(wire_batch(
                 batch,
                 |hash| store.content(hash),
-                |content| {
-                    store.nearest_contents(
-                        content.size,
-                        |h| held.contains(h) && *h != content.hash,
-                        shoal_protocol::DELTA_BASES,
-                    )
-                },
+                |content| store.held_bases(content, held, shoal_protocol::DELTA_BASES),
                 held,
                 &locations,
                 next,

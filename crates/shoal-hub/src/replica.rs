@@ -223,13 +223,7 @@ impl WorkspaceReplica {
         let batches = wire_batches(
             planned,
             |hash| store.content(hash),
-            |content| {
-                store.nearest_contents(
-                    content.size,
-                    |h| held.contains(h) && *h != content.hash,
-                    shoal_protocol::DELTA_BASES,
-                )
-            },
+            |content| store.held_bases(content, held, shoal_protocol::DELTA_BASES),
             held,
             &self.locations(),
             |index| routes::download_batch(id, &session, index),

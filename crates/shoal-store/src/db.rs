@@ -473,6 +473,21 @@ impl Store {
         Ok(out)
     }
 
+    /// Up to `limit` of the contents a receiver `held`, other than `content`, nearest in size
+    /// to it: the bases a server may send `content`'s chunk list as an edit of.
+    pub fn held_bases(
+        &self,
+        content: &ChunkedContent,
+        held: &std::collections::HashSet<ContentHash>,
+        limit: usize,
+    ) -> Result<Vec<ChunkedContent>> {
+        self.nearest_contents(
+            content.size,
+            |h| held.contains(h) && *h != content.hash,
+            limit,
+        )
+    }
+
     /// Up to `limit` contents that `accept` takes, between half and twice `size` bytes and
     /// nearest in size to it (ties by hash), with their chunk lists: the likely bases when a
     /// changed large file's list is sent as an edit.
