@@ -67,11 +67,7 @@ pub fn wire_batch<E>(
         }
     }
     Ok(WireBatch {
-        versions: batch
-            .versions
-            .iter()
-            .map(|(id, v)| WireVersion::new(id, v))
-            .collect(),
+        versions: wire_versions(batch),
         contents,
         locations: locations.to_vec(),
         learned: WireKnowledge::from(&batch.learned),
@@ -128,6 +124,14 @@ pub fn parse_dot_path(text: &str) -> Result<shoal_core::Dot, crate::WireError> {
     Ok(dot)
 }
 
+fn wire_versions(batch: &Batch) -> Vec<WireVersion> {
+    batch
+        .versions
+        .iter()
+        .map(|(id, v)| WireVersion::new(id, v))
+        .collect()
+}
+
 /// The wire form of a batch being uploaded with `contents`. The receiver learns the sender's
 /// whole knowledge only from the last batch of a session in which nothing was held back or
 /// failed (`whole`); otherwise just the dots the batch carries.
@@ -138,11 +142,7 @@ pub fn upload_batch(batch: &Batch, contents: Vec<WireContent>, whole: bool) -> c
         batch.carried()
     };
     crate::UploadBatch {
-        versions: batch
-            .versions
-            .iter()
-            .map(|(id, v)| WireVersion::new(id, v))
-            .collect(),
+        versions: wire_versions(batch),
         contents,
         learned: WireKnowledge::from(&learned),
         last: batch.last,
