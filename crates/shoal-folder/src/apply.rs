@@ -159,22 +159,30 @@ impl FolderReplica {
         }
         progress.start("transfer", wanted.values().sum());
         let staging = self.staging_dir();
-        let fetched: Vec<ContentHash> = wanted
+        let fetched: Vec<(ContentHash, PathBuf)> = wanted
             .par_iter()
             .filter_map(|(hash, size)| {
                 let part = temp_name(&staging);
-                let ok = source.copy_to(hash, &part)
-                    && fs::rename(&part, staging.join(hash.to_string())).is_ok();
+                let ok = source.copy_to(hash, &part);
                 if !ok {
                     let _ = fs::remove_file(&part);
                 }
                 progress.advance(*size);
-                ok.then_some(*hash)
+                ok.then_some((*hash, part))
             })
             .collect();
         progress.finish();
         flush_filesystem(&self.root)?;
-        available.extend(fetched);
+        // Named by their hash only once their bytes are on disk: after a power cut a staged
+        // name could otherwise hold a file whose data never got there, and it would be
+        // trusted. A rename lost in a crash only means fetching again.
+        for (hash, part) in fetched {
+            if fs::rename(&part, staging.join(hash.to_string())).is_ok() {
+                available.insert(hash);
+            } else {
+                let _ = fs::remove_file(&part);
+            }
+        }
         Ok(available)
     }
 
