@@ -73,6 +73,18 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The contents the live versions of this batch name, each once, with its size: the
+    /// chunk lists a sender must include.
+    pub fn contents(&self) -> Vec<(crate::ContentHash, u64)> {
+        let mut seen = std::collections::HashSet::new();
+        self.versions
+            .iter()
+            .filter(|(_, v)| !v.entry.deleted)
+            .filter_map(|(_, v)| v.entry.content.map(|h| (h, v.entry.size)))
+            .filter(|(h, _)| seen.insert(*h))
+            .collect()
+    }
+
     /// Only the dots this batch carries: what a receiver may learn from it when the sender
     /// held something back (or an earlier batch failed), instead of `learned`.
     pub fn carried(&self) -> Knowledge {

@@ -123,13 +123,8 @@ impl WorkspaceReplica {
         let mut planned = Vec::new();
         for batch in plan_batches(missing, &offer, limits) {
             let mut contents = Vec::new();
-            let mut seen = HashSet::new();
-            for (_, version) in &batch.versions {
-                let hash = version
-                    .entry
-                    .content
-                    .filter(|h| !version.entry.deleted && seen.insert(*h));
-                if let Some(content) = hash.map(|h| self.store.content(&h)).transpose()?.flatten() {
+            for (hash, _) in batch.contents() {
+                if let Some(content) = self.store.content(&hash)? {
                     contents.push(WireContent::from(&content));
                 }
             }

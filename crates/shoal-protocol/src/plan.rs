@@ -41,29 +41,17 @@ pub fn wire_batch<E>(
     next: Option<String>,
 ) -> Result<WireBatch, E> {
     let mut contents = Vec::new();
-    let mut seen = HashSet::new();
-    for (_, version) in &batch.versions {
-        let hash = version
-            .entry
-            .content
-            .filter(|h| !version.entry.deleted && seen.insert(*h));
-        match hash {
+    for (hash, size) in batch.contents() {
+        if held.contains(&hash) {
             // The receiver holds its chunk list: name it only.
-            Some(h) if held.contains(&h) => {
-                contents.push(WireContent::held(&h, version.entry.size));
-            }
-            Some(h) => {
-                if let Some(found) = content(&h)? {
-                    let candidates =
-                        if held.is_empty() || found.chunks.len() < crate::DELTA_MIN_CHUNKS {
-                            Vec::new()
-                        } else {
-                            bases(&found)?
-                        };
-                    contents.push(WireContent::encode(&found, &candidates));
-                }
-            }
-            None => {}
+            contents.push(WireContent::held(&hash, size));
+        } else if let Some(found) = content(&hash)? {
+            let candidates = if held.is_empty() || found.chunks.len() < crate::DELTA_MIN_CHUNKS {
+                Vec::new()
+            } else {
+                bases(&found)?
+            };
+            contents.push(WireContent::encode(&found, &candidates));
         }
     }
     Ok(WireBatch {
