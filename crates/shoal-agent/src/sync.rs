@@ -94,6 +94,42 @@ struct HubSource<'a> {
     /// Chunks this device already holds in its files (the older contents of the items being
     /// received): (file, offset, length) by hash, read instead of fetched.
     local: HashMap<ContentHash, (PathBuf, u64, u32)>,
+    /// What the scan recorded of each of those files.
+    stamps: HashMap<PathBuf, Stamp>,
+}
+
+/// What the scan recorded of a file: while its size, modification time and inode are
+/// unchanged, its bytes are those the scan hashed (the rescan trusts the same).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Stamp {
+    size: u64,
+    mtime_ns: i64,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(file: &File) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata().ok()?;
+        Some(Stamp {
+            size: meta.len(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            inode: meta.ino(),
+        })
+    }
+}
+
+/// Copies `len` bytes between two files inside the kernel (no pass through this process).
+fn copy_range(source: &File, mut from: u64, dest: &File, mut to: u64, len: u64) -> bool {
+    let mut left = len;
+    while left > 0 {
+        let want = usize::try_from(left.min(1 << 30)).unwrap_or(1 << 30);
+        match rustix::fs::copy_file_range(source, Some(&mut from), dest, Some(&mut to), want) {
+            Ok(0) | Err(_) => return false,
+            Ok(copied) => left -= copied as u64,
+        }
+    }
+    true
 }
 
 /// Contents up to this size are fetched ahead in bundles; larger ones chunk by chunk (ranged,
@@ -121,13 +157,15 @@ impl<'a> HubSource<'a> {
             from_hub: Default::default(),
             prefetched: HashMap::new(),
             local: HashMap::new(),
+            stamps: HashMap::new(),
         }
     }
 
     /// Lets chunks of the files already here stand in for fetched ones: when a large file
     /// changes a little, only the chunks that changed travel.
-    fn with_local(mut self, local: HashMap<ContentHash, (PathBuf, u64, u32)>) -> Self {
-        self.local = local;
+    fn with_local(mut self, local: LocalChunks) -> Self {
+        self.local = local.chunks;
+        self.stamps = local.stamps;
         self
     }
 
@@ -174,6 +212,20 @@ impl<'a> HubSource<'a> {
         let Ok(source) = File::open(path) else {
             return false;
         };
+        // A file still as the scan saw it holds the bytes the scan hashed: copied in the
+        // kernel without reading or hashing them here. Changed during the copy, it is read
+        // and checked below instead.
+        let as_scanned = |source: &File| {
+            self.stamps
+                .get(path)
+                .is_some_and(|stamp| Stamp::of(source).as_ref() == Some(stamp))
+        };
+        if as_scanned(&source)
+            && copy_range(&source, *start, dest, first.offset, end - first.offset)
+            && as_scanned(&source)
+        {
+            return true;
+        }
         run.resize((end - first.offset) as usize, 0);
         if std::os::unix::fs::FileExt::read_exact_at(&source, run, *start).is_err() {
             return false;
@@ -478,8 +530,8 @@ fn local_chunks(
     entry: &WorkspaceEntry,
     batch: &Batch,
     contents: &[ChunkedContent],
-) -> Result<HashMap<ContentHash, (PathBuf, u64, u32)>, AgentError> {
-    let mut local = HashMap::new();
+) -> Result<LocalChunks, AgentError> {
+    let mut local = LocalChunks::default();
     let large: HashSet<ContentHash> = contents
         .iter()
         .filter(|c| c.size >= LOCAL_REUSE_MIN)
@@ -505,10 +557,27 @@ fn local_chunks(
         let mut path = entry.path.clone();
         path.extend(file.path.split('/'));
         for chunk in held.chunks {
-            local.insert(chunk.hash, (path.clone(), chunk.offset, chunk.len));
+            local
+                .chunks
+                .insert(chunk.hash, (path.clone(), chunk.offset, chunk.len));
         }
+        local.stamps.insert(
+            path,
+            Stamp {
+                size: file.size,
+                mtime_ns: file.mtime_ns,
+                inode: file.inode,
+            },
+        );
     }
     Ok(local)
+}
+
+/// Chunks this device holds in its files, where, and what the scan recorded of those files.
+#[derive(Default)]
+struct LocalChunks {
+    chunks: HashMap<ContentHash, (PathBuf, u64, u32)>,
+    stamps: HashMap<PathBuf, Stamp>,
 }
 
 /// Cuts a list of chunks (each with its content) into groups of about `BUNDLE_TARGET` bytes,
@@ -1231,4 +1300,85 @@ fn download(
         report.bytes_from_hub += source.from_hub.into_inner();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::time::Duration;
+
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    /// The whole of `content`, copied from `held` by `copy_local_run` a group at a time.
+    fn copy_from_local(
+        held: &Path,
+        content: &ChunkedContent,
+        stamp: Option<Stamp>,
+        dest: &Path,
+    ) -> Result<bool, Box<dyn std::error::Error>> {
+        let client = HubClient::new("http://127.0.0.1:9", None)?;
+        let mut local = LocalChunks::default();
+        for chunk in &content.chunks {
+            local
+                .chunks
+                .insert(chunk.hash, (held.to_path_buf(), chunk.offset, chunk.len));
+        }
+        if let Some(stamp) = stamp {
+            local.stamps.insert(held.to_path_buf(), stamp);
+        }
+        let source =
+            HubSource::new(&client, HashMap::new(), Vec::new(), "w", &[]).with_local(local);
+        let out = File::create(dest)?;
+        out.set_len(content.size)?;
+        let groups = bundle_groups(content.chunks.iter().map(|c| (content.hash, c)).collect());
+        let mut run = Vec::new();
+        Ok(groups
+            .iter()
+            .all(|group| source.copy_local_run(group, &out, &mut run)))
+    }
+
+    #[test]
+    fn local_chunks_are_copied_unread_only_from_a_file_as_scanned()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let held = dir.path().join("held.bin");
+        let dest = dir.path().join("dest.bin");
+        let bytes = noise(5 << 20, 11);
+        std::fs::write(&held, &bytes)?;
+        let content = shoal_store::chunk_bytes(&bytes);
+        let as_scanned = Stamp::of(&File::open(&held)?);
+        assert!(as_scanned.is_some());
+
+        // As scanned, or with a stale record (then every chunk is read and checked).
+        assert!(copy_from_local(&held, &content, as_scanned, &dest)?);
+        assert_eq!(std::fs::read(&dest)?, bytes);
+        std::fs::remove_file(&dest)?;
+        assert!(copy_from_local(&held, &content, None, &dest)?);
+        assert_eq!(std::fs::read(&dest)?, bytes);
+
+        // Changed since the scan (same size, other bytes, a new modification time): the record
+        // no longer matches, the check finds the changed chunk, and the copy is refused.
+        let mut changed = bytes.clone();
+        changed[3 << 20] ^= 0xff;
+        std::fs::write(&held, &changed)?;
+        let later = std::time::SystemTime::now() + Duration::from_secs(5);
+        File::options()
+            .write(true)
+            .open(&held)?
+            .set_modified(later)?;
+        assert_ne!(Stamp::of(&File::open(&held)?), as_scanned);
+        assert!(!copy_from_local(&held, &content, as_scanned, &dest)?);
+        Ok(())
+    }
 }

@@ -120,7 +120,8 @@ impl ContentSource for MergedFile {
     fn copy_to(&self, hash: &ContentHash, dest: &Path) -> bool {
         *hash == self.hash
             && std::fs::read(&self.path).is_ok_and(|bytes| {
-                ContentHash::of(&bytes) == self.hash && std::fs::write(dest, &bytes).is_ok()
+                shoal_store::chunk_bytes(&bytes).hash == self.hash
+                    && std::fs::write(dest, &bytes).is_ok()
             })
     }
 }

@@ -429,50 +429,24 @@ impl WorkspaceReplica {
         self.chunks.contains(hash)
     }
 
-    /// Whether every chunk of `content` is held and together they hash to its name. A chunk
-    /// found damaged (a crash before its flush) is removed, so the next upload asks for it.
+    /// Whether every chunk of `content` is held and its name is that of its chunk list. Each
+    /// chunk was checked against its hash when stored, so only its length is looked at: a
+    /// chunk cut short (a power cut before its flush) is removed, so the next upload sends it.
     fn complete(&self, content: &ChunkedContent) -> Result<bool, HubError> {
-        // One pass hashing the whole content checks every chunk in it at once; only when that
-        // fails is each chunk checked, to find and drop a corrupt one.
-        // Large contents are hashed a few megabytes at a time on every core.
-        const SLAB: usize = 8 << 20;
-        let mut whole = blake3::Hasher::new();
-        let mut slab = Vec::with_capacity(SLAB.min(content.size as usize) + shoal_core::CHUNK_MAX);
-        let mut held = true;
-        for chunk in &content.chunks {
-            match self.chunks.get_unchecked(&chunk.hash)? {
-                Some(bytes) if bytes.len() == chunk.len as usize => {
-                    slab.extend_from_slice(&bytes);
-                    if slab.len() >= SLAB {
-                        whole.update_rayon(&slab);
-                        slab.clear();
-                    }
-                }
-                _ => {
-                    held = false;
-                    break;
-                }
-            }
+        if !content.is_consistent() {
+            return Ok(false);
         }
-        whole.update_rayon(&slab);
-        if held && ContentHash(*whole.finalize().as_bytes()) == content.hash {
-            return Ok(true);
-        }
-        let mut whole = blake3::Hasher::new();
         for chunk in &content.chunks {
-            match self.chunks.get(&chunk.hash) {
-                Ok(Some(bytes)) if bytes.len() == chunk.len as usize => {
-                    whole.update(&bytes);
-                }
-                Err(shoal_store::ChunkError::Corrupt(hash)) => {
-                    self.chunks.remove(&hash)?;
+            match self.chunks.stored_len(&chunk.hash)? {
+                Some(len) if len == u64::from(chunk.len) => {}
+                Some(_) => {
+                    self.chunks.remove(&chunk.hash)?;
                     return Ok(false);
                 }
-                Err(error) => return Err(error.into()),
-                _ => return Ok(false),
+                None => return Ok(false),
             }
         }
-        Ok(ContentHash(*whole.finalize().as_bytes()) == content.hash)
+        Ok(true)
     }
 
     /// Commits an upload batch: applies every version whose content arrived, refuses what
@@ -641,7 +615,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_content_is_complete_only_when_its_held_chunks_add_up_and_a_corrupt_one_is_dropped()
+    fn a_content_is_complete_only_when_its_chunks_are_held_whole_and_name_it()
     -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let replica = WorkspaceReplica::open(dir.path(), "00")?;
@@ -664,17 +638,20 @@ mod tests {
                 .put(&chunk.hash, &bytes[start..start + chunk.len as usize])?;
         }
         assert!(replica.complete(&content)?);
-        // A chunk file damaged on disk: the content is not complete, and the bad chunk goes.
+        // A name that is not its chunk list's is never complete.
+        let mut misnamed = content.clone();
+        misnamed.hash = ContentHash::of(&bytes);
+        assert!(!replica.complete(&misnamed)?);
+        // A chunk file cut short on disk: the content is not complete, and the bad chunk goes.
         let damaged = &content.chunks[1];
         let name = damaged.hash.to_string();
         let path = dir.path().join("chunks").join(&name[..2]).join(&name[2..]);
-        let mut on_disk = std::fs::read(&path)?;
-        on_disk[0] ^= 1;
-        std::fs::write(&path, on_disk)?;
+        let on_disk = std::fs::read(&path)?;
+        std::fs::write(&path, &on_disk[..on_disk.len() / 2])?;
         assert!(!replica.complete(&content)?);
         assert!(
             !replica.chunks.contains(&damaged.hash),
-            "the corrupt chunk was kept"
+            "the damaged chunk was kept"
         );
         assert!(replica.chunks.contains(&content.chunks[0].hash));
         Ok(())

@@ -193,12 +193,23 @@ impl TryFrom<&WireContent> for ChunkedContent {
                 wire.hash, wire.size
             )));
         }
-        Ok(ChunkedContent {
-            hash: parse_hash(&wire.hash)?,
-            size: wire.size,
-            chunks,
-        })
+        named(parse_hash(&wire.hash)?, wire.size, chunks)
     }
+}
+
+/// A received chunk list with its claimed name, refused unless the name is the list's: a
+/// content's name binds its chunks, so no sender can pass one content's chunks off as another.
+pub(crate) fn named(
+    hash: ContentHash,
+    size: u64,
+    chunks: Vec<ChunkRef>,
+) -> Result<ChunkedContent, WireError> {
+    if ChunkedContent::name_of(&chunks) != hash {
+        return Err(WireError::Invalid(format!(
+            "the chunk list sent for content {hash} names another content"
+        )));
+    }
+    Ok(ChunkedContent { hash, size, chunks })
 }
 
 impl From<&VersionVector> for WireVector {
@@ -352,6 +363,27 @@ mod tests {
         let back: WireVersion =
             serde_json::from_str(&json).map_err(|e| WireError::Invalid(e.to_string()))?;
         assert_eq!(back.to_core()?, (ItemId([2; 16]), version));
+        Ok(())
+    }
+
+    #[test]
+    fn a_chunk_list_must_name_its_content() -> Result<(), WireError> {
+        let chunks = (0..3u8)
+            .map(|i| ChunkRef {
+                hash: ContentHash([i; 32]),
+                offset: u64::from(i) * 100,
+                len: 100,
+            })
+            .collect();
+        let content = ChunkedContent::from_chunks(chunks);
+        let wire = WireContent::from(&content);
+        assert_eq!(ChunkedContent::try_from(&wire)?, content);
+        let mut misnamed = wire.clone();
+        misnamed.hash = ContentHash([9; 32]).to_string();
+        assert!(ChunkedContent::try_from(&misnamed).is_err());
+        let mut reordered = wire;
+        reordered.chunks.swap(0, 1);
+        assert!(ChunkedContent::try_from(&reordered).is_err());
         Ok(())
     }
 

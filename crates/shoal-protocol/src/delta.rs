@@ -123,11 +123,7 @@ impl WireContent {
                 self.size
             )));
         }
-        Ok(ChunkedContent {
-            hash: parse_hash(&self.hash)?,
-            size: self.size,
-            chunks,
-        })
+        crate::convert::named(parse_hash(&self.hash)?, self.size, chunks)
     }
 }
 
@@ -185,12 +181,8 @@ mod tests {
                 offset += u64::from(len);
                 chunk
             })
-            .collect();
-        ChunkedContent {
-            hash: ContentHash(*blake3::hash(&[seed, 255]).as_bytes()),
-            size: offset,
-            chunks,
-        }
+            .collect::<Vec<_>>();
+        ChunkedContent::from_chunks(chunks)
     }
 
     /// `base` with chunks `range` replaced by `new`'s chunks of the same positions.
@@ -208,11 +200,7 @@ mod tests {
             chunk.offset = offset;
             offset += u64::from(chunk.len);
         }
-        ChunkedContent {
-            hash: new.hash,
-            size: offset,
-            chunks,
-        }
+        ChunkedContent::from_chunks(chunks)
     }
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -270,7 +258,7 @@ mod tests {
             offset += u64::from(chunk.len);
         }
         grown.size = offset;
-        grown.hash = ContentHash([7; 32]);
+        grown.hash = ChunkedContent::name_of(&grown.chunks);
         let wire = WireContent::encode(&grown, std::slice::from_ref(&base));
         assert_eq!((wire.copies.len(), wire.chunks.len()), (1, 3));
         assert_eq!(wire.resolve(Some(&base))?, grown);
@@ -310,6 +298,8 @@ mod tests {
         );
         assert!(with(&|w| w.chunks[0].len = 0).is_err());
         assert!(with(&|w| w.base = Some("zz".into())).is_err());
+        // A list that rebuilds fine but names another content.
+        assert!(with(&|w| w.hash = base.hash.to_string()).is_err());
         Ok(())
     }
 }

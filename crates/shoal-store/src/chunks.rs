@@ -37,7 +37,6 @@ impl CutBlock {
 /// The cuts are those of `chunk_bytes` on the whole content: a chunk that reaches the end of a
 /// block before the stream ends is carried into the next block and cut again there.
 pub fn chunk_reader<R: Read + Send>(mut reader: R) -> io::Result<ChunkedContent> {
-    let mut whole = blake3::Hasher::new();
     let mut chunks = Vec::new();
     let mut base = 0u64;
     let mut current = read_and_cut(&mut reader, Vec::new())?;
@@ -45,15 +44,13 @@ pub fn chunk_reader<R: Read + Send>(mut reader: R) -> io::Result<ChunkedContent>
     loop {
         let used = current.used();
         let (hashes, next) = if current.end {
-            (hash_block(&mut whole, &current), None)
+            (hash_block(&current), None)
         } else {
             let mut tail = std::mem::take(&mut spare);
             tail.clear();
             tail.extend_from_slice(&current.data[used..]);
-            let (hashes, next) = rayon::join(
-                || hash_block(&mut whole, &current),
-                || read_and_cut(&mut reader, tail),
-            );
+            let (hashes, next) =
+                rayon::join(|| hash_block(&current), || read_and_cut(&mut reader, tail));
             (hashes, Some(next?))
         };
         for ((offset, len), hash) in current.cuts.iter().zip(hashes) {
@@ -69,11 +66,7 @@ pub fn chunk_reader<R: Read + Send>(mut reader: R) -> io::Result<ChunkedContent>
             None => break,
         }
     }
-    Ok(ChunkedContent {
-        hash: ContentHash(*whole.finalize().as_bytes()),
-        size: base,
-        chunks,
-    })
+    Ok(ChunkedContent::from_chunks(chunks))
 }
 
 /// Fills `block` (which holds the previous block's uncut tail) and finds its cut points.
@@ -93,21 +86,15 @@ fn read_and_cut<R: Read>(reader: &mut R, mut block: Vec<u8>) -> io::Result<CutBl
     })
 }
 
-/// Hashes a cut block's chunks and feeds it to the whole-content hash, on every core when it
-/// is large.
-fn hash_block(whole: &mut blake3::Hasher, block: &CutBlock) -> Vec<ContentHash> {
+/// Hashes a cut block's chunks, on every core when the block is large.
+fn hash_block(block: &CutBlock) -> Vec<ContentHash> {
     use rayon::prelude::*;
     let data = &block.data[..block.used()];
     let hash_of = |&(offset, len): &(usize, usize)| ContentHash::of(&data[offset..offset + len]);
     if data.len() < PARALLEL_MIN {
-        whole.update(data);
         block.cuts.iter().map(hash_of).collect()
     } else {
-        let (_, hashes) = rayon::join(
-            || whole.update_rayon(data),
-            || block.cuts.par_iter().map(hash_of).collect(),
-        );
-        hashes
+        block.cuts.par_iter().map(hash_of).collect()
     }
 }
 
@@ -133,11 +120,7 @@ pub fn chunk_bytes(bytes: &[u8]) -> ChunkedContent {
             len: chunk.length as u32,
         });
     }
-    ChunkedContent {
-        hash: ContentHash::of(bytes),
-        size: bytes.len() as u64,
-        chunks,
-    }
+    ChunkedContent::from_chunks(chunks)
 }
 
 /// Why the chunk store failed.
@@ -185,6 +168,18 @@ impl ChunkStore {
     /// Whether the chunk is stored.
     pub fn contains(&self, hash: &ContentHash) -> bool {
         self.path_of(hash).is_file()
+    }
+
+    /// The stored length of a chunk, if it is stored: a file cut short by a power cut before
+    /// its flush shows here without reading it.
+    pub fn stored_len(&self, hash: &ContentHash) -> Result<Option<u64>, ChunkError> {
+        let path = self.path_of(hash);
+        match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => Ok(Some(meta.len())),
+            Ok(_) => Ok(None),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(ChunkError::Io { path, source }),
+        }
     }
 
     /// Stores bytes the caller has already checked against `hash` (as `unbundle_chunks` does),
@@ -243,12 +238,16 @@ impl ChunkStore {
         }
     }
 
-    /// Reads a chunk, checking it still matches its name.
+    /// Reads a chunk, checking it still matches its name. A chunk found corrupt is removed,
+    /// so the next upload that needs it is asked for it again.
     pub fn get(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>, ChunkError> {
         let path = self.path_of(hash);
         match fs::read(&path) {
             Ok(bytes) if ContentHash::of(&bytes) == *hash => Ok(Some(bytes)),
-            Ok(_) => Err(ChunkError::Corrupt(*hash)),
+            Ok(_) => {
+                self.remove(hash)?;
+                Err(ChunkError::Corrupt(*hash))
+            }
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(ChunkError::Io { path, source }),
         }
@@ -368,9 +367,11 @@ mod tests {
             store.put(&hash, b"other"),
             Err(ChunkError::Mismatch(_))
         ));
+        assert_eq!(store.stored_len(&hash)?, Some(bytes.len() as u64));
         fs::write(store.path_of(&hash), b"rot")?;
         assert!(matches!(store.get(&hash), Err(ChunkError::Corrupt(_))));
-        store.remove(&hash)?;
+        // Dropped when found, so an upload sends it again.
+        assert_eq!(store.stored_len(&hash)?, None);
         assert_eq!(store.get(&hash)?, None);
         Ok(())
     }
