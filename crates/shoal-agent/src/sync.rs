@@ -119,6 +119,25 @@ impl Stamp {
     }
 }
 
+/// Contents at least this large have each group's writeback started once it is written.
+const EARLY_WRITEBACK_MIN: u64 = 8 << 20;
+
+/// Starts writing a range of `file` to disk without waiting for it, so the disk works while
+/// the rest of the content is fetched and the batch's flush finds little left to write.
+#[allow(unsafe_code)]
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: the descriptor is borrowed from a live File for the whole call; the call only
+    // queues writeback and touches no memory of this process. A failure only means the
+    // batch's flush writes the range instead.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// Copies `len` bytes between two files inside the kernel (no pass through this process).
 fn copy_range(source: &File, mut from: u64, dest: &File, mut to: u64, len: u64) -> bool {
     let mut left = len;
@@ -468,7 +487,20 @@ impl ContentSource for HubSource<'_> {
                 let Some(group) = groups.get(next.fetch_add(1, Relaxed)) else {
                     return;
                 };
+                let (Some((_, first)), Some((_, last))) = (group.first(), group.last()) else {
+                    continue;
+                };
+                let span = (
+                    first.offset,
+                    last.offset + u64::from(last.len) - first.offset,
+                );
+                let written_back = || {
+                    if content.size >= EARLY_WRITEBACK_MIN {
+                        start_writeback(&file, span.0, span.1);
+                    }
+                };
                 if self.copy_local_run(group, &file, &mut run) {
+                    written_back();
                     continue;
                 }
                 let mut here: HashMap<ContentHash, Vec<u8>> = HashMap::new();
@@ -504,6 +536,7 @@ impl ContentSource for HubSource<'_> {
                         return;
                     }
                 }
+                written_back();
             }
         };
         let workers = PARALLEL_TRANSFERS.min(groups.len());
