@@ -365,6 +365,15 @@ impl FolderReplica {
                 paths.push(file.path.clone());
             }
         }
+        // Where each item is recorded, so a rename is found without a pass over every record
+        // for each wanted file (quadratic on a large first sync).
+        let mut by_item: HashMap<(ItemId, Role), Vec<String>> = HashMap::new();
+        for file in recorded.values().filter(|f| f.kind == ItemKind::File) {
+            by_item
+                .entry((file.item, file.role))
+                .or_default()
+                .push(file.path.clone());
+        }
         // Waiting to be put in place (borrowing the placements: a copy of each would double
         // the layout's memory on a large first sync).
         let mut ready: Vec<Ready> = Vec::with_capacity(wanted_files.len());
@@ -391,13 +400,16 @@ impl FolderReplica {
             }
             // Same item and content recorded elsewhere, and that path is no longer wanted: a
             // rename or move.
-            let old = recorded.values().find(|have| {
-                have.item == want.item
-                    && have.role == want.role
-                    && have.content == Some(hash)
-                    && have.path != **path
-                    && !desired.get(&have.path).is_some_and(|w| matches(w, have))
-            });
+            let old = by_item
+                .get(&(want.item, want.role))
+                .into_iter()
+                .flatten()
+                .filter_map(|candidate| recorded.get(candidate))
+                .find(|have| {
+                    have.content == Some(hash)
+                        && have.path != **path
+                        && !desired.get(&have.path).is_some_and(|w| matches(w, have))
+                });
             if let Some(old) = old.cloned() {
                 let from = self.absolute(&old.path);
                 if stat(&target)?.is_none() && stat_matches(&from, &old) {
