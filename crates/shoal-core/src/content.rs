@@ -135,6 +135,46 @@ mod tests {
         for list in [&swapped[..], &longer[..], &other[..], &two[..1]] {
             assert_ne!(ChunkedContent::name_of(list), named.hash, "{list:?}");
         }
+        // The example in docs/protocol.md.
+        let hex = |text: &str| {
+            let mut out = [0u8; 32];
+            for (i, byte) in out.iter_mut().enumerate() {
+                *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).unwrap_or_default();
+            }
+            ContentHash(out)
+        };
+        let mut offset = 0;
+        let example: Vec<ChunkRef> = [
+            (
+                "2e780110f2bdcff21b6b8050137b3ee558bbe3e892098395888aec245b17ddbc",
+                150_512,
+            ),
+            (
+                "af5b2a9e5238c76fd0b2ce85674cdda56888d8ab4588b605c49a843053a0aece",
+                149_345,
+            ),
+            (
+                "92587deb9f02071a20e481c872dbebc48b42d37ca55192c8f3acf716fc83b538",
+                143,
+            ),
+        ]
+        .into_iter()
+        .map(|(hash, len)| {
+            let chunk = ChunkRef {
+                hash: hex(hash),
+                offset,
+                len,
+            };
+            offset += u64::from(len);
+            chunk
+        })
+        .collect();
+        let example = ChunkedContent::from_chunks(example);
+        assert_eq!(example.size, 300_000);
+        assert_eq!(
+            example.hash,
+            hex("4c01c61434401aab73aed4617ffe6e7c950a84415096cf80743a28a54b9418c1")
+        );
         let mut wrong_size = named.clone();
         wrong_size.size += 1;
         assert!(!wrong_size.is_consistent());

@@ -845,12 +845,7 @@ async fn put_chunk_bundle(
         }
         let chunks = shoal_protocol::unbundle_chunks(&body)?;
         let store = with_replica(&workspace, |r| Ok(r.chunk_store()))?;
-        let mut stored = 0usize;
-        for (hash, bytes) in &chunks {
-            if store.put_checked(hash, bytes)? {
-                stored += 1;
-            }
-        }
+        let stored = store.put_many_checked(&chunks)?;
         Ok((stored, chunks.len()))
     })
     .await?;

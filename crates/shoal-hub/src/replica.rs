@@ -413,8 +413,8 @@ impl WorkspaceReplica {
         })
     }
 
-    /// The workspace's chunks, for reads and writes that need no lock on the replica (chunk
-    /// files are written whole and named by their content).
+    /// The workspace's chunks, for reads and writes that need no lock on the replica (chunks
+    /// are named by their content and written whole: a file each, or a row for small ones).
     pub(crate) fn chunk_store(&self) -> ChunkStore {
         self.chunks.clone()
     }

@@ -8,6 +8,9 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, params};
 
 use shoal_core::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkRef, ChunkedContent, ContentHash};
 
@@ -141,12 +144,25 @@ pub enum ChunkError {
     /// Bytes offered under a hash they do not have.
     #[error("chunk bytes do not match the hash {0}")]
     Mismatch(ContentHash),
+    /// The table of small chunks failed.
+    #[error("chunk store database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// A thread panicked while holding the table of small chunks.
+    #[error("the chunk store's table was left locked by a failed thread")]
+    Poisoned,
 }
 
-/// Chunks stored once each, as files named by their hash under one directory.
+/// Chunks shorter than the smallest cut (a small file, or the tail of a larger one) are kept
+/// in one table instead of a file each: creating a file and its inode costs far more than a
+/// few kilobytes, and a first sync of many small files would create one per file.
+const SMALL_BELOW: usize = CHUNK_MIN;
+
+/// Chunks stored once each: small ones in one SQLite table (`small.db`), the others as files
+/// named by their hash under one directory.
 #[derive(Clone, Debug)]
 pub struct ChunkStore {
     root: PathBuf,
+    small: Arc<Mutex<Connection>>,
 }
 
 impl ChunkStore {
@@ -157,7 +173,32 @@ impl ChunkStore {
             path: root.clone(),
             source,
         })?;
-        Ok(ChunkStore { root })
+        let small = Connection::open(root.join("small.db"))?;
+        // Commits are not synced one by one: `flush` (one syncfs) makes them durable before
+        // any metadata refers to them; WAL with NORMAL still syncs before a checkpoint.
+        small.pragma_update(None, "journal_mode", "WAL")?;
+        small.pragma_update(None, "synchronous", "NORMAL")?;
+        small.busy_timeout(std::time::Duration::from_secs(30))?;
+        small.execute_batch(
+            "CREATE TABLE IF NOT EXISTS small (hash BLOB PRIMARY KEY, bytes BLOB NOT NULL);",
+        )?;
+        Ok(ChunkStore {
+            root,
+            small: Arc::new(Mutex::new(small)),
+        })
+    }
+
+    fn table(&self) -> Result<MutexGuard<'_, Connection>, ChunkError> {
+        self.small.lock().map_err(|_| ChunkError::Poisoned)
+    }
+
+    /// A small chunk's bytes, if the table holds it.
+    fn small_get(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>, ChunkError> {
+        Ok(self
+            .table()?
+            .prepare_cached("SELECT bytes FROM small WHERE hash = ?1")?
+            .query_row([&hash.0[..]], |row| row.get(0))
+            .optional()?)
     }
 
     fn path_of(&self, hash: &ContentHash) -> PathBuf {
@@ -167,12 +208,20 @@ impl ChunkStore {
 
     /// Whether the chunk is stored.
     pub fn contains(&self, hash: &ContentHash) -> bool {
-        self.path_of(hash).is_file()
+        matches!(self.stored_len(hash), Ok(Some(_)))
     }
 
     /// The stored length of a chunk, if it is stored: a file cut short by a power cut before
     /// its flush shows here without reading it.
     pub fn stored_len(&self, hash: &ContentHash) -> Result<Option<u64>, ChunkError> {
+        let small: Option<i64> = self
+            .table()?
+            .prepare_cached("SELECT length(bytes) FROM small WHERE hash = ?1")?
+            .query_row([&hash.0[..]], |row| row.get(0))
+            .optional()?;
+        if let Some(len) = small {
+            return Ok(Some(len.unsigned_abs()));
+        }
         let path = self.path_of(hash);
         match fs::metadata(&path) {
             Ok(meta) if meta.is_file() => Ok(Some(meta.len())),
@@ -185,6 +234,13 @@ impl ChunkStore {
     /// Stores bytes the caller has already checked against `hash` (as `unbundle_chunks` does),
     /// without hashing them again; otherwise as [`ChunkStore::put`].
     pub fn put_checked(&self, hash: &ContentHash, bytes: &[u8]) -> Result<bool, ChunkError> {
+        if bytes.len() < SMALL_BELOW {
+            let inserted = self
+                .table()?
+                .prepare_cached("INSERT OR IGNORE INTO small (hash, bytes) VALUES (?1, ?2)")?
+                .execute(params![&hash.0[..], bytes])?;
+            return Ok(inserted == 1);
+        }
         let path = self.path_of(hash);
         if path.is_file() {
             return Ok(false);
@@ -204,6 +260,30 @@ impl ChunkStore {
         file.write_all(bytes).map_err(io(&temp))?;
         fs::rename(&temp, &path).map_err(io(&path))?;
         Ok(true)
+    }
+
+    /// Stores many checked chunks (a bundle), the small ones in one transaction. Returns how
+    /// many were new.
+    pub fn put_many_checked(&self, chunks: &[(ContentHash, &[u8])]) -> Result<usize, ChunkError> {
+        let mut stored = 0;
+        {
+            let mut table = self.table()?;
+            let tx = table.transaction()?;
+            {
+                let mut insert =
+                    tx.prepare_cached("INSERT OR IGNORE INTO small (hash, bytes) VALUES (?1, ?2)")?;
+                for (hash, bytes) in chunks.iter().filter(|(_, b)| b.len() < SMALL_BELOW) {
+                    stored += insert.execute(params![&hash.0[..], bytes])?;
+                }
+            }
+            tx.commit()?;
+        }
+        for (hash, bytes) in chunks.iter().filter(|(_, b)| b.len() >= SMALL_BELOW) {
+            if self.put_checked(hash, bytes)? {
+                stored += 1;
+            }
+        }
+        Ok(stored)
     }
 
     /// Stores bytes that must hash to `hash`; storing a chunk twice is a no-op. The chunk
@@ -230,6 +310,9 @@ impl ChunkStore {
     /// A chunk's bytes without checking them: only for a caller that checks them another way
     /// (the hash of a whole content covers every chunk in it).
     pub fn get_unchecked(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>, ChunkError> {
+        if let Some(bytes) = self.small_get(hash)? {
+            return Ok(Some(bytes));
+        }
         let path = self.path_of(hash);
         match fs::read(&path) {
             Ok(bytes) => Ok(Some(bytes)),
@@ -241,6 +324,13 @@ impl ChunkStore {
     /// Reads a chunk, checking it still matches its name. A chunk found corrupt is removed,
     /// so the next upload that needs it is asked for it again.
     pub fn get(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>, ChunkError> {
+        if let Some(bytes) = self.small_get(hash)? {
+            if ContentHash::of(&bytes) == *hash {
+                return Ok(Some(bytes));
+            }
+            self.remove(hash)?;
+            return Err(ChunkError::Corrupt(*hash));
+        }
         let path = self.path_of(hash);
         match fs::read(&path) {
             Ok(bytes) if ContentHash::of(&bytes) == *hash => Ok(Some(bytes)),
@@ -255,6 +345,9 @@ impl ChunkStore {
 
     /// Removes a chunk (when nothing refers to it any more).
     pub fn remove(&self, hash: &ContentHash) -> Result<(), ChunkError> {
+        self.table()?
+            .prepare_cached("DELETE FROM small WHERE hash = ?1")?
+            .execute([&hash.0[..]])?;
         let path = self.path_of(hash);
         match fs::remove_file(&path) {
             Err(error) if error.kind() != io::ErrorKind::NotFound => Err(ChunkError::Io {
@@ -355,10 +448,48 @@ mod tests {
     }
 
     #[test]
+    fn small_chunks_live_in_the_table_and_large_ones_in_files()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let small = pseudo_random(4096, 1);
+        let large = pseudo_random(CHUNK_MIN, 2);
+        let (small_hash, large_hash) = (ContentHash::of(&small), ContentHash::of(&large));
+        {
+            let store = ChunkStore::open(dir.path())?;
+            let bundle = [(small_hash, &small[..]), (large_hash, &large[..])];
+            assert_eq!(store.put_many_checked(&bundle)?, 2);
+            assert_eq!(store.put_many_checked(&bundle)?, 0, "stored twice");
+            assert!(!store.path_of(&small_hash).exists());
+            assert!(store.path_of(&large_hash).is_file());
+            store.flush()?;
+        }
+        // Reopened: both still there, checked on the way out.
+        let store = ChunkStore::open(dir.path())?;
+        assert!(store.contains(&small_hash) && store.contains(&large_hash));
+        assert_eq!(store.stored_len(&small_hash)?, Some(4096));
+        assert_eq!(store.get(&small_hash)?, Some(small.clone()));
+        assert_eq!(store.get(&large_hash)?, Some(large));
+        // A small chunk that rotted in the table is dropped when found.
+        store.table()?.execute(
+            "UPDATE small SET bytes = ?1 WHERE hash = ?2",
+            params![&b"rot"[..], &small_hash.0[..]],
+        )?;
+        assert!(matches!(
+            store.get(&small_hash),
+            Err(ChunkError::Corrupt(_))
+        ));
+        assert!(!store.contains(&small_hash));
+        assert!(store.put(&small_hash, &small)?);
+        store.remove(&small_hash)?;
+        assert_eq!(store.get_unchecked(&small_hash)?, None);
+        Ok(())
+    }
+
+    #[test]
     fn chunks_are_stored_once_and_verified() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let store = ChunkStore::open(dir.path())?;
-        let bytes = b"hello chunk";
+        let bytes = &pseudo_random(CHUNK_MIN + 10, 3)[..];
         let hash = ContentHash::of(bytes);
         assert!(store.put(&hash, bytes)?);
         assert!(!store.put(&hash, bytes)?);
