@@ -173,7 +173,8 @@ fn watch(
         };
         // Our own state and temporary files are not changes.
         let relevant = event.paths.iter().any(|p| {
-            !p.components().any(|c| c.as_os_str() == ".shoal")
+            !p.components()
+                .any(|c| c.as_os_str() == shoal_core::STATE_DIR_NAME)
                 && !p
                     .file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with(shoal_core::TEMP_PREFIX))
@@ -195,6 +196,10 @@ fn watch(
         .map_err(|e| {
             AgentError::Config(format!("cannot watch {}: {e}", workspace.path.display()))
         })?;
+    // The state folder changes with every file received (staged copies, database pages):
+    // watching it cost the receiver a sixth of its CPU on a large first sync, for events the
+    // callback above drops anyway. Without it (say it was never made) nothing is lost.
+    let _ = watcher.unwatch(&workspace.path.join(shoal_core::STATE_DIR_NAME));
     Ok(watcher)
 }
 
