@@ -1341,16 +1341,14 @@ mod tests {
     use std::path::Path;
     use std::time::Duration;
 
+    /// Incompressible bytes: BLAKE3's extendable output for a seed.
     fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
+        let mut bytes = vec![0u8; len];
+        blake3::Hasher::new()
+            .update(&seed.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut bytes);
+        bytes
     }
 
     /// The whole of `content`, copied from `held` by `copy_local_run` a group at a time.
