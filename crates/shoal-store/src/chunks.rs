@@ -234,13 +234,37 @@ impl ChunkStore {
     /// Stores bytes the caller has already checked against `hash` (as `unbundle_chunks` does),
     /// without hashing them again; otherwise as [`ChunkStore::put`].
     pub fn put_checked(&self, hash: &ContentHash, bytes: &[u8]) -> Result<bool, ChunkError> {
-        if bytes.len() < SMALL_BELOW {
-            let inserted = self
-                .table()?
-                .prepare_cached("INSERT OR IGNORE INTO small (hash, bytes) VALUES (?1, ?2)")?
-                .execute(params![&hash.0[..], bytes])?;
-            return Ok(inserted == 1);
+        Ok(self.put_many_checked(&[(*hash, bytes)])? == 1)
+    }
+
+    /// Stores many checked chunks (a bundle), the small ones in one transaction. Returns how
+    /// many were new.
+    pub fn put_many_checked(&self, chunks: &[(ContentHash, &[u8])]) -> Result<usize, ChunkError> {
+        let (small, large): (Vec<_>, Vec<_>) =
+            chunks.iter().partition(|(_, b)| b.len() < SMALL_BELOW);
+        let mut stored = 0;
+        if !small.is_empty() {
+            let mut table = self.table()?;
+            let tx = table.transaction()?;
+            {
+                let mut insert =
+                    tx.prepare_cached("INSERT OR IGNORE INTO small (hash, bytes) VALUES (?1, ?2)")?;
+                for (hash, bytes) in small {
+                    stored += insert.execute(params![&hash.0[..], bytes])?;
+                }
+            }
+            tx.commit()?;
         }
+        for (hash, bytes) in large {
+            if self.put_file(&hash, bytes)? {
+                stored += 1;
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Stores a large chunk as a file of its own, visible only complete (temp file, rename).
+    fn put_file(&self, hash: &ContentHash, bytes: &[u8]) -> Result<bool, ChunkError> {
         let path = self.path_of(hash);
         if path.is_file() {
             return Ok(false);
@@ -260,30 +284,6 @@ impl ChunkStore {
         file.write_all(bytes).map_err(io(&temp))?;
         fs::rename(&temp, &path).map_err(io(&path))?;
         Ok(true)
-    }
-
-    /// Stores many checked chunks (a bundle), the small ones in one transaction. Returns how
-    /// many were new.
-    pub fn put_many_checked(&self, chunks: &[(ContentHash, &[u8])]) -> Result<usize, ChunkError> {
-        let mut stored = 0;
-        {
-            let mut table = self.table()?;
-            let tx = table.transaction()?;
-            {
-                let mut insert =
-                    tx.prepare_cached("INSERT OR IGNORE INTO small (hash, bytes) VALUES (?1, ?2)")?;
-                for (hash, bytes) in chunks.iter().filter(|(_, b)| b.len() < SMALL_BELOW) {
-                    stored += insert.execute(params![&hash.0[..], bytes])?;
-                }
-            }
-            tx.commit()?;
-        }
-        for (hash, bytes) in chunks.iter().filter(|(_, b)| b.len() >= SMALL_BELOW) {
-            if self.put_checked(hash, bytes)? {
-                stored += 1;
-            }
-        }
-        Ok(stored)
     }
 
     /// Stores bytes that must hash to `hash`; storing a chunk twice is a no-op. The chunk
