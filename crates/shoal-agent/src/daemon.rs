@@ -26,9 +26,16 @@ use shoal_folder::NoProgress;
 use shoal_protocol::{Availability, Negotiation, PeerPresence, PresenceEvent, PresenceUpdate};
 
 use crate::home::{AgentState, DeviceConfig, Home, SyncRecord, WorkspaceEntry};
-use crate::peers::{AgentCounters, Contacts};
+use crate::peers::{AgentCounters, Contacts, Serving};
 use crate::sync::{compact_knowledge, pull_from_peer_with, scan_workspace};
 use crate::{AgentError, DeviceIdentity, sync_workspace, sync_workspace_scanning};
+
+/// After a local change, how long peers that can pull directly get before the hub upload
+/// starts (they hear of it at once and usually ask within milliseconds).
+const PEERS_HEAD_START: Duration = Duration::from_millis(300);
+/// The longest a hub sync waits, in all, for peers' pulls to finish: pulls that keep coming
+/// must not keep the hub (and so the offline members) from the change.
+const HUB_GIVES_WAY_MAX: Duration = Duration::from_secs(20);
 use shoal_client::HubClient;
 
 /// Settings of the daemon.
@@ -252,6 +259,8 @@ struct Agent {
     views: BTreeMap<String, WorkspaceView>,
     contacts: Arc<RwLock<Contacts>>,
     counters: Arc<AgentCounters>,
+    /// How busy the protocol server is; hub uploads give way to it.
+    serving: Arc<Serving>,
     /// The protocol server's address; `None` when peer-to-peer is off.
     listen: Option<String>,
     hub_connected: bool,
@@ -366,6 +375,16 @@ impl Agent {
             .collect()
     }
 
+    /// Whether an online peer sharing `ws` can pull from this device directly.
+    fn peers_can_pull(&self, ws: &str) -> bool {
+        self.listen.is_some()
+            && self.contacts.read().is_ok_and(|c| {
+                c.reachable(ws)
+                    .iter()
+                    .any(|p| p.device != self.device.device && p.status != Availability::Offline)
+            })
+    }
+
     fn contacts_sharing(&self, ws: &str) -> Vec<PeerPresence> {
         self.contacts
             .read()
@@ -439,8 +458,14 @@ impl Agent {
         }
         self.refresh(ws);
         if self.ours(ws) != before {
-            // Peers first (the shortest way), then the hub.
-            self.after_change(ws, Duration::ZERO);
+            // Peers first (the shortest way), then the hub: a peer that can pull directly
+            // gets a head start, and the upload gives way while it pulls.
+            let delay = if self.peers_can_pull(ws) {
+                PEERS_HEAD_START
+            } else {
+                Duration::ZERO
+            };
+            self.after_change(ws, delay);
         }
     }
 
@@ -589,7 +614,17 @@ impl Agent {
         AgentCounters::bump(&self.counters.hub_sessions, 1);
         let peers = self.nearby(ws);
         let scan_first = self.take_dirty(ws);
-        let result = sync_workspace_scanning(&self.device, &entry, &peers, &NoProgress, scan_first);
+        let deadline = Instant::now() + HUB_GIVES_WAY_MAX;
+        let serving = self.serving.clone();
+        let give_way = move || serving.give_way(deadline);
+        let result = sync_workspace_scanning(
+            &self.device,
+            &entry,
+            &peers,
+            &NoProgress,
+            scan_first,
+            &give_way,
+        );
         let mut record = self.home.sync_record(ws).unwrap_or_default();
         record.at = now_ns();
         match result {
@@ -670,6 +705,7 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
     let hub = HubClient::new(&device.hub, Some(&device.token))?.for_device(&device.device);
     let contacts = Arc::new(RwLock::new(Contacts::from_list(home.peers()?)));
     let counters = Arc::new(AgentCounters::default());
+    let serving = Arc::new(Serving::default());
 
     let server = crate::peer::PeerServer::new(
         &workspaces,
@@ -677,6 +713,7 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
         contacts.clone(),
         signals.clone(),
         counters.clone(),
+        serving.clone(),
     );
     let bound = if options.peers {
         Some(crate::peer::start(server, &identity, options.listen)?)
@@ -707,6 +744,7 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
         views: BTreeMap::new(),
         contacts,
         counters,
+        serving,
         listen: bound.map(|b| b.to_string()),
         hub_connected: false,
         pulled: HashMap::new(),

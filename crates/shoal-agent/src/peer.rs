@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 
 use crate::daemon::Signal;
 use crate::home::WorkspaceEntry;
-use crate::peers::{AgentCounters, Contacts};
+use crate::peers::{AgentCounters, Contacts, Serving};
 use crate::{AgentError, DeviceIdentity};
 
 /// The largest download result a peer reads (the hub's request limit).
@@ -70,6 +70,7 @@ pub(crate) struct PeerServer {
     chunk_indexes: Mutex<Vec<(ContentHash, Arc<ChunkIndex>)>>,
     signals: Mutex<Sender<Signal>>,
     counters: Arc<AgentCounters>,
+    serving: Arc<Serving>,
 }
 
 /// Who is on the other end of a connection: the key it proved it holds.
@@ -121,6 +122,7 @@ impl PeerServer {
         contacts: Arc<RwLock<Contacts>>,
         signals: Sender<Signal>,
         counters: Arc<AgentCounters>,
+        serving: Arc<Serving>,
     ) -> PeerServer {
         PeerServer {
             workspaces: workspaces
@@ -134,6 +136,7 @@ impl PeerServer {
             chunk_indexes: Mutex::new(Vec::new()),
             signals: Mutex::new(signals),
             counters,
+            serving,
         }
     }
 
@@ -238,6 +241,7 @@ impl PeerServer {
                 created: Instant::now(),
             },
         );
+        self.serving.set_open_pulls(sessions.len());
         AgentCounters::bump(&self.counters.peer_served, 1);
         Ok(DownloadResponse {
             batch: first,
@@ -410,9 +414,12 @@ impl PeerServer {
     }
 }
 
+/// Runs a request's work off the async threads, counted as serving a peer meanwhile.
 async fn blocking<T: Send + 'static>(
+    serving: Arc<Serving>,
     work: impl FnOnce() -> Result<T, PeerError> + Send + 'static,
 ) -> Result<T, PeerError> {
+    let _answering = serving.answering();
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| PeerError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
@@ -425,9 +432,11 @@ async fn download(
     axum::Json(request): axum::Json<DownloadRequest>,
 ) -> Result<axum::Json<DownloadResponse>, PeerError> {
     server.authorize(&conn, &ws)?;
-    blocking(move || server.plan_download(&ws, &request))
-        .await
-        .map(axum::Json)
+    blocking(server.serving.clone(), move || {
+        server.plan_download(&ws, &request)
+    })
+    .await
+    .map(axum::Json)
 }
 
 async fn download_batch(
@@ -444,9 +453,11 @@ async fn download_batch(
         .filter(|s| s.workspace == ws)
         .map(|s| (s.batches.clone(), s.held.clone()))
         .ok_or_else(|| PeerError(StatusCode::NOT_FOUND, "no such batch".into()))?;
-    blocking(move || server.wire_batch(&ws, &session, &batches, index, &held))
-        .await
-        .map(axum::Json)
+    blocking(server.serving.clone(), move || {
+        server.wire_batch(&ws, &session, &batches, index, &held)
+    })
+    .await
+    .map(axum::Json)
 }
 
 async fn download_result(
@@ -465,6 +476,7 @@ async fn download_result(
     match sessions.get(&session) {
         Some(s) if s.workspace == ws => {
             sessions.remove(&session);
+            server.serving.set_open_pulls(sessions.len());
             Ok(StatusCode::OK)
         }
         _ => Err(PeerError(StatusCode::NOT_FOUND, "no such session".into())),
@@ -478,7 +490,10 @@ async fn get_content_chunk(
     headers: HeaderMap,
 ) -> Result<Response, PeerError> {
     server.authorize(&conn, &ws)?;
-    let bytes = blocking(move || server.read_chunk(&ws, &content, &chunk)).await?;
+    let bytes = blocking(server.serving.clone(), move || {
+        server.read_chunk(&ws, &content, &chunk)
+    })
+    .await?;
     // A resumed transfer asks for the rest: "bytes=N-".
     let start = headers
         .get(header::RANGE)
@@ -507,7 +522,10 @@ async fn fetch_contents(
     axum::Json(request): axum::Json<ContentFetch>,
 ) -> Result<Response, PeerError> {
     server.authorize(&conn, &ws)?;
-    let bundle = blocking(move || server.read_bundle(&ws, &request)).await?;
+    let bundle = blocking(server.serving.clone(), move || {
+        server.read_bundle(&ws, &request)
+    })
+    .await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bundle).into_response())
 }
 

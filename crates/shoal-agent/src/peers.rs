@@ -2,7 +2,8 @@
 //! agent's counters.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use shoal_protocol::{Availability, PeerPresence, WorkspaceKnowledge};
 
@@ -105,6 +106,87 @@ impl Contacts {
     }
 }
 
+/// How busy this device is serving peers' pulls. A hub upload gives way to it: the peer is
+/// nearer and waiting now, and both compete for the same disk and cores, while the hub only
+/// keeps the changes for later.
+#[derive(Debug)]
+pub(crate) struct Serving {
+    started: Instant,
+    /// Requests being answered.
+    active: AtomicUsize,
+    /// Pulls planned and not yet finished (their receiver is writing between requests).
+    open: AtomicUsize,
+    /// When the last request ended, in ms since `started`, plus one (0: never).
+    last_ms: AtomicU64,
+}
+
+/// Quiet this long after a request: the next one of the same pull is usually closer.
+const QUIET: Duration = Duration::from_millis(200);
+/// An open pull counts as busy only while requests keep coming this often; a receiver that
+/// vanished mid-pull must not hold the hub upload back.
+const PULL_GAP: Duration = Duration::from_secs(3);
+
+impl Default for Serving {
+    fn default() -> Self {
+        Serving {
+            started: Instant::now(),
+            active: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A request being answered; ends when dropped.
+pub(crate) struct Answering<'a>(&'a Serving);
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Serving {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn touch(&self) {
+        self.last_ms.fetch_max(self.now_ms() + 1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn answering(&self) -> Answering<'_> {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        Answering(self)
+    }
+
+    /// How many pulls are planned and not finished.
+    pub(crate) fn set_open_pulls(&self, open: usize) {
+        self.open.store(open, Ordering::Relaxed);
+        self.touch();
+    }
+
+    pub(crate) fn busy(&self) -> bool {
+        if self.active.load(Ordering::Relaxed) > 0 {
+            return true;
+        }
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if last == 0 {
+            return false;
+        }
+        let since = Duration::from_millis((self.now_ms() + 1).saturating_sub(last));
+        since < QUIET || (self.open.load(Ordering::Relaxed) > 0 && since < PULL_GAP)
+    }
+
+    /// Waits while peers are being served, until `deadline` at the latest.
+    pub(crate) fn give_way(&self, deadline: Instant) {
+        while self.busy() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// The running agent's counters, shared by its threads.
 #[derive(Debug, Default)]
 pub(crate) struct AgentCounters {
@@ -141,6 +223,50 @@ impl AgentCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hub_upload_gives_way_while_a_pull_is_served_and_not_after() {
+        let serving = Serving {
+            started: Instant::now()
+                .checked_sub(Duration::from_secs(10))
+                .expect("a clock past ten seconds"),
+            ..Serving::default()
+        };
+        assert!(!serving.busy(), "nothing served yet");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        std::thread::scope(|scope| {
+            let answer = serving.answering();
+            let waiter = scope.spawn(|| {
+                let started = Instant::now();
+                serving.give_way(deadline);
+                started.elapsed()
+            });
+            std::thread::sleep(Duration::from_millis(150));
+            assert!(
+                !waiter.is_finished(),
+                "gave no way while a request was answered"
+            );
+            drop(answer);
+            let waited = waiter.join().expect("waiter");
+            assert!(waited >= Duration::from_millis(150));
+            assert!(
+                waited < Duration::from_secs(30),
+                "the quiet after a pull never came"
+            );
+        });
+        // An open pull keeps it busy between requests, until requests stop coming.
+        serving.set_open_pulls(1);
+        assert!(serving.busy());
+        // The last request ten seconds ago: the receiver is gone.
+        serving.last_ms.store(1, Ordering::Relaxed);
+        assert!(!serving.busy(), "a vanished receiver held the upload back");
+        // Never past the deadline, however busy.
+        let _answer = serving.answering();
+        let started = Instant::now();
+        serving.give_way(Instant::now() + Duration::from_millis(100));
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert!(serving.busy());
+    }
 
     fn presence(
         device: &str,

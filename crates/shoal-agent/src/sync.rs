@@ -665,6 +665,7 @@ fn send_contents(
     client: &HubClient,
     location: &str,
     outgoing: &[Outgoing<'_>],
+    give_way: &(dyn Fn() + Sync),
 ) -> Result<(Vec<bool>, usize, u64), AgentError> {
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     let sent: Vec<AtomicBool> = outgoing.iter().map(|_| AtomicBool::new(true)).collect();
@@ -699,6 +700,7 @@ fn send_contents(
                         if !sent[index].load(Ordering::Relaxed) {
                             continue;
                         }
+                        give_way();
                         let Ok(handle) = File::open(&outgoing[index].path) else {
                             sent[index].store(false, Ordering::Relaxed);
                             continue;
@@ -768,17 +770,19 @@ pub fn sync_workspace_with(
     peers: &[HubClient],
     progress: &dyn Progress,
 ) -> Result<SyncReport, AgentError> {
-    sync_workspace_scanning(device, entry, peers, progress, true)
+    sync_workspace_scanning(device, entry, peers, progress, true, &|| {})
 }
 
 /// [`sync_workspace_with`], scanning the folder only when `scan_first`: a caller that watches
-/// the folder and saw nothing change since its last scan leaves it out.
+/// the folder and saw nothing change since its last scan leaves it out. The upload calls
+/// `give_way` between its pieces; a caller serving peers waits there while they pull.
 pub fn sync_workspace_scanning(
     device: &DeviceConfig,
     entry: &WorkspaceEntry,
     peers: &[HubClient],
     progress: &dyn Progress,
     scan_first: bool,
+    give_way: &(dyn Fn() + Sync),
 ) -> Result<SyncReport, AgentError> {
     let scan = |folder: &mut FolderReplica| -> Result<ScanReport, AgentError> {
         Ok(if scan_first {
@@ -862,6 +866,7 @@ pub fn sync_workspace_scanning(
         entry,
         &hub_knowledge,
         limits,
+        give_way,
         &mut report,
     )?;
     let remote = Remote {
@@ -1001,6 +1006,7 @@ fn upload(
     entry: &WorkspaceEntry,
     hub_knowledge: &Knowledge,
     limits: BatchLimits,
+    give_way: &(dyn Fn() + Sync),
     report: &mut SyncReport,
 ) -> Result<(), AgentError> {
     let mut missing = Vec::new();
@@ -1029,6 +1035,7 @@ fn upload(
     let mut failed_before = withheld_refused;
     let mut refused: Vec<(ItemId, Version, String)> = Vec::new();
     for batch in plan_batches(missing, &offer, limits) {
+        give_way();
         let mut contents: HashMap<ContentHash, ChunkedContent> = HashMap::new();
         for (_, version) in &batch.versions {
             let hash = version.entry.content.filter(|_| !version.entry.deleted);
@@ -1122,7 +1129,8 @@ fn upload(
             sends.push(Some(outgoing.len()));
             outgoing.push(Outgoing { path, chunks });
         }
-        let (sent, chunk_count, byte_count) = send_contents(client, &location, &outgoing)?;
+        let (sent, chunk_count, byte_count) =
+            send_contents(client, &location, &outgoing, give_way)?;
         report.chunks_uploaded += chunk_count;
         report.bytes_uploaded += byte_count;
         let mut statuses = Vec::new();
