@@ -1,9 +1,9 @@
 //! Materializing: bringing the disk in line with the replica's layout.
 //!
 //! Content for incoming versions is first staged under `.shoal/tmp` and flushed, before the
-//! batch is committed to the database; then files are written to temporary names beside their
-//! targets, the file system is flushed once for all of them, and each is renamed into place
-//! only if the target is still as it was last recorded. A crash at any point leaves either the
+//! batch is committed to the database; then each staged copy is moved to its target (a second
+//! path with the same content gets a copy under a temporary name beside it, flushed once for
+//! all of them), each only if the target is still as it was last recorded. A crash at any point leaves either the
 //! old file or the complete new one, and the next scan adopts what was already put in place.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -58,12 +58,12 @@ fn stat_matches(path: &Path, recorded: &LocalFile) -> bool {
     matches!(stat(path), Ok(Some(found)) if same_stat(&found, recorded))
 }
 
-/// A file waiting to be put in place: a temporary copy beside its target, or (`link`) the
-/// staged copy itself, linked in.
+/// A file waiting to be put in place: a temporary copy beside its target, or (`staged`) the
+/// staged copy itself, moved in.
 struct Ready<'a> {
     path: &'a String,
     from: PathBuf,
-    link: bool,
+    staged: bool,
     want: &'a Placement,
 }
 
@@ -101,14 +101,17 @@ fn set_times_and_mode(
     Ok(())
 }
 
-/// Puts `from` at `target` with `place` (a link or a rename that never replaces); false when
-/// something appeared at the target meanwhile.
-fn place_new(
-    from: &Path,
-    target: &Path,
-    place: impl FnOnce(&Path, &Path) -> std::io::Result<()>,
-) -> Result<bool, FolderError> {
-    match place(from, target) {
+/// Moves `from` to `target` by a rename that never replaces; false when something appeared at
+/// the target meanwhile.
+fn place_new(from: &Path, target: &Path) -> Result<bool, FolderError> {
+    let moved = rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        from,
+        rustix::fs::CWD,
+        target,
+        rustix::fs::RenameFlags::NOREPLACE,
+    );
+    match moved.map_err(std::io::Error::from) {
         Ok(()) => Ok(true),
         Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(error) => Err(io_error(from)(error)),
@@ -378,7 +381,7 @@ impl FolderReplica {
         // the layout's memory on a large first sync).
         let mut ready: Vec<Ready> = Vec::with_capacity(wanted_files.len());
         // Staged contents already given to a path in this run: one inode, one path.
-        let mut linked: HashSet<ContentHash> = HashSet::new();
+        let mut taken: HashSet<ContentHash> = HashSet::new();
         // Folders known to exist (one check per folder, not per file).
         let mut present_dirs: HashSet<&str> = HashSet::new();
         progress.start(
@@ -427,21 +430,21 @@ impl FolderReplica {
             present_dirs.insert(parent_path(path));
             let staged = self.staged(&hash);
             let staged_meta = fs::symlink_metadata(&staged).ok().filter(|m| m.is_file());
-            // The staged copy itself becomes the file, by a hard link made when the others
-            // are renamed into place; the link keeps the staged copy until the new file is
-            // recorded, so a crash before that cannot lose the only local copy. Only one path
-            // may take it: any other path with this content gets its own copy, or an edit in
-            // place of one file would show through the other.
+            // The staged copy itself becomes the file, moved in when the others are (no copy,
+            // and nothing left to delete). A crash after the move leaves it at its target,
+            // where the next scan adopts it. Only one path may take it: any other path with
+            // this content gets its own copy (made now, before the move), or an edit in place
+            // of one file would show through the other.
             if let Some(meta) = &staged_meta
                 && meta.nlink() == 1
-                && linked.insert(hash)
+                && taken.insert(hash)
             {
                 set_times_and_mode(&staged, &want.version, Some(meta.mode()))?;
                 progress.advance(want.version.entry.size);
                 ready.push(Ready {
                     path,
                     from: staged,
-                    link: true,
+                    staged: true,
                     want,
                 });
                 continue;
@@ -476,7 +479,7 @@ impl FolderReplica {
             ready.push(Ready {
                 path,
                 from: temp,
-                link: false,
+                staged: false,
                 want,
             });
         }
@@ -534,12 +537,12 @@ impl FolderReplica {
         }
 
         // 5. Put the new files in place, if their targets are as recorded. A path with nothing
-        //    recorded must still be empty: the link or rename refuses to replace what appeared.
+        //    recorded must still be empty: the rename refuses to replace what appeared.
         let removed: HashSet<&str> = removed_records.iter().map(String::as_str).collect();
         for Ready {
             path,
             from,
-            link,
+            staged,
             want,
         } in ready
         {
@@ -552,33 +555,15 @@ impl FolderReplica {
             };
             let placed = match replace {
                 None => false,
-                Some(true) if link => {
-                    // Over a recorded file: link beside it, then rename over it.
-                    let temp = temp_name(&self.absolute(parent_path(path)));
-                    fs::hard_link(&from, &temp).map_err(io_error(&from))?;
-                    fs::rename(&temp, &target).map_err(io_error(&temp))?;
-                    true
-                }
                 Some(true) => {
                     fs::rename(&from, &target).map_err(io_error(&from))?;
                     true
                 }
-                Some(false) if link => {
-                    place_new(&from, &target, |from, to| fs::hard_link(from, to))?
-                }
-                Some(false) => place_new(&from, &target, |from, to| {
-                    rustix::fs::renameat_with(
-                        rustix::fs::CWD,
-                        from,
-                        rustix::fs::CWD,
-                        to,
-                        rustix::fs::RenameFlags::NOREPLACE,
-                    )
-                    .map_err(std::io::Error::from)
-                })?,
+                Some(false) => place_new(&from, &target)?,
             };
             if !placed {
-                if !link {
+                // A staged copy stays for a later run; a temporary one goes.
+                if !staged {
                     let _ = fs::remove_file(&from);
                 }
                 report.skipped.push(Skipped {
