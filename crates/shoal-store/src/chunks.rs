@@ -75,18 +75,65 @@ pub fn chunk_reader<R: Read + Send>(mut reader: R) -> io::Result<ChunkedContent>
 /// Fills `block` (which holds the previous block's uncut tail) and finds its cut points.
 fn read_and_cut<R: Read>(reader: &mut R, mut block: Vec<u8>) -> io::Result<CutBlock> {
     let end = fill(reader, &mut block, BLOCK + CHUNK_MAX)?;
-    let mut cuts = Vec::new();
-    for cut in fastcdc::v2020::FastCDC::new(&block, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
-        if !end && cut.offset + cut.length == block.len() {
-            break;
-        }
-        cuts.push((cut.offset, cut.length));
+    let mut cuts = cut_points(&block);
+    if !end
+        && cuts
+            .last()
+            .is_some_and(|(offset, len)| offset + len == block.len())
+    {
+        // Cut short by the block's end, not the stream's: cut again with what follows.
+        cuts.pop();
     }
     Ok(CutBlock {
         data: block,
         cuts,
         end,
     })
+}
+
+/// Below this, a block is cut on one thread.
+const PARALLEL_CUT_MIN: usize = 2 << 20;
+
+/// The (offset, length) of every chunk of `data`, as FastCDC cuts it from the start, the
+/// last one ending at the end of `data`.
+///
+/// A large block is cut in two halves at once. A cut depends only on the bytes from its
+/// chunk's start, so once the cuts from the start reach a chunk start that the second half's
+/// own cuts also have, the rest of those are the true cuts; until then the cutting goes on
+/// from the first half's end, one chunk at a time (content without cut points, such as zeros,
+/// may never meet, and is then cut to the end that way).
+fn cut_points(data: &[u8]) -> Vec<(usize, usize)> {
+    let cdc = fastcdc::v2020::FastCDC::new(data, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX);
+    let cut_from = |mut at: usize, stop: &dyn Fn(usize) -> bool| {
+        let mut cuts = Vec::new();
+        while at < data.len() && !stop(at) {
+            let (_, end) = cdc.cut(at, data.len() - at);
+            cuts.push((at, end - at));
+            at = end;
+        }
+        cuts
+    };
+    if data.len() < PARALLEL_CUT_MIN {
+        return cut_from(0, &|_| false);
+    }
+    let middle = data.len() / 2;
+    let (mut cuts, guessed) = rayon::join(
+        || cut_from(0, &|at| at >= middle),
+        || cut_from(middle, &|_| false),
+    );
+    let meets = |at: usize| {
+        guessed
+            .binary_search_by_key(&at, |(start, _)| *start)
+            .is_ok()
+    };
+    let from = cuts.last().map_or(0, |(offset, len)| offset + len);
+    cuts.extend(cut_from(from, &meets));
+    if let Some(last) = cuts.last().map(|(offset, len)| offset + len)
+        && let Ok(at) = guessed.binary_search_by_key(&last, |(start, _)| *start)
+    {
+        cuts.extend_from_slice(&guessed[at..]);
+    }
+    cuts
 }
 
 /// Hashes a cut block's chunks, on every core when the block is large.
@@ -114,15 +161,14 @@ fn fill<R: Read>(reader: &mut R, block: &mut Vec<u8>, target: usize) -> io::Resu
 
 /// Cuts an in-memory content.
 pub fn chunk_bytes(bytes: &[u8]) -> ChunkedContent {
-    let mut chunks = Vec::new();
-    for chunk in fastcdc::v2020::FastCDC::new(bytes, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
-        let data = &bytes[chunk.offset..chunk.offset + chunk.length];
-        chunks.push(ChunkRef {
-            hash: ContentHash::of(data),
-            offset: chunk.offset as u64,
-            len: chunk.length as u32,
-        });
-    }
+    let chunks = cut_points(bytes)
+        .into_iter()
+        .map(|(offset, len)| ChunkRef {
+            hash: ContentHash::of(&bytes[offset..offset + len]),
+            offset: offset as u64,
+            len: len as u32,
+        })
+        .collect();
     ChunkedContent::from_chunks(chunks)
 }
 
@@ -373,6 +419,41 @@ mod tests {
                 state as u8
             })
             .collect()
+    }
+
+    /// FastCDC's own cuts, one after the other from the start.
+    fn cut_in_sequence(data: &[u8]) -> Vec<(usize, usize)> {
+        fastcdc::v2020::FastCDC::new(data, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
+            .map(|c| (c.offset, c.length))
+            .collect()
+    }
+
+    #[test]
+    fn cutting_both_halves_at_once_finds_the_cuts_made_in_sequence() {
+        let random = pseudo_random(9 << 20, 7);
+        let mut runs = random.clone();
+        // Long stretches with no cut point in them, where the halves may never meet.
+        runs[(3 << 20)..(6 << 20)].fill(0);
+        let mut repeated = Vec::new();
+        while repeated.len() < (5 << 20) + 12_345 {
+            repeated.extend_from_slice(&random[..300_007]);
+        }
+        let zeros = vec![0u8; (4 << 20) + 3];
+        for (name, data) in [
+            ("random", &random[..]),
+            ("random, odd length", &random[..(6 << 20) + 77]),
+            (
+                "just over the parallel size",
+                &random[..PARALLEL_CUT_MIN + 1],
+            ),
+            ("zero runs", &runs[..]),
+            ("repeated", &repeated[..]),
+            ("zeros", &zeros[..]),
+            ("small", &random[..100_000]),
+            ("empty", &random[..0]),
+        ] {
+            assert_eq!(cut_points(data), cut_in_sequence(data), "{name}");
+        }
     }
 
     #[test]
