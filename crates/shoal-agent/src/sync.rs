@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use shoal_core::{
     Batch, BatchLimits, ContentHash, Dot, ItemId, Knowledge, Receiving, SyncOffer, Version,
@@ -89,8 +90,10 @@ struct HubSource<'a> {
     misses: std::sync::Mutex<HashSet<(usize, ContentHash)>>,
     from_peers: std::sync::atomic::AtomicU64,
     from_hub: std::sync::atomic::AtomicU64,
-    /// Chunks fetched ahead in bundles, by hash.
-    prefetched: HashMap<ContentHash, Vec<u8>>,
+    /// Chunks fetched ahead in bundles, by hash, with how many more times each is wanted:
+    /// given up at its last use, so a batch's chunks leave memory as its files are written
+    /// (while the next batch's arrive).
+    prefetched: Mutex<HashMap<ContentHash, (Vec<u8>, usize)>>,
     /// Chunks this device already holds in its files (the older contents of the items being
     /// received): (file, offset, length) by hash, read instead of fetched.
     local: HashMap<ContentHash, (PathBuf, u64, u32)>,
@@ -138,6 +141,19 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     }
 }
 
+/// Gives the memory freed by a batch back to the system. Its chunks were allocated on several
+/// threads, so the allocator holds them in several arenas that it would otherwise keep, and
+/// the next batch would grow the process further instead of reusing them.
+#[allow(unsafe_code)]
+fn release_freed_memory() {
+    // SAFETY: malloc_trim takes no pointers and only returns free pages of the allocator's
+    // own heaps to the kernel; it is safe to call at any time from any thread.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Copies `len` bytes between two files inside the kernel (no pass through this process).
 fn copy_range(source: &File, mut from: u64, dest: &File, mut to: u64, len: u64) -> bool {
     let mut left = len;
@@ -174,7 +190,7 @@ impl<'a> HubSource<'a> {
             misses: Default::default(),
             from_peers: Default::default(),
             from_hub: Default::default(),
-            prefetched: HashMap::new(),
+            prefetched: Mutex::default(),
             local: HashMap::new(),
             stamps: HashMap::new(),
         }
@@ -261,18 +277,19 @@ impl<'a> HubSource<'a> {
     /// a few requests. Anything not fetched here is fetched when its content is copied.
     fn prefetch(&mut self, contents: &[ChunkedContent]) {
         let mut total = 0u64;
-        let mut seen = HashSet::new();
+        let mut uses: HashMap<ContentHash, usize> = HashMap::new();
         let mut wanted: Vec<(ContentHash, &ChunkRef)> = Vec::new();
         'contents: for content in contents.iter().filter(|c| c.size <= PREFETCH_CONTENT_MAX) {
+            if total + content.size > PREFETCH_MAX {
+                break 'contents;
+            }
             for chunk in &content.chunks {
-                if total + u64::from(chunk.len) > PREFETCH_MAX {
-                    break 'contents;
+                let count = uses.entry(chunk.hash).or_default();
+                *count += 1;
+                if *count == 1 {
+                    total += u64::from(chunk.len);
+                    wanted.push((content.hash, chunk));
                 }
-                if !seen.insert(chunk.hash) {
-                    continue;
-                }
-                total += u64::from(chunk.len);
-                wanted.push((content.hash, chunk));
             }
         }
         if wanted.len() < 2 {
@@ -298,8 +315,10 @@ impl<'a> HubSource<'a> {
                 .collect();
             workers.into_iter().filter_map(|w| w.join().ok()).collect()
         });
-        for got in fetched {
-            self.prefetched.extend(got);
+        let mut prefetched = lock(&self.prefetched);
+        for (hash, bytes) in fetched.into_iter().flatten() {
+            let count = uses.get(&hash).copied().unwrap_or(1);
+            prefetched.insert(hash, (bytes, count));
         }
     }
 
@@ -403,10 +422,21 @@ impl<'a> HubSource<'a> {
         None
     }
 
+    /// A chunk fetched ahead; its last use takes it out of memory.
+    fn take_prefetched(&self, hash: &ContentHash) -> Option<Vec<u8>> {
+        let mut prefetched = lock(&self.prefetched);
+        let (bytes, left) = prefetched.get_mut(hash)?;
+        if *left > 1 {
+            *left -= 1;
+            return Some(bytes.clone());
+        }
+        prefetched.remove(hash).map(|(bytes, _)| bytes)
+    }
+
     fn chunk(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
         use std::sync::atomic::Ordering::Relaxed;
-        if let Some(bytes) = self.prefetched.get(&chunk.hash) {
-            return Some(bytes.clone()); // counted when fetched
+        if let Some(bytes) = self.take_prefetched(&chunk.hash) {
+            return Some(bytes); // counted when fetched
         }
         if let Some(bytes) = self.fetch_from_peers(content, chunk) {
             self.from_peers.fetch_add(bytes.len() as u64, Relaxed);
@@ -513,7 +543,7 @@ impl ContentSource for HubSource<'_> {
                 let remote: Vec<(ContentHash, &ChunkRef)> = group
                     .iter()
                     .filter(|(_, c)| {
-                        !self.prefetched.contains_key(&c.hash) && !here.contains_key(&c.hash)
+                        !lock(&self.prefetched).contains_key(&c.hash) && !here.contains_key(&c.hash)
                     })
                     .copied()
                     .collect();
@@ -551,6 +581,11 @@ impl ContentSource for HubSource<'_> {
         }
         !failed.load(Relaxed)
     }
+}
+
+/// A cache's lock. Nothing panics while holding one, so a poisoned lock holds whole data.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Contents at least this large are looked for in the older versions of their items.
@@ -1199,6 +1234,39 @@ struct Remote<'a> {
     peers: &'a [HubClient],
 }
 
+/// The batch at `next`, and a source holding its small files' chunks when its chunk lists
+/// need nothing from the replica (none held here, none an edit of one).
+fn fetch_ahead<'a>(
+    client: &'a HubClient,
+    next: &str,
+    locations: &[Location],
+    workspace: &'a str,
+    peers: &'a [HubClient],
+) -> Result<(WireBatch, Option<HubSource<'a>>), AgentError> {
+    let wire = client.batch(next)?;
+    let mut contents = Vec::with_capacity(wire.contents.len());
+    for content in &wire.contents {
+        if content.held || content.base_hash()?.is_some() {
+            return Ok((wire, None));
+        }
+        contents.push(content.resolve(None)?);
+    }
+    let locations = if wire.locations.is_empty() {
+        locations.to_vec()
+    } else {
+        wire.locations.clone()
+    };
+    let mut source = HubSource::new(
+        client,
+        contents.iter().map(|c| (c.hash, c.clone())).collect(),
+        locations,
+        workspace,
+        peers,
+    );
+    source.prefetch(&contents);
+    Ok((wire, Some(source)))
+}
+
 fn download(
     folder: &mut FolderReplica,
     remote: Remote<'_>,
@@ -1261,6 +1329,9 @@ fn download(
     let mut all_contents: HashMap<ContentHash, ChunkedContent> = HashMap::new();
     let mut results = Vec::new();
     let mut locations = wire.locations.clone();
+    // The next batch's chunks, fetched while this one was written.
+    let mut fetched_ahead: Option<HubSource> = None;
+    let mut batch_started = std::time::Instant::now();
     loop {
         let batch = batch_from_wire(&wire)?;
         let mut contents = Vec::new();
@@ -1288,20 +1359,51 @@ fn download(
             wire.locations.clone()
         };
         let local = local_chunks(folder, entry, &batch, &contents)?;
-        // This batch's contents only: cloning every list received so far for each batch
-        // held two copies of them at the end of a large download.
-        let mut source = HubSource::new(
-            client,
-            contents.iter().map(|c| (c.hash, c.clone())).collect(),
-            locations.clone(),
-            &entry.id,
-            peers,
-        )
+        let source = match fetched_ahead.take() {
+            Some(source) => source,
+            None => {
+                // This batch's contents only: cloning every list received so far for each
+                // batch held two copies of them at the end of a large download.
+                let mut source = HubSource::new(
+                    client,
+                    contents.iter().map(|c| (c.hash, c.clone())).collect(),
+                    locations.clone(),
+                    &entry.id,
+                    peers,
+                );
+                source.prefetch(&contents);
+                source
+            }
+        }
         .with_local(local);
-        source.prefetch(&contents);
-        let applied = folder.apply_batch(&mut session, &batch, &contents, &source, progress)?;
-        report.bytes_from_peers += source.from_peers.into_inner();
-        report.bytes_from_hub += source.from_hub.into_inner();
+        let fetched_at = std::time::Instant::now();
+        // The next batch is asked for, and its small files' chunks fetched, while this one
+        // is written: the sender reads while the receiver writes.
+        let next = wire.next.take();
+        let (applied, ahead) = std::thread::scope(|scope| {
+            let ahead = next.as_ref().map(|next| {
+                let locations = &locations;
+                scope.spawn(move || fetch_ahead(client, next, locations, &entry.id, peers))
+            });
+            let applied = folder.apply_batch(&mut session, &batch, &contents, &source, progress);
+            let ahead = ahead.map(|handle| {
+                handle.join().unwrap_or_else(|_| {
+                    Err(AgentError::Protocol(
+                        "fetching the next batch failed".into(),
+                    ))
+                })
+            });
+            (applied, ahead)
+        });
+        let applied = applied?;
+        tracing::debug!(
+            items = batch.versions.len(),
+            fetch_ms = (fetched_at - batch_started).as_millis() as u64,
+            apply_ms = fetched_at.elapsed().as_millis() as u64,
+            "download: batch"
+        );
+        report.bytes_from_peers += source.from_peers.load(std::sync::atomic::Ordering::Relaxed);
+        report.bytes_from_hub += source.from_hub.load(std::sync::atomic::Ordering::Relaxed);
         report.downloaded += applied.received;
         report.conflicts += applied.conflicts;
         report.download_failed += applied.failed;
@@ -1318,8 +1420,15 @@ fn download(
                 error: (!ok).then(|| "content could not be fetched".into()),
             });
         }
-        match wire.next.take() {
-            Some(next) => wire = client.batch(&next)?,
+        drop(source);
+        release_freed_memory();
+        batch_started = std::time::Instant::now();
+        match ahead {
+            Some(ahead) => {
+                let (next_wire, source) = ahead?;
+                wire = next_wire;
+                fetched_ahead = source;
+            }
             None => break,
         }
     }

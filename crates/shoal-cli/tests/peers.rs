@@ -572,3 +572,53 @@ fn a_device_that_cannot_be_reached_hears_through_the_hub() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn a_pull_of_several_batches_arrives_whole_and_the_hub_still_gets_it() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (hub, laptop, desktop, _phone) = team(root.path())?;
+    let token = laptop.token()?;
+    let agents = [Agent::start(&laptop, &[])?, Agent::start(&desktop, &[])?];
+    wait_for_contacts(&agents.iter().collect::<Vec<_>>(), 1)?;
+    let commits = hub_metric(&hub.url, &token, "upload_commits")?;
+
+    // More files than a peer batch holds (2,000): the next batch is fetched while the one
+    // before is written, and the hub upload waits while the peer pulls.
+    let count = 2_300;
+    let staging = root.path().join("many");
+    for i in 0..count {
+        let dir = staging.join(format!("d{:02}", i % 23));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join(format!("f{i}.txt")),
+            format!("file {i} {}", i * 7919),
+        )?;
+    }
+    std::fs::rename(&staging, laptop.folder.join("many"))?;
+    let all_there = || {
+        (0..count).all(|i| {
+            let path = desktop.folder.join(format!("many/d{:02}/f{i}.txt", i % 23));
+            std::fs::read_to_string(path).is_ok_and(|text| text == format!("file {i} {}", i * 7919))
+        })
+    };
+    assert!(
+        wait_for(Duration::from_secs(60), all_there),
+        "not every file arrived whole:\n{}",
+        agents[1].log()
+    );
+    // Counters reach agent.json within a second.
+    assert!(
+        wait_for(Duration::from_secs(5), || agents[1].counter("peer_pulls")
+            > 0),
+        "the files did not come from the peer:\n{}",
+        agents[1].log()
+    );
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            hub_metric(&hub.url, &token, "upload_commits").is_ok_and(|n| n > commits)
+        }),
+        "the hub never got the files:\n{}",
+        agents[0].log()
+    );
+    Ok(())
+}
