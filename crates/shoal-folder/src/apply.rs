@@ -199,6 +199,8 @@ impl FolderReplica {
     ) -> Result<MaterializeReport, FolderError> {
         let mut report = MaterializeReport::default();
         let started = std::time::Instant::now();
+        // Our temporary files beside their targets are not a concurrent scan's to remove.
+        let _writing = self.writing()?;
         let items = self.store.load_items()?;
         tracing::debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,

@@ -69,6 +69,41 @@ pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> FolderErro
 }
 
 const STATE_DB: &str = "state.db";
+/// Held shared by whoever puts files in place (they leave temporary files beside their
+/// targets meanwhile), exclusively by a scan that removes stray ones.
+const WRITING_LOCK: &str = "writing.lock";
+
+/// A hold on a folder's writing lock, released when dropped.
+pub(crate) struct WritingLock {
+    _held: std::fs::File,
+}
+
+impl WritingLock {
+    fn open(root: &Path) -> Result<std::fs::File, FolderError> {
+        let path = root.join(STATE_DIR_NAME).join(WRITING_LOCK);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_error(&path))
+    }
+
+    /// The shared hold, waiting while a scan holds it exclusively.
+    pub(crate) fn shared(root: &Path) -> Result<WritingLock, FolderError> {
+        let file = Self::open(root)?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockShared)
+            .map_err(|e| io_error(&root.join(STATE_DIR_NAME))(e.into()))?;
+        Ok(WritingLock { _held: file })
+    }
+
+    /// The exclusive hold, if nobody is putting files in place in `root` right now.
+    pub(crate) fn exclusive_now(root: &Path) -> Option<WritingLock> {
+        let file = Self::open(root).ok()?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).ok()?;
+        Some(WritingLock { _held: file })
+    }
+}
 
 /// One folder and its replica state in `<folder>/.shoal/`.
 pub struct FolderReplica {
@@ -111,6 +146,12 @@ impl FolderReplica {
 
     pub(crate) fn state_db(&self) -> PathBuf {
         self.root.join(STATE_DIR_NAME).join(STATE_DB)
+    }
+
+    /// The shared hold every process putting files in place takes, waiting for a scan that
+    /// is removing stray temporary files to finish its walk.
+    pub(crate) fn writing(&self) -> Result<WritingLock, FolderError> {
+        WritingLock::shared(&self.root)
     }
 
     pub(crate) fn staging_dir(&self) -> PathBuf {

@@ -188,6 +188,9 @@ fn found_from_stat(stat: &rustix::fs::Stat) -> Option<Found> {
 struct Walker<'a> {
     root: &'a Path,
     skipped: &'a Mutex<Vec<Skipped>>,
+    /// Taken at the first temporary file met: the right to remove them, which no process
+    /// putting files in place holds meanwhile (see [`crate::WritingLock`]).
+    may_remove_temps: std::sync::OnceLock<Option<crate::WritingLock>>,
 }
 
 impl Walker<'_> {
@@ -266,7 +269,15 @@ impl Walker<'_> {
             }
             if name.starts_with(TEMP_PREFIX.as_bytes()) {
                 // Left by a run that was killed before renaming it into place: never complete.
-                let _ = rustix::fs::unlinkat(&dir, c_name, AtFlags::empty());
+                // Unless another process is putting files in place right now: then it is
+                // theirs, and left alone.
+                let alone = self
+                    .may_remove_temps
+                    .get_or_init(|| crate::WritingLock::exclusive_now(self.root))
+                    .is_some();
+                if alone {
+                    let _ = rustix::fs::unlinkat(&dir, c_name, AtFlags::empty());
+                }
                 continue;
             }
             if relative.is_empty() && name == STATE_DIR_NAME.as_bytes() {
@@ -333,7 +344,11 @@ fn walk_error(path: &Path, error: rustix::io::Errno) -> String {
 /// Walks the folder: every file and directory, minus shoal's own state, temporary files and
 /// what `.shoalignore` files exclude; sorted by path.
 fn walk(root: &Path, skipped: &Mutex<Vec<Skipped>>) -> Vec<(String, Found)> {
-    let walker = Walker { root, skipped };
+    let walker = Walker {
+        root,
+        skipped,
+        may_remove_temps: std::sync::OnceLock::new(),
+    };
     let mut found = Vec::new();
     // One depth at a time, its directories in parallel: no recursion, however deep the tree,
     // and only one directory open per thread.
@@ -936,6 +951,22 @@ mod tests {
             .collect();
         list.sort();
         list
+    }
+
+    #[test]
+    fn a_temporary_file_is_left_alone_while_files_are_being_put_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        fs::create_dir_all(root.join(STATE_DIR_NAME)).expect("mkdir");
+        let temp = format!("a/{TEMP_PREFIX}busy.tmp");
+        write(root, &temp, "being written by another process");
+        let writing = crate::WritingLock::shared(root).expect("hold");
+        let found = walk(root, &Mutex::new(Vec::new()));
+        assert!(root.join(&temp).exists(), "removed while being written");
+        assert!(!found.iter().any(|(path, _)| path.contains(TEMP_PREFIX)));
+        drop(writing);
+        walk(root, &Mutex::new(Vec::new()));
+        assert!(!root.join(&temp).exists(), "a left-over is removed");
     }
 
     #[test]
