@@ -28,11 +28,14 @@ use shoal_protocol::{Availability, Negotiation, PeerPresence, PresenceEvent, Pre
 use crate::home::{AgentState, DeviceConfig, Home, SyncRecord, WorkspaceEntry};
 use crate::peers::{AgentCounters, Contacts, Serving};
 use crate::sync::{compact_knowledge, pull_from_peer_with, scan_workspace};
-use crate::{AgentError, DeviceIdentity, sync_workspace, sync_workspace_scanning};
+use crate::{AgentError, DeviceIdentity, SyncOptions, sync_workspace, sync_workspace_scanning};
 
 /// After a local change, how long peers that can pull directly get before the hub upload
 /// starts (they hear of it at once and usually ask within milliseconds).
 const PEERS_HEAD_START: Duration = Duration::from_millis(300);
+/// After pulling a peer's changes, how long at least this device leaves the hub to hear of
+/// them from their author before it checks the hub and uploads what it still lacks.
+const AUTHOR_UPLOADS_FIRST: Duration = Duration::from_secs(5);
 /// The longest a hub sync waits, in all, for peers' pulls to finish: pulls that keep coming
 /// must not keep the hub (and so the offline members) from the change.
 const HUB_GIVES_WAY_MAX: Duration = Duration::from_secs(20);
@@ -248,6 +251,9 @@ struct WorkspaceView {
     hub_due: Option<Instant>,
     /// Backoff after a failed hub sync.
     hub_backoff: Option<Duration>,
+    /// Until then, hub syncs upload only this device's own versions: those just pulled from
+    /// a peer are their author's to upload.
+    others_until: Option<Instant>,
 }
 
 struct Agent {
@@ -510,8 +516,13 @@ impl Agent {
                 self.pulled.insert(key, compact.to_owned());
                 self.refresh(ws);
                 if self.ours(ws) != before {
-                    // The author normally brings the hub up to date; check a moment later.
-                    self.after_change(ws, Duration::from_secs(2));
+                    // The author normally brings the hub up to date (after its peers have
+                    // pulled): check a while later, or both would upload the same versions.
+                    // Its upload takes about as long as our pull did.
+                    let wait = AUTHOR_UPLOADS_FIRST.max(started.elapsed().saturating_mul(2));
+                    self.views.entry(ws.to_owned()).or_default().others_until =
+                        Some(Instant::now() + wait);
+                    self.after_change(ws, wait);
                 }
             }
             Err(error) => {
@@ -617,14 +628,18 @@ impl Agent {
         let deadline = Instant::now() + HUB_GIVES_WAY_MAX;
         let serving = self.serving.clone();
         let give_way = move || serving.give_way(deadline);
-        let result = sync_workspace_scanning(
-            &self.device,
-            &entry,
-            &peers,
-            &NoProgress,
+        // Right after a pull from a peer, what came from it is its author's to upload.
+        let others_until = self
+            .views
+            .get(ws)
+            .and_then(|v| v.others_until)
+            .filter(|until| *until > Instant::now());
+        let options = SyncOptions {
             scan_first,
-            &give_way,
-        );
+            give_way: &give_way,
+            own_versions_only: others_until.is_some(),
+        };
+        let result = sync_workspace_scanning(&self.device, &entry, &peers, &NoProgress, &options);
         let mut record = self.home.sync_record(ws).unwrap_or_default();
         record.at = now_ns();
         match result {
@@ -648,8 +663,14 @@ impl Agent {
                 let now_ours = self.ours(ws);
                 let view = self.views.entry(ws.to_owned()).or_default();
                 view.hub = Some(report.hub_tag.clone());
-                view.hub_synced = Some((now_ours.clone(), report.hub_tag));
                 view.hub_backoff = None;
+                match others_until {
+                    // Others' versions held back: a full sync once their authors had time.
+                    Some(until) => {
+                        view.hub_due = Some(view.hub_due.map_or(until, |due| due.min(until)));
+                    }
+                    None => view.hub_synced = Some((now_ours.clone(), report.hub_tag)),
+                }
                 if now_ours != before {
                     self.announce(ws);
                 }

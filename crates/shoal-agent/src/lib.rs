@@ -22,7 +22,7 @@ pub use peers::Contacts;
 pub use shoal_client::{ClientError, HubClient, install_default_provider};
 pub use status::{ConflictSummary, RefusedSummary, WorkspaceStatus, status};
 pub use sync::{
-    SyncReport, compact_knowledge, open_folder, pull_from_peer, pull_from_peer_with,
+    SyncOptions, SyncReport, compact_knowledge, open_folder, pull_from_peer, pull_from_peer_with,
     scan_workspace, sync_workspace, sync_workspace_scanning, sync_workspace_with,
 };
 pub use tls::{DeviceIdentity, fingerprint, peer_client};

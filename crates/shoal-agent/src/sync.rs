@@ -805,20 +805,41 @@ pub fn sync_workspace_with(
     peers: &[HubClient],
     progress: &dyn Progress,
 ) -> Result<SyncReport, AgentError> {
-    sync_workspace_scanning(device, entry, peers, progress, true, &|| {})
+    sync_workspace_scanning(device, entry, peers, progress, &SyncOptions::default())
 }
 
-/// [`sync_workspace_with`], scanning the folder only when `scan_first`: a caller that watches
-/// the folder and saw nothing change since its last scan leaves it out. The upload calls
-/// `give_way` between its pieces; a caller serving peers waits there while they pull.
+/// How a hub sync fits around an agent's other work.
+pub struct SyncOptions<'a> {
+    /// Scan the folder first; a caller that watches it and saw nothing change since its last
+    /// scan leaves it out.
+    pub scan_first: bool,
+    /// Called between the upload's pieces; a caller serving peers waits there while they
+    /// pull.
+    pub give_way: &'a (dyn Fn() + Sync),
+    /// Upload only the versions this replica wrote: those it just received from a peer are
+    /// their author's to upload, and are left for a later sync.
+    pub own_versions_only: bool,
+}
+
+impl Default for SyncOptions<'_> {
+    fn default() -> Self {
+        SyncOptions {
+            scan_first: true,
+            give_way: &|| {},
+            own_versions_only: false,
+        }
+    }
+}
+
+/// [`sync_workspace_with`], fitted around other work by `options`.
 pub fn sync_workspace_scanning(
     device: &DeviceConfig,
     entry: &WorkspaceEntry,
     peers: &[HubClient],
     progress: &dyn Progress,
-    scan_first: bool,
-    give_way: &(dyn Fn() + Sync),
+    options: &SyncOptions<'_>,
 ) -> Result<SyncReport, AgentError> {
+    let scan_first = options.scan_first;
     let scan = |folder: &mut FolderReplica| -> Result<ScanReport, AgentError> {
         Ok(if scan_first {
             folder.scan(&ScanOptions::default(), progress)?
@@ -901,7 +922,7 @@ pub fn sync_workspace_scanning(
         entry,
         &hub_knowledge,
         limits,
-        give_way,
+        options,
         &mut report,
     )?;
     let remote = Remote {
@@ -1041,16 +1062,20 @@ fn upload(
     entry: &WorkspaceEntry,
     hub_knowledge: &Knowledge,
     limits: BatchLimits,
-    give_way: &(dyn Fn() + Sync),
+    options: &SyncOptions<'_>,
     report: &mut SyncReport,
 ) -> Result<(), AgentError> {
+    let give_way = options.give_way;
     let mut missing = Vec::new();
     let store = folder.store();
-    let mut withheld_refused = false;
+    let own = store.identity().replica;
+    let mut withheld = false;
     for (item, version) in store.missing_for(hub_knowledge)? {
         // A refused version stays refused until an owner lifts it; it is not offered again.
-        if store.is_refused(&version.dot)? {
-            withheld_refused = true;
+        if store.is_refused(&version.dot)?
+            || options.own_versions_only && version.dot.writer.replica != own
+        {
+            withheld = true;
         } else {
             missing.push((item, version));
         }
@@ -1067,7 +1092,7 @@ fn upload(
         .filter(|s| !s.is_empty());
     // With a version held back, the hub must not learn our whole knowledge (which includes
     // it); it learns only the dots it receives.
-    let mut failed_before = withheld_refused;
+    let mut failed_before = withheld;
     let mut refused: Vec<(ItemId, Version, String)> = Vec::new();
     for batch in plan_batches(missing, &offer, limits) {
         give_way();
