@@ -29,6 +29,7 @@ use crate::home::{AgentState, DeviceConfig, Home, SyncRecord, WorkspaceEntry};
 use crate::peers::{AgentCounters, Contacts, Serving};
 use crate::sync::{compact_knowledge, pull_from_peer_with, scan_workspace};
 use crate::{AgentError, DeviceIdentity, SyncOptions, sync_workspace, sync_workspace_scanning};
+use shoal_client::HubClient;
 
 /// After a local change, how long peers that can pull directly get before the hub upload
 /// starts (they hear of it at once and usually ask within milliseconds).
@@ -39,7 +40,6 @@ const AUTHOR_UPLOADS_FIRST: Duration = Duration::from_secs(5);
 /// The longest a hub sync waits, in all, for peers' pulls to finish: pulls that keep coming
 /// must not keep the hub (and so the offline members) from the change.
 const HUB_GIVES_WAY_MAX: Duration = Duration::from_secs(20);
-use shoal_client::HubClient;
 
 /// Settings of the daemon.
 #[derive(Clone, Debug)]

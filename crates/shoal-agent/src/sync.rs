@@ -99,6 +99,8 @@ struct HubSource<'a> {
     local: HashMap<ContentHash, (PathBuf, u64, u32)>,
     /// What the scan recorded of each of those files.
     stamps: HashMap<PathBuf, Stamp>,
+    /// How many of the batch's contents (in its order) prefetching has gone through.
+    covered: usize,
 }
 
 /// What the scan recorded of a file: while its size, modification time and inode are
@@ -172,6 +174,9 @@ fn copy_range(source: &File, mut from: u64, dest: &File, mut to: u64, len: u64) 
 const PREFETCH_CONTENT_MAX: u64 = 1 << 20;
 /// At most this much is held fetched ahead at once.
 const PREFETCH_MAX: u64 = 32 << 20;
+/// Of the next batch, while the current one is written, at most this much: the rest comes
+/// when it is the current one, so two batches' chunks are not held at once.
+const AHEAD_MAX: u64 = 4 << 20;
 
 impl<'a> HubSource<'a> {
     fn new(
@@ -193,6 +198,7 @@ impl<'a> HubSource<'a> {
             prefetched: Mutex::default(),
             local: HashMap::new(),
             stamps: HashMap::new(),
+            covered: 0,
         }
     }
 
@@ -275,22 +281,27 @@ impl<'a> HubSource<'a> {
     /// Fetches the chunks of the small contents among `contents` in bundles of a few
     /// megabytes, several at once, from the nearest holder: thousands of small files then cost
     /// a few requests. Anything not fetched here is fetched when its content is copied.
-    fn prefetch(&mut self, contents: &[ChunkedContent]) {
+    /// `budget` bounds the bytes fetched; a later call goes on where the last one stopped.
+    fn prefetch(&mut self, contents: &[ChunkedContent], budget: u64) {
         let mut total = 0u64;
         let mut uses: HashMap<ContentHash, usize> = HashMap::new();
         let mut wanted: Vec<(ContentHash, &ChunkRef)> = Vec::new();
-        'contents: for content in contents.iter().filter(|c| c.size <= PREFETCH_CONTENT_MAX) {
-            if total + content.size > PREFETCH_MAX {
-                break 'contents;
-            }
-            for chunk in &content.chunks {
-                let count = uses.entry(chunk.hash).or_default();
-                *count += 1;
-                if *count == 1 {
-                    total += u64::from(chunk.len);
-                    wanted.push((content.hash, chunk));
+        let start = self.covered.min(contents.len());
+        for content in &contents[start..] {
+            if content.size <= PREFETCH_CONTENT_MAX {
+                if total + content.size > budget {
+                    break;
+                }
+                for chunk in &content.chunks {
+                    let count = uses.entry(chunk.hash).or_default();
+                    *count += 1;
+                    if *count == 1 {
+                        total += u64::from(chunk.len);
+                        wanted.push((content.hash, chunk));
+                    }
                 }
             }
+            self.covered += 1;
         }
         if wanted.len() < 2 {
             return;
@@ -1288,7 +1299,7 @@ fn fetch_ahead<'a>(
         workspace,
         peers,
     );
-    source.prefetch(&contents);
+    source.prefetch(&contents, AHEAD_MAX);
     Ok((wire, Some(source)))
 }
 
@@ -1385,7 +1396,10 @@ fn download(
         };
         let local = local_chunks(folder, entry, &batch, &contents)?;
         let source = match fetched_ahead.take() {
-            Some(source) => source,
+            Some(mut source) => {
+                source.prefetch(&contents, PREFETCH_MAX);
+                source
+            }
             None => {
                 // This batch's contents only: cloning every list received so far for each
                 // batch held two copies of them at the end of a large download.
@@ -1396,7 +1410,7 @@ fn download(
                     &entry.id,
                     peers,
                 );
-                source.prefetch(&contents);
+                source.prefetch(&contents, PREFETCH_MAX);
                 source
             }
         }
