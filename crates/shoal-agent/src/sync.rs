@@ -1270,28 +1270,17 @@ struct Remote<'a> {
     peers: &'a [HubClient],
 }
 
-/// The batch at `next`, and a source holding its small files' chunks when its chunk lists
-/// need nothing from the replica (none held here, none an edit of one).
-fn fetch_ahead<'a>(
+/// A batch's contents and a source with its small files' chunks fetched, up to `budget`
+/// bytes (this batch's contents only: cloning every list received so far for each batch
+/// held two copies of them at the end of a large download).
+fn batch_source<'a>(
     client: &'a HubClient,
-    next: &str,
-    locations: &[Location],
+    contents: &[ChunkedContent],
+    locations: Vec<Location>,
     workspace: &'a str,
     peers: &'a [HubClient],
-) -> Result<(WireBatch, Option<HubSource<'a>>), AgentError> {
-    let wire = client.batch(next)?;
-    let mut contents = Vec::with_capacity(wire.contents.len());
-    for content in &wire.contents {
-        if content.held || content.base_hash()?.is_some() {
-            return Ok((wire, None));
-        }
-        contents.push(content.resolve(None)?);
-    }
-    let locations = if wire.locations.is_empty() {
-        locations.to_vec()
-    } else {
-        wire.locations.clone()
-    };
+    budget: u64,
+) -> HubSource<'a> {
     let mut source = HubSource::new(
         client,
         contents.iter().map(|c| (c.hash, c.clone())).collect(),
@@ -1299,8 +1288,77 @@ fn fetch_ahead<'a>(
         workspace,
         peers,
     );
-    source.prefetch(&contents, AHEAD_MAX);
-    Ok((wire, Some(source)))
+    source.prefetch(contents, budget);
+    source
+}
+
+/// Where a batch's content is fetched from: its own locations, else those given before.
+fn batch_locations(wire: &WireBatch, before: &[Location]) -> Vec<Location> {
+    if wire.locations.is_empty() {
+        before.to_vec()
+    } else {
+        wire.locations.clone()
+    }
+}
+
+/// The chunk lists of a batch's contents, some taken from the replica (held here, or the
+/// base of an edit).
+fn resolve_contents(
+    folder: &FolderReplica,
+    wire: &WireBatch,
+) -> Result<Vec<ChunkedContent>, AgentError> {
+    let mut contents = Vec::with_capacity(wire.contents.len());
+    for content in &wire.contents {
+        contents.push(if content.held {
+            // We said we hold its chunk list.
+            let hash = shoal_protocol::parse_hash(&content.hash)?;
+            folder.store().content(&hash)?.ok_or_else(|| {
+                AgentError::Protocol(format!("content {hash} came without its chunk list"))
+            })?
+        } else {
+            // An edit of a list we hold (a large file changed in a few places).
+            let base = match content.base_hash()? {
+                Some(base) => folder.store().content(&base)?,
+                None => None,
+            };
+            content.resolve(base.as_ref())?
+        });
+    }
+    Ok(contents)
+}
+
+/// The next batch, fetched while the current one is written.
+struct Ahead<'a> {
+    wire: WireBatch,
+    /// Its contents and a source with part of their chunks, when its chunk lists need
+    /// nothing from the replica (none held here, none an edit of one).
+    fetched: Option<(Vec<ChunkedContent>, HubSource<'a>)>,
+}
+
+fn fetch_ahead<'a>(
+    client: &'a HubClient,
+    next: &str,
+    locations: &[Location],
+    workspace: &'a str,
+    peers: &'a [HubClient],
+) -> Result<Ahead<'a>, AgentError> {
+    let wire = client.batch(next)?;
+    let mut contents = Vec::with_capacity(wire.contents.len());
+    for content in &wire.contents {
+        if content.held || content.base_hash()?.is_some() {
+            return Ok(Ahead {
+                wire,
+                fetched: None,
+            });
+        }
+        contents.push(content.resolve(None)?);
+    }
+    let locations = batch_locations(&wire, locations);
+    let source = batch_source(client, &contents, locations, workspace, peers, AHEAD_MAX);
+    Ok(Ahead {
+        wire,
+        fetched: Some((contents, source)),
+    })
 }
 
 fn download(
@@ -1364,57 +1422,36 @@ fn download(
     let mut wire = response.batch;
     let mut all_contents: HashMap<ContentHash, ChunkedContent> = HashMap::new();
     let mut results = Vec::new();
-    let mut locations = wire.locations.clone();
-    // The next batch's chunks, fetched while this one was written.
-    let mut fetched_ahead: Option<HubSource> = None;
+    let mut locations: Vec<Location> = Vec::new();
+    // The next batch's contents and chunks, fetched while this one was written.
+    let mut fetched_ahead: Option<(Vec<ChunkedContent>, HubSource)> = None;
     let mut batch_started = std::time::Instant::now();
     loop {
         let batch = batch_from_wire(&wire)?;
-        let mut contents = Vec::new();
-        for content in &wire.contents {
-            let content = if content.held {
-                // We said we hold its chunk list.
-                let hash = shoal_protocol::parse_hash(&content.hash)?;
-                folder.store().content(&hash)?.ok_or_else(|| {
-                    AgentError::Protocol(format!("content {hash} came without its chunk list"))
-                })?
-            } else {
-                // An edit of a list we hold (a large file changed in a few places).
-                let base = match content.base_hash()? {
-                    Some(base) => folder.store().content(&base)?,
-                    None => None,
-                };
-                content.resolve(base.as_ref())?
-            };
-            all_contents.insert(content.hash, content.clone());
-            contents.push(content);
-        }
-        locations = if wire.locations.is_empty() {
-            locations
-        } else {
-            wire.locations.clone()
-        };
-        let local = local_chunks(folder, entry, &batch, &contents)?;
-        let source = match fetched_ahead.take() {
-            Some(mut source) => {
+        locations = batch_locations(&wire, &locations);
+        let (contents, source) = match fetched_ahead.take() {
+            Some((contents, mut source)) => {
                 source.prefetch(&contents, PREFETCH_MAX);
-                source
+                (contents, source)
             }
             None => {
-                // This batch's contents only: cloning every list received so far for each
-                // batch held two copies of them at the end of a large download.
-                let mut source = HubSource::new(
+                let contents = resolve_contents(folder, &wire)?;
+                let source = batch_source(
                     client,
-                    contents.iter().map(|c| (c.hash, c.clone())).collect(),
+                    &contents,
                     locations.clone(),
                     &entry.id,
                     peers,
+                    PREFETCH_MAX,
                 );
-                source.prefetch(&contents, PREFETCH_MAX);
-                source
+                (contents, source)
             }
+        };
+        for content in &contents {
+            all_contents.insert(content.hash, content.clone());
         }
-        .with_local(local);
+        let local = local_chunks(folder, entry, &batch, &contents)?;
+        let source = source.with_local(local);
         let fetched_at = std::time::Instant::now();
         // The next batch is asked for, and its small files' chunks fetched, while this one
         // is written: the sender reads while the receiver writes.
@@ -1464,9 +1501,9 @@ fn download(
         batch_started = std::time::Instant::now();
         match ahead {
             Some(ahead) => {
-                let (next_wire, source) = ahead?;
-                wire = next_wire;
-                fetched_ahead = source;
+                let ahead = ahead?;
+                wire = ahead.wire;
+                fetched_ahead = ahead.fetched;
             }
             None => break,
         }

@@ -3,8 +3,9 @@
 //! Content for incoming versions is first staged under `.shoal/tmp` and flushed, before the
 //! batch is committed to the database; then each staged copy is moved to its target (a second
 //! path with the same content gets a copy under a temporary name beside it, flushed once for
-//! all of them), each only if the target is still as it was last recorded. A crash at any point leaves either the
-//! old file or the complete new one, and the next scan adopts what was already put in place.
+//! all of them), each only if the target is still as it was last recorded. A crash at any
+//! point leaves either the old file or the complete new one, and the next scan adopts what was
+//! already put in place.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
@@ -200,7 +201,7 @@ impl FolderReplica {
         let mut report = MaterializeReport::default();
         let started = std::time::Instant::now();
         // Our temporary files beside their targets are not a concurrent scan's to remove.
-        let _writing = self.writing()?;
+        let _writing = crate::WritingLock::shared(&self.root)?;
         let items = self.store.load_items()?;
         tracing::debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,

@@ -148,12 +148,6 @@ impl FolderReplica {
         self.root.join(STATE_DIR_NAME).join(STATE_DB)
     }
 
-    /// The shared hold every process putting files in place takes, waiting for a scan that
-    /// is removing stray temporary files to finish its walk.
-    pub(crate) fn writing(&self) -> Result<WritingLock, FolderError> {
-        WritingLock::shared(&self.root)
-    }
-
     pub(crate) fn staging_dir(&self) -> PathBuf {
         self.root.join(STATE_DIR_NAME).join("tmp")
     }
