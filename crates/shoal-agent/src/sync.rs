@@ -18,7 +18,7 @@ use shoal_protocol::{
     TransferStatus, WireBatch, WireContent, WireDot, WireKnowledge, WireLimits, hex16, hex32,
     parse_item,
 };
-use shoal_store::{ChunkRef, ChunkedContent};
+use shoal_store::{ChunkRef, ChunkedContent, ContentIndex};
 
 use crate::AgentError;
 use crate::home::{DeviceConfig, WorkspaceEntry};
@@ -101,6 +101,8 @@ struct HubSource<'a> {
     stamps: HashMap<PathBuf, Stamp>,
     /// How many of the batch's contents (in its order) prefetching has gone through.
     covered: usize,
+    /// Where chunk lists not in `contents` are looked up (the replica's own store).
+    index: Option<ContentIndex>,
 }
 
 /// What the scan recorded of a file: while its size, modification time and inode are
@@ -198,6 +200,7 @@ impl<'a> HubSource<'a> {
             prefetched: Mutex::default(),
             local: HashMap::new(),
             stamps: HashMap::new(),
+            index: None,
             covered: 0,
         }
     }
@@ -509,8 +512,19 @@ impl ContentSource for HubSource<'_> {
     /// file is the content named `hash`.
     fn copy_to(&self, hash: &ContentHash, dest: &std::path::Path) -> bool {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-        let Some(content) = self.contents.get(hash) else {
-            return false;
+        let looked_up;
+        let content = match self.contents.get(hash) {
+            Some(content) => content,
+            None => {
+                looked_up = self
+                    .index
+                    .as_ref()
+                    .and_then(|i| i.content(hash).ok().flatten());
+                match &looked_up {
+                    Some(content) => content,
+                    None => return false,
+                }
+            }
         };
         let Ok(file) = File::create(dest) else {
             return false;
@@ -1420,7 +1434,6 @@ fn download(
     }
     let mut session = Receiving::new();
     let mut wire = response.batch;
-    let mut all_contents: HashMap<ContentHash, ChunkedContent> = HashMap::new();
     let mut results = Vec::new();
     let mut locations: Vec<Location> = Vec::new();
     // The next batch's contents and chunks, fetched while this one was written.
@@ -1447,9 +1460,6 @@ fn download(
                 (contents, source)
             }
         };
-        for content in &contents {
-            all_contents.insert(content.hash, content.clone());
-        }
         let local = local_chunks(folder, entry, &batch, &contents)?;
         let source = source.with_local(local);
         let fetched_at = std::time::Instant::now();
@@ -1520,7 +1530,10 @@ fn download(
         "download: applied"
     );
     if folder.store().needs_materialize()? {
-        let source = HubSource::new(client, all_contents, locations, &entry.id, peers);
+        // Chunk lists come from the store, where each batch recorded them: holding every list
+        // received would cost memory in proportion to the whole download.
+        let mut source = HubSource::new(client, HashMap::new(), locations, &entry.id, peers);
+        source.index = Some(folder.content_index()?);
         report.materialize = folder.materialize(Some(&source), progress)?;
         report.bytes_from_peers += source.from_peers.into_inner();
         report.bytes_from_hub += source.from_hub.into_inner();
@@ -1603,6 +1616,39 @@ mod tests {
             .set_modified(later)?;
         assert_ne!(Stamp::of(&File::open(&held)?), as_scanned);
         assert!(!copy_from_local(&held, &content, as_scanned, &dest)?);
+        Ok(())
+    }
+
+    #[test]
+    fn a_content_whose_list_is_not_in_memory_is_found_in_the_store()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().join("folder");
+        std::fs::create_dir(&root)?;
+        let held = root.join("held.bin");
+        let bytes = noise(3 << 20, 12);
+        std::fs::write(&held, &bytes)?;
+        let mut folder = FolderReplica::open(&root, "d")?;
+        folder.scan(
+            &shoal_folder::ScanOptions::default(),
+            &shoal_folder::NoProgress,
+        )?;
+        let content = shoal_store::chunk_bytes(&bytes);
+        let mut local = LocalChunks::default();
+        for chunk in &content.chunks {
+            local
+                .chunks
+                .insert(chunk.hash, (held.clone(), chunk.offset, chunk.len));
+        }
+        // Nothing listens at the hub's address: every chunk must come from the held file.
+        let client = HubClient::new("http://127.0.0.1:9", None)?;
+        let mut source =
+            HubSource::new(&client, HashMap::new(), Vec::new(), "w", &[]).with_local(local);
+        let dest = dir.path().join("dest.bin");
+        assert!(!source.copy_to(&content.hash, &dest));
+        source.index = Some(folder.content_index()?);
+        assert!(source.copy_to(&content.hash, &dest));
+        assert_eq!(std::fs::read(&dest)?, bytes);
         Ok(())
     }
 }

@@ -82,6 +82,9 @@ impl Knowledge {
         let index = match self.writers.binary_search_by(|(w, _)| w.cmp(&writer)) {
             Ok(index) => index,
             Err(index) => {
+                // Exactly one more: a knowledge has a handful of writers, and a tree holds one
+                // per version (a doubling would leave most of each allocation unused).
+                self.writers.reserve_exact(1);
                 self.writers.insert(index, (writer, Seen::default()));
                 index
             }
@@ -215,6 +218,8 @@ impl Knowledge {
     pub fn decode(input: &mut Decoder<'_>) -> Result<Knowledge, DecodeError> {
         let mut knowledge = Knowledge::new();
         let count = input.length()?;
+        // Bounded by the input's length; exact, as a tree decodes one knowledge per record.
+        knowledge.writers.reserve_exact(count);
         for _ in 0..count {
             let writer = input.writer()?;
             let mut seen = Seen {

@@ -21,9 +21,10 @@ pub enum Role {
     ConflictCopy,
 }
 
-/// One path of the tree.
+/// One path of the tree. It borrows its version from the item states it was laid out from:
+/// a large tree is laid out on every sync, and a copy of each version would double it.
 #[derive(Clone, PartialEq, Eq, Debug)]
-pub struct Placement {
+pub struct Placement<'a> {
     /// Slash-separated path relative to the workspace root.
     pub path: String,
     /// The item shown.
@@ -31,7 +32,7 @@ pub struct Placement {
     /// Winner or conflict copy.
     pub role: Role,
     /// The version whose content appears at the path.
-    pub version: Version,
+    pub version: &'a Version,
 }
 
 /// Something the layout had to decide that a person may want to know about.
@@ -73,9 +74,9 @@ pub enum LayoutNote {
 
 /// The whole tree: placements sorted by path, and the notes explaining unusual ones.
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
-pub struct Layout {
+pub struct Layout<'a> {
     /// Every path, sorted.
-    pub placements: Vec<Placement>,
+    pub placements: Vec<Placement<'a>>,
     /// Decisions worth reporting, in item order.
     pub notes: Vec<LayoutNote>,
 }
@@ -97,8 +98,9 @@ const SHOWN: u8 = 2;
 ///
 /// Items are addressed by dense indices after one hash lookup each, so the whole layout is a
 /// few passes over arrays: it runs on every sync that changes anything.
-pub fn layout<'a>(items: impl IntoIterator<Item = (&'a ItemId, &'a ItemState)>) -> Layout {
-    let mut list: Vec<(ItemId, &ItemState)> = items.into_iter().map(|(id, s)| (*id, s)).collect();
+pub fn layout<'a>(items: impl IntoIterator<Item = (&'a ItemId, &'a ItemState)>) -> Layout<'a> {
+    let mut list: Vec<(ItemId, &'a ItemState)> =
+        items.into_iter().map(|(id, s)| (*id, s)).collect();
     list.sort_by_key(|(id, _)| *id);
     list.dedup_by_key(|(id, _)| *id);
     let count = list.len();
@@ -253,7 +255,7 @@ pub fn layout<'a>(items: impl IntoIterator<Item = (&'a ItemId, &'a ItemState)>) 
                 path: path.clone(),
                 item: id,
                 role: Role::Main,
-                version: state.winner().clone(),
+                version: state.winner(),
             });
             for (loser, name) in
                 copy_losers(state).zip(copy_names.get(&child).into_iter().flatten())
@@ -262,7 +264,7 @@ pub fn layout<'a>(items: impl IntoIterator<Item = (&'a ItemId, &'a ItemState)>) 
                     path: join(name),
                     item: id,
                     role: Role::ConflictCopy,
-                    version: loser.clone(),
+                    version: loser,
                 });
             }
             if state.winner().entry.kind == ItemKind::Directory {
@@ -270,7 +272,8 @@ pub fn layout<'a>(items: impl IntoIterator<Item = (&'a ItemId, &'a ItemState)>) 
             }
         }
     }
-    placements.sort_by(|a, b| a.path.cmp(&b.path));
+    // Paths are unique, so an unstable sort gives the same order without a merge buffer.
+    placements.sort_unstable_by(|a, b| a.path.cmp(&b.path));
     Layout { placements, notes }
 }
 

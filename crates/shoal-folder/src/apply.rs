@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use shoal_core::{ContentHash, ItemId, ItemKind, Placement, Role, TEMP_PREFIX, Version, layout};
 use shoal_store::LocalFile;
 
-use crate::scan::{same_stat, stat};
+use crate::scan::{Found, same_stat, stat};
 use crate::{FolderError, FolderReplica, Progress, Skipped, io_error};
 
 /// Where content for a hash can be read from, besides the replica itself.
@@ -59,13 +59,77 @@ fn stat_matches(path: &Path, recorded: &LocalFile) -> bool {
     matches!(stat(path), Ok(Some(found)) if same_stat(&found, recorded))
 }
 
-/// A file waiting to be put in place: a temporary copy beside its target, or (`staged`) the
-/// staged copy itself, moved in.
+/// A file waiting to be put in place: the staged copy itself, moved in, or a temporary copy
+/// beside its target.
 struct Ready<'a> {
-    path: &'a String,
-    from: PathBuf,
-    staged: bool,
-    want: &'a Placement,
+    want: &'a Placement<'a>,
+    from: ReadyFrom,
+}
+
+enum ReadyFrom {
+    /// The staged copy of this content (named by the hash, so a large first sync does not
+    /// hold one path per file).
+    Staged(ContentHash),
+    Temp(PathBuf),
+}
+
+/// The layout's placements, sorted by path (as the layout gives them).
+struct Desired<'a>(Vec<Placement<'a>>);
+
+impl<'a> Desired<'a> {
+    fn get(&self, path: &str) -> Option<&Placement<'a>> {
+        self.0
+            .binary_search_by(|p| p.path.as_str().cmp(path))
+            .ok()
+            .map(|index| &self.0[index])
+    }
+}
+
+/// A record to write once the files are in place. A file just placed refers to its
+/// placement instead of holding a copy of its version history: a first sync writes one record
+/// per file.
+enum NewRecord<'a> {
+    Kept(Box<LocalFile>),
+    Placed {
+        want: &'a Placement<'a>,
+        found: Found,
+    },
+}
+
+impl NewRecord<'_> {
+    fn path(&self) -> &str {
+        match self {
+            NewRecord::Kept(file) => &file.path,
+            NewRecord::Placed { want, .. } => &want.path,
+        }
+    }
+
+    fn content(&self) -> Option<ContentHash> {
+        match self {
+            NewRecord::Kept(file) => file.content,
+            NewRecord::Placed { want, .. } => want.version.entry.content,
+        }
+    }
+
+    fn write(&self, tx: &mut shoal_store::Transaction<'_>) -> Result<(), FolderError> {
+        match self {
+            NewRecord::Kept(file) => tx.put_local_file(file)?,
+            NewRecord::Placed { want, found } => tx.put_local_file(&LocalFile {
+                path: want.path.clone(),
+                item: want.item,
+                role: want.role,
+                dot: want.version.dot,
+                history: want.version.history(),
+                kind: found.kind,
+                content: want.version.entry.content,
+                size: found.size,
+                mtime_ns: found.mtime_ns,
+                inode: found.inode,
+                executable: found.executable,
+            })?,
+        }
+        Ok(())
+    }
 }
 
 /// Gives `path` the modification time and mode of `version` (`mode` is the current one, when
@@ -221,17 +285,13 @@ impl FolderReplica {
                 });
             }
         }
-        let desired: BTreeMap<String, Placement> = tree
-            .placements
-            .into_iter()
-            .map(|p| (p.path.clone(), p))
-            .collect();
+        let desired = Desired(tree.placements);
         let mut recorded = self.store.local_files()?;
         tracing::debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "materialize: loaded records"
         );
-        let mut new_records: Vec<LocalFile> = Vec::new();
+        let mut new_records: Vec<NewRecord> = Vec::new();
         let mut removed_records: Vec<String> = Vec::new();
 
         let matches = |want: &Placement, have: &LocalFile| {
@@ -242,21 +302,23 @@ impl FolderReplica {
                     || want.version.entry.content == have.content
                         && want.version.entry.executable == have.executable)
         };
-        let main_path: HashMap<(ItemId, Role), &String> = desired
+        // Where each folder is wanted (only folders move as a whole).
+        let folder_path: HashMap<ItemId, &String> = desired
+            .0
             .iter()
-            .filter(|(_, p)| p.role == Role::Main)
-            .map(|(path, p)| ((p.item, p.role), path))
+            .filter(|p| p.role == Role::Main && p.version.entry.kind == ItemKind::Directory)
+            .map(|p| (p.item, &p.path))
             .collect();
 
         // Records whose version changed but whose content did not: bookkeeping only.
-        for (path, want) in &desired {
+        for want in &desired.0 {
             if let Some(have) = recorded
-                .get_mut(path)
+                .get_mut(&want.path)
                 .filter(|have| matches(want, have) && have.dot != want.version.dot)
             {
                 have.dot = want.version.dot;
                 have.history = want.version.history();
-                new_records.push(have.clone());
+                new_records.push(NewRecord::Kept(Box::new(have.clone())));
             }
         }
 
@@ -269,12 +331,7 @@ impl FolderReplica {
                     .get(&have.path)
                     .is_some_and(|want| matches(want, have))
             })
-            .filter_map(|have| {
-                Some((
-                    have.path.clone(),
-                    (*main_path.get(&(have.item, Role::Main))?).clone(),
-                ))
-            })
+            .filter_map(|have| Some((have.path.clone(), (*folder_path.get(&have.item)?).clone())))
             .collect();
         folder_moves.sort_by_key(|(from, _)| from.matches('/').count());
         for (from, to) in folder_moves {
@@ -301,14 +358,15 @@ impl FolderReplica {
                     let new_path = format!("{to}{}", &old[from.len()..]);
                     removed_records.push(old);
                     file.path = new_path.clone();
-                    new_records.push(file.clone());
+                    new_records.push(NewRecord::Kept(Box::new(file.clone())));
                     recorded.insert(new_path, file);
                 }
             }
         }
 
         // 2. New folders, parents first.
-        for (path, want) in &desired {
+        for want in &desired.0 {
+            let path = &want.path;
             if want.version.entry.kind != ItemKind::Directory
                 || recorded.get(path).is_some_and(|h| matches(want, h))
             {
@@ -347,28 +405,41 @@ impl FolderReplica {
                     executable: found.executable,
                 };
                 recorded.insert(path.clone(), file.clone());
-                new_records.push(file);
+                new_records.push(NewRecord::Kept(Box::new(file)));
             }
         }
 
         // 3. Files: renames where the content is already here under another path, otherwise
         //    a temporary copy beside the target.
-        let wanted_files: Vec<(&String, &Placement)> = desired
+        let wanted_files: Vec<&Placement> = desired
+            .0
             .iter()
-            .filter(|(path, want)| {
+            .filter(|want| {
                 want.version.entry.kind == ItemKind::File
-                    && !recorded.get(*path).is_some_and(|h| matches(want, h))
+                    && !recorded.get(&want.path).is_some_and(|h| matches(want, h))
             })
             .collect();
-        // Where each wanted content is already on disk (only those: most records are not).
-        let mut by_hash: HashMap<ContentHash, Vec<String>> = wanted_files
-            .iter()
-            .filter_map(|(_, want)| want.version.entry.content)
-            .map(|hash| (hash, Vec::new()))
-            .collect();
-        for file in recorded.values() {
-            if let Some(paths) = file.content.and_then(|hash| by_hash.get_mut(&hash)) {
-                paths.push(file.path.clone());
+        // Where each wanted content is already on disk. Keyed by whichever side is smaller:
+        // the wanted contents after a few changes, the records on a first sync.
+        let recorded_files = recorded.values().filter(|f| f.content.is_some());
+        let mut by_hash: HashMap<ContentHash, Vec<String>> = HashMap::new();
+        if recorded.len() > wanted_files.len() {
+            by_hash.extend(
+                wanted_files
+                    .iter()
+                    .filter_map(|want| want.version.entry.content)
+                    .map(|hash| (hash, Vec::new())),
+            );
+            for file in recorded_files {
+                if let Some(paths) = file.content.and_then(|hash| by_hash.get_mut(&hash)) {
+                    paths.push(file.path.clone());
+                }
+            }
+        } else {
+            for file in recorded_files {
+                if let Some(hash) = file.content {
+                    by_hash.entry(hash).or_default().push(file.path.clone());
+                }
             }
         }
         // Where each item is recorded, so a rename is found without a pass over every record
@@ -389,9 +460,10 @@ impl FolderReplica {
         let mut present_dirs: HashSet<&str> = HashSet::new();
         progress.start(
             "write",
-            wanted_files.iter().map(|(_, w)| w.version.entry.size).sum(),
+            wanted_files.iter().map(|w| w.version.entry.size).sum(),
         );
-        for (path, want) in &wanted_files {
+        for want in wanted_files {
+            let path = &want.path;
             let target = self.absolute(path);
             let Some(hash) = want.version.entry.content else {
                 continue;
@@ -399,7 +471,7 @@ impl FolderReplica {
             let dir = self.absolute(parent_path(path));
             if !present_dirs.contains(parent_path(path)) && !dir.is_dir() {
                 report.skipped.push(Skipped {
-                    path: (*path).clone(),
+                    path: path.clone(),
                     reason: "its folder could not be created".into(),
                 });
                 continue;
@@ -413,7 +485,7 @@ impl FolderReplica {
                 .filter_map(|candidate| recorded.get(candidate))
                 .find(|have| {
                     have.content == Some(hash)
-                        && have.path != **path
+                        && have.path != *path
                         && !desired.get(&have.path).is_some_and(|w| matches(w, have))
                 });
             if let Some(old) = old.cloned() {
@@ -426,7 +498,7 @@ impl FolderReplica {
                     if let Some(paths) = by_hash.get_mut(&hash) {
                         paths.retain(|p| *p != old.path);
                     }
-                    new_records.push(self.record_for(path, want)?);
+                    new_records.push(self.record_for(want)?);
                     continue;
                 }
             }
@@ -442,13 +514,11 @@ impl FolderReplica {
                 && meta.nlink() == 1
                 && taken.insert(hash)
             {
-                set_times_and_mode(&staged, &want.version, Some(meta.mode()))?;
+                set_times_and_mode(&staged, want.version, Some(meta.mode()))?;
                 progress.advance(want.version.entry.size);
                 ready.push(Ready {
-                    path,
-                    from: staged,
-                    staged: true,
                     want,
+                    from: ReadyFrom::Staged(hash),
                 });
                 continue;
             }
@@ -466,24 +536,22 @@ impl FolderReplica {
                         && stat_matches(&from, have)
                 }) || ready.iter().any(|earlier| {
                     earlier.want.version.entry.content == Some(hash)
-                        && fs::copy(&earlier.from, &temp).is_ok()
+                        && fs::copy(self.ready_source(earlier), &temp).is_ok()
                 }) || fallback.is_some_and(|source| source.copy_to(&hash, &temp))
             };
             if !copied {
                 let _ = fs::remove_file(&temp);
                 report.skipped.push(Skipped {
-                    path: (*path).clone(),
+                    path: path.clone(),
                     reason: "content not available yet".into(),
                 });
                 continue;
             }
-            set_times_and_mode(&temp, &want.version, None)?;
+            set_times_and_mode(&temp, want.version, None)?;
             progress.advance(want.version.entry.size);
             ready.push(Ready {
-                path,
-                from: temp,
-                staged: false,
                 want,
+                from: ReadyFrom::Temp(temp),
             });
         }
         progress.finish();
@@ -492,7 +560,12 @@ impl FolderReplica {
         }
 
         // 4. Removals: what is recorded but no longer wanted, files first, deepest first.
-        let ready_paths: HashSet<&str> = ready.iter().map(|r| r.path.as_str()).collect();
+        // `ready` follows the layout's path order.
+        let is_ready = |path: &str| {
+            ready
+                .binary_search_by(|r| r.want.path.as_str().cmp(path))
+                .is_ok()
+        };
         let mut unwanted: Vec<LocalFile> = recorded
             .values()
             .filter(|have| {
@@ -500,7 +573,7 @@ impl FolderReplica {
                     .get(&have.path)
                     .is_some_and(|want| matches(want, have))
             })
-            .filter(|have| !ready_paths.contains(have.path.as_str()))
+            .filter(|have| !is_ready(&have.path))
             .cloned()
             .collect();
         unwanted.sort_by_key(|f| {
@@ -542,13 +615,9 @@ impl FolderReplica {
         // 5. Put the new files in place, if their targets are as recorded. A path with nothing
         //    recorded must still be empty: the rename refuses to replace what appeared.
         let removed: HashSet<&str> = removed_records.iter().map(String::as_str).collect();
-        for Ready {
-            path,
-            from,
-            staged,
-            want,
-        } in ready
-        {
+        for ready in &ready {
+            let (want, path) = (ready.want, &ready.want.path);
+            let from = self.ready_source(ready);
             let target = self.absolute(path);
             let replace = match recorded.get(path) {
                 Some(have) if !removed.contains(path.as_str()) => {
@@ -566,7 +635,7 @@ impl FolderReplica {
             };
             if !placed {
                 // A staged copy stays for a later run; a temporary one goes.
-                if !staged {
+                if matches!(ready.from, ReadyFrom::Temp(_)) {
                     let _ = fs::remove_file(&from);
                 }
                 report.skipped.push(Skipped {
@@ -577,7 +646,7 @@ impl FolderReplica {
             }
             report.written += 1;
             report.bytes += want.version.entry.size;
-            new_records.push(self.record_for(path, want)?);
+            new_records.push(self.record_for(want)?);
         }
         if report.written + report.renamed + report.deleted + report.folders > 0 {
             flush_filesystem(&self.root)?;
@@ -588,9 +657,9 @@ impl FolderReplica {
             tx.remove_local_file(path)?;
         }
         // In key order, as the table is; a later record of a path still wins.
-        new_records.sort_by(|a, b| a.path.cmp(&b.path));
-        for file in &new_records {
-            tx.put_local_file(file)?;
+        let order = crate::path_order(&new_records, NewRecord::path);
+        for index in &order {
+            new_records[*index].write(&mut tx)?;
         }
         // Anything left undone (content missing, a path in the way) is retried next run.
         tx.set_needs_materialize(!report.skipped.is_empty())?;
@@ -600,43 +669,43 @@ impl FolderReplica {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "materialize: committed"
         );
-        // What each path holds now, from the records in hand rather than reloading them all.
-        let written: HashMap<&str, Option<ContentHash>> = new_records
-            .iter()
-            .map(|f| (f.path.as_str(), f.content))
-            .collect();
-        self.clear_staging(&desired, |path| match written.get(path) {
-            Some(content) => Some(*content),
+        // What each path holds now, from the records in hand rather than reloading them all
+        // (the last record of a path in `order` is the one written).
+        let written = |path: &str| {
+            let end = order.partition_point(|index| new_records[*index].path() <= path);
+            end.checked_sub(1)
+                .map(|last| &new_records[order[last]])
+                .filter(|record| record.path() == path)
+                .map(NewRecord::content)
+        };
+        self.clear_staging(&desired, |path| match written(path) {
+            Some(content) => Some(content),
             None if removed.contains(path) => None,
             None => recorded.get(path).map(|have| have.content),
         })?;
         Ok(report)
     }
 
-    fn record_for(&self, path: &str, want: &Placement) -> Result<LocalFile, FolderError> {
-        let absolute = self.absolute(path);
+    /// Where a ready file is moved from.
+    fn ready_source(&self, ready: &Ready) -> PathBuf {
+        match &ready.from {
+            ReadyFrom::Staged(hash) => self.staged(hash),
+            ReadyFrom::Temp(temp) => temp.clone(),
+        }
+    }
+
+    fn record_for<'p>(&self, want: &'p Placement<'p>) -> Result<NewRecord<'p>, FolderError> {
+        let absolute = self.absolute(&want.path);
         let found = stat(&absolute)?
             .ok_or_else(|| io_error(&absolute)(std::io::ErrorKind::NotFound.into()))?;
-        Ok(LocalFile {
-            path: path.to_owned(),
-            item: want.item,
-            role: want.role,
-            dot: want.version.dot,
-            history: want.version.history(),
-            kind: found.kind,
-            content: want.version.entry.content,
-            size: found.size,
-            mtime_ns: found.mtime_ns,
-            inode: found.inode,
-            executable: found.executable,
-        })
+        Ok(NewRecord::Placed { want, found })
     }
 
     /// Removes staged content no placement still waits for, and stray temporary files.
     /// `holds(path)` is the content recorded at a path (`None` when nothing is recorded there).
     fn clear_staging(
         &self,
-        desired: &BTreeMap<String, Placement>,
+        desired: &Desired,
         holds: impl Fn(&str) -> Option<Option<ContentHash>>,
     ) -> Result<(), FolderError> {
         let dir = self.staging_dir();
@@ -648,7 +717,8 @@ impl FolderReplica {
             return Ok(());
         }
         let waiting: HashSet<String> = desired
-            .values()
+            .0
+            .iter()
             .filter(|p| holds(&p.path).is_none_or(|content| content != p.version.entry.content))
             .filter_map(|p| p.version.entry.content.map(|h| h.to_string()))
             .collect();

@@ -174,3 +174,12 @@ pub(crate) fn now_ns() -> i64 {
         .map(|d| d.as_nanos() as i64)
         .unwrap_or(0)
 }
+
+/// The indices of `records` in path order, records of one path in the order given (the last
+/// is the one a table keyed by path keeps). Sorting indices, not records: a stable sort of
+/// tens of thousands of records would copy half of them into a buffer first.
+pub(crate) fn path_order<T>(records: &[T], path: impl Fn(&T) -> &str) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..records.len()).collect();
+    order.sort_by(|a, b| path(&records[*a]).cmp(path(&records[*b])));
+    order
+}

@@ -64,8 +64,13 @@ impl FolderReplica {
     pub fn content_source(&self) -> Result<FolderSource, FolderError> {
         Ok(FolderSource {
             root: self.root().to_path_buf(),
-            index: ContentIndex::open(&self.state_db())?,
+            index: self.content_index()?,
         })
+    }
+
+    /// A read-only view of this replica's recorded files and chunk lists, for other threads.
+    pub fn content_index(&self) -> Result<ContentIndex, FolderError> {
+        Ok(ContentIndex::open(&self.state_db())?)
     }
 
     /// Receives every version `from` has and this replica lacks, batch by batch: content is

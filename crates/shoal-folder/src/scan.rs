@@ -581,15 +581,16 @@ impl FolderReplica {
         // Item states are read one by one, for the few items that changed.
         let mut items = StateCache::default();
         // Files put in place before a crash can only exist while the disk lags the states.
-        let desired: HashMap<String, Placement> = if self.store.needs_materialize()? {
-            layout(&self.store.load_items()?)
-                .placements
-                .into_iter()
-                .map(|p| (p.path.clone(), p))
-                .collect()
+        let laid_out = if self.store.needs_materialize()? {
+            Some(self.store.load_items()?)
         } else {
-            HashMap::new()
+            None
         };
+        let desired: HashMap<String, Placement> = laid_out
+            .iter()
+            .flat_map(|items| layout(items).placements)
+            .map(|p| (p.path.clone(), p))
+            .collect();
 
         let mut path_items: HashMap<&str, ItemId> = HashMap::new();
         path_items.insert("", ItemId::ROOT);
@@ -656,7 +657,7 @@ impl FolderReplica {
                     None => false,
                 };
                 if same && !already {
-                    records.push(record(path, want.item, &want.version, want.role, info));
+                    records.push(record(path, want.item, want.version, want.role, info));
                     if want.role == Role::Main {
                         path_items.insert(path, want.item);
                     }
@@ -842,9 +843,8 @@ impl FolderReplica {
         for content in new_contents {
             tx.put_content(content)?;
         }
-        records.sort_by(|a, b| a.path.cmp(&b.path));
-        for file in &records {
-            tx.put_local_file(file)?;
+        for index in crate::path_order(&records, |file| &file.path) {
+            tx.put_local_file(&records[index])?;
         }
         tx.commit()?;
         tracing::debug!(

@@ -245,3 +245,26 @@ fn every_kind_of_local_change_is_found_and_follows_the_recorded_version() -> Tes
     assert!(FolderReplica::open(&a, "a")?.conflicts()?.is_empty());
     Ok(())
 }
+
+#[test]
+fn a_new_replica_lays_out_only_after_it_receives_something() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    fs::create_dir_all(&a)?;
+    fs::create_dir_all(&b)?;
+    fs::write(a.join("doc.txt"), "written on a")?;
+    let mut side_a = FolderReplica::open(&a, "a")?;
+    let mut side_b = FolderReplica::open(&b, "b")?;
+    // Its own files, just scanned, are already where its layout puts them.
+    side_a.scan(&ScanOptions::default(), &NoProgress)?;
+    assert!(!side_a.store().needs_materialize()?);
+    side_b.scan(&ScanOptions::default(), &NoProgress)?;
+    assert!(!side_b.store().needs_materialize()?);
+    side_b.receive_from(&side_a, BatchLimits::default(), &NoProgress)?;
+    assert!(side_b.store().needs_materialize()?);
+    let source = side_a.content_source()?;
+    side_b.materialize(Some(&source), &NoProgress)?;
+    assert!(!side_b.store().needs_materialize()?);
+    assert_eq!(fs::read_to_string(b.join("doc.txt"))?, "written on a");
+    Ok(())
+}

@@ -267,8 +267,10 @@ impl Store {
                     "INSERT INTO meta (key, value) VALUES ('replica', ?1)",
                     params![replica.0.to_vec()],
                 )?;
+                // A new replica holds no items, so its empty layout already matches the disk:
+                // the first sync that brings nothing need not lay out what its scan recorded.
                 tx.execute(
-                    "INSERT INTO meta (key, value) VALUES ('epoch', 0), ('tick', 0)",
+                    "INSERT INTO meta (key, value) VALUES ('epoch', 0), ('tick', 0), ('dirty', 0)",
                     [],
                 )?;
                 tx.execute(
@@ -526,17 +528,7 @@ impl Store {
 
     /// The chunk list of a content, if known.
     pub fn content(&self, hash: &ContentHash) -> Result<Option<ChunkedContent>> {
-        let chunks: Option<Vec<u8>> = self
-            .conn
-            .prepare_cached("SELECT chunks FROM contents WHERE hash = ?1")?
-            .query_row(params![hash.0.to_vec()], |row| row.get(0))
-            .optional()?;
-        match chunks {
-            None => Ok(None),
-            Some(bytes) => ChunkedContent::decode_chunks(*hash, &bytes)
-                .map(Some)
-                .ok_or(StoreError::Decode(DecodeError::Invalid("chunk list"))),
-        }
+        read_content(&self.conn, hash)
     }
 
     /// What was last recorded on disk, by path.
@@ -746,8 +738,9 @@ fn local_file_with(conn: &Connection, hash: &ContentHash) -> Result<Option<Local
     }
 }
 
-/// A read-only view of a replica's recorded files by content, usable from many threads: how
-/// another replica finds where to read a chunk of content from.
+/// A read-only view of a replica's recorded files and chunk lists by content, usable from many
+/// threads: how another replica finds where to read a chunk of content from, and how a
+/// download finds a content's chunks without holding every list it received.
 pub struct ContentIndex {
     conn: std::sync::Mutex<Connection>,
 }
@@ -770,6 +763,15 @@ impl ContentIndex {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         local_file_with(&conn, hash)
     }
+
+    /// The chunk list of the content `hash`, if the store knows it.
+    pub fn content(&self, hash: &ContentHash) -> Result<Option<ChunkedContent>> {
+        let conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        read_content(&conn, hash)
+    }
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {
@@ -788,6 +790,19 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         tx.commit()?;
     }
     Ok(())
+}
+
+fn read_content(conn: &Connection, hash: &ContentHash) -> Result<Option<ChunkedContent>> {
+    let chunks: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT chunks FROM contents WHERE hash = ?1")?
+        .query_row(params![hash.0.to_vec()], |row| row.get(0))
+        .optional()?;
+    match chunks {
+        None => Ok(None),
+        Some(bytes) => ChunkedContent::decode_chunks(*hash, &bytes)
+            .map(Some)
+            .ok_or(StoreError::Decode(DecodeError::Invalid("chunk list"))),
+    }
 }
 
 fn read_item(conn: &Connection, id: &ItemId) -> Result<Option<ItemState>> {
