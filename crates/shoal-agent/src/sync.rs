@@ -1121,6 +1121,7 @@ fn upload(
     let mut refused: Vec<(ItemId, Version, String)> = Vec::new();
     for batch in plan_batches(missing, &offer, limits) {
         give_way();
+        let started = std::time::Instant::now();
         let mut contents: HashMap<ContentHash, ChunkedContent> = HashMap::new();
         for (_, version) in &batch.versions {
             let hash = version.entry.content.filter(|_| !version.entry.deleted);
@@ -1173,7 +1174,9 @@ fn upload(
             !failed_before,
         );
         let batch_id = hex16(&rand::random());
+        let asked_ms = started.elapsed().as_millis() as u64;
         let plan = client.upload_batch(&entry.id, &batch_id, &body)?;
+        let planned_ms = started.elapsed().as_millis() as u64;
         let location = plan
             .locations
             .iter()
@@ -1229,7 +1232,17 @@ fn upload(
                 transferred,
             });
         }
+        let sent_ms = started.elapsed().as_millis() as u64;
         let outcome = client.commit(&plan.commit, &CommitRequest { items: statuses })?;
+        tracing::debug!(
+            items = batch.versions.len(),
+            chunks = chunk_count,
+            asked_ms,
+            planned_ms,
+            sent_ms,
+            committed_ms = started.elapsed().as_millis() as u64,
+            "upload: batch"
+        );
         let by_dot: HashMap<Dot, &(ItemId, Version)> =
             batch.versions.iter().map(|e| (e.1.dot, e)).collect();
         for item in &outcome.items {

@@ -374,14 +374,13 @@ impl WorkspaceReplica {
                         content.size, version.entry.size
                     )));
                 }
-                let have_all = self.store.content(&hash)?.is_some()
-                    && content.chunks.iter().all(|c| self.chunks.contains(&c.hash));
-                if !have_all {
-                    let mut listed = HashSet::new();
-                    for chunk in &content.chunks {
-                        if listed.insert(chunk.hash) && !self.chunks.contains(&chunk.hash) {
-                            missing.push(hex32(&chunk.hash.0));
-                        }
+                // One pass, each chunk looked for only where one of its length is kept.
+                let mut listed = HashSet::new();
+                for chunk in &content.chunks {
+                    if listed.insert(chunk.hash)
+                        && !self.chunks.holds_listed(&chunk.hash, chunk.len)
+                    {
+                        missing.push(hex32(&chunk.hash.0));
                     }
                 }
             }
@@ -437,7 +436,7 @@ impl WorkspaceReplica {
             return Ok(false);
         }
         for chunk in &content.chunks {
-            match self.chunks.stored_len(&chunk.hash)? {
+            match self.chunks.stored_len_listed(&chunk.hash, chunk.len)? {
                 Some(len) if len == u64::from(chunk.len) => {}
                 Some(_) => {
                     self.chunks.remove(&chunk.hash)?;

@@ -260,14 +260,43 @@ impl ChunkStore {
     /// The stored length of a chunk, if it is stored: a file cut short by a power cut before
     /// its flush shows here without reading it.
     pub fn stored_len(&self, hash: &ContentHash) -> Result<Option<u64>, ChunkError> {
+        match self.small_len(hash)? {
+            Some(len) => Ok(Some(len)),
+            None => self.file_len(hash),
+        }
+    }
+
+    /// As [`ChunkStore::stored_len`] for a chunk listed with length `len`, looked for only
+    /// where a chunk of that length is kept: one lookup instead of two for a chunk that is
+    /// missing (most of them, in a first upload).
+    pub fn stored_len_listed(
+        &self,
+        hash: &ContentHash,
+        len: u32,
+    ) -> Result<Option<u64>, ChunkError> {
+        if (len as usize) < SMALL_BELOW {
+            self.small_len(hash)
+        } else {
+            self.file_len(hash)
+        }
+    }
+
+    /// Whether a chunk listed with length `len` is stored (see
+    /// [`ChunkStore::stored_len_listed`]).
+    pub fn holds_listed(&self, hash: &ContentHash, len: u32) -> bool {
+        matches!(self.stored_len_listed(hash, len), Ok(Some(_)))
+    }
+
+    fn small_len(&self, hash: &ContentHash) -> Result<Option<u64>, ChunkError> {
         let small: Option<i64> = self
             .table()?
             .prepare_cached("SELECT length(bytes) FROM small WHERE hash = ?1")?
             .query_row([&hash.0[..]], |row| row.get(0))
             .optional()?;
-        if let Some(len) = small {
-            return Ok(Some(len.unsigned_abs()));
-        }
+        Ok(small.map(i64::unsigned_abs))
+    }
+
+    fn file_len(&self, hash: &ContentHash) -> Result<Option<u64>, ChunkError> {
         let path = self.path_of(hash);
         match fs::metadata(&path) {
             Ok(meta) if meta.is_file() => Ok(Some(meta.len())),
@@ -548,6 +577,11 @@ mod tests {
         let store = ChunkStore::open(dir.path())?;
         assert!(store.contains(&small_hash) && store.contains(&large_hash));
         assert_eq!(store.stored_len(&small_hash)?, Some(4096));
+        // Listed with their lengths, each is looked for where its length puts it.
+        assert!(store.holds_listed(&small_hash, 4096));
+        assert!(store.holds_listed(&large_hash, CHUNK_MIN as u32));
+        assert!(!store.holds_listed(&small_hash, CHUNK_MIN as u32));
+        assert!(!store.holds_listed(&large_hash, 4096));
         assert_eq!(store.get(&small_hash)?, Some(small.clone()));
         assert_eq!(store.get(&large_hash)?, Some(large));
         // A small chunk that rotted in the table is dropped when found.
