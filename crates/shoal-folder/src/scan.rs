@@ -21,7 +21,7 @@ use shoal_core::{
     Entry, ItemId, ItemKind, ItemState, Knowledge, Placement, Role, STATE_DIR_NAME, TEMP_PREFIX,
     layout, validate_name,
 };
-use shoal_store::{ChunkedContent, LocalFile, LocalStat, Store, chunk_reader};
+use shoal_store::{ChunkedContent, LocalFile, LocalStat, Store, chunk_reader, rechunk_reader};
 
 use crate::{FolderError, FolderReplica, Progress, io_error, now_ns};
 
@@ -372,10 +372,21 @@ fn walk(root: &Path, skipped: &Mutex<Vec<Skipped>>) -> Vec<(String, Found)> {
     found
 }
 
-/// Hashes a file and checks it did not change while being read.
-fn hash_file(path: &Path, expected: &Found) -> Option<ChunkedContent> {
+/// From this size, a file changed in place is cut with the help of its earlier chunk list.
+const RECUT_MIN: u64 = 1 << 20;
+
+/// Hashes a file and checks it did not change while being read. `earlier` is the chunk list
+/// of what the path held before, when it may help.
+fn hash_file(
+    path: &Path,
+    expected: &Found,
+    earlier: Option<&ChunkedContent>,
+) -> Option<ChunkedContent> {
     let file = fs::File::open(path).ok()?;
-    let content = chunk_reader(file).ok()?;
+    let content = match earlier {
+        Some(earlier) => rechunk_reader(file, earlier).ok()?,
+        None => chunk_reader(file).ok()?,
+    };
     let after = found_from(&fs::symlink_metadata(path).ok()?)?;
     (after.size == expected.size
         && after.mtime_ns == expected.mtime_ns
@@ -547,12 +558,23 @@ impl FolderReplica {
             .collect();
         progress.finish();
         progress.start("hash", to_hash.iter().map(|&i| found[i].1.size).sum());
+        // A large file changed in place is mostly as it was: its earlier chunks are confirmed
+        // by their hashes, and cut points are searched for only around the change.
+        let mut earlier: HashMap<usize, ChunkedContent> = HashMap::new();
+        for &i in &to_hash {
+            let hash = record_at(i)
+                .filter(|r| r.size >= RECUT_MIN && found[i].1.size >= RECUT_MIN)
+                .and_then(|r| r.content);
+            if let Some(content) = hash.map(|h| self.store.content(&h)).transpose()?.flatten() {
+                earlier.insert(i, content);
+            }
+        }
         let root = &self.root;
         let hashed: HashMap<usize, ChunkedContent> = to_hash
             .par_iter()
             .filter_map(|&i| {
                 let (path, info) = &found[i];
-                let content = hash_file(&crate::absolute(root, path), info);
+                let content = hash_file(&crate::absolute(root, path), info, earlier.get(&i));
                 progress.advance(info.size);
                 Some((i, content?))
             })

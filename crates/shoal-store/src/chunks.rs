@@ -5,6 +5,7 @@
 //! so identical chunks are stored and moved once. The cut parameters are part of the
 //! protocol: changing them changes every chunk name, so they are frozen here.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -70,6 +71,207 @@ pub fn chunk_reader<R: Read + Send>(mut reader: R) -> io::Result<ChunkedContent>
         }
     }
     Ok(ChunkedContent::from_chunks(chunks))
+}
+
+/// Cuts `reader` exactly as [`chunk_reader`] would, given the chunk list of an earlier version
+/// of the same file (a large file edited in place). Where the earlier chunks still follow one
+/// another, their bytes are only hashed to confirm them, several at once; cut points are
+/// searched for only around what changed.
+///
+/// A FastCDC cut depends only on the bytes from its chunk's start up to and including the
+/// first byte after it (the end of the data only bounds the search). So an earlier chunk is
+/// taken as it was when its bytes and the next chunk's are unchanged (which settles that
+/// first byte), or when it was the last and the data still ends where it did.
+pub fn rechunk_reader<R: Read + Send>(
+    mut reader: R,
+    old: &ChunkedContent,
+) -> io::Result<ChunkedContent> {
+    let mut first_of: HashMap<ContentHash, usize> = HashMap::with_capacity(old.chunks.len());
+    for (index, chunk) in old.chunks.iter().enumerate() {
+        first_of.entry(chunk.hash).or_insert(index);
+    }
+    let mut state = Rechunk {
+        old,
+        first_of,
+        guess: Some(0),
+        run_max: RUN_START,
+        chunks: Vec::new(),
+        base: 0,
+    };
+    let mut data = Vec::new();
+    let mut end = fill(&mut reader, &mut data, BLOCK + CHUNK_MAX)?;
+    loop {
+        if end {
+            state.block(&data, true)?;
+            break;
+        }
+        // The next block is read while this one is cut and hashed.
+        let mut next = Vec::new();
+        let (used, read) = rayon::join(
+            || state.block(&data, false),
+            || fill(&mut reader, &mut next, BLOCK),
+        );
+        let used = used?;
+        end = read?;
+        data.drain(..used);
+        data.extend_from_slice(&next);
+    }
+    Ok(ChunkedContent::from_chunks(state.chunks))
+}
+
+/// Earlier chunks hashed at once at the start of a run of unchanged ones; doubled while they
+/// keep matching, up to `RUN_MAX`, so a changed region wastes little hashing.
+const RUN_START: usize = 2;
+const RUN_MAX: usize = 64;
+
+struct Rechunk<'a> {
+    old: &'a ChunkedContent,
+    /// The first index of each earlier chunk.
+    first_of: HashMap<ContentHash, usize>,
+    /// The earlier chunk expected next, when the last one matched.
+    guess: Option<usize>,
+    run_max: usize,
+    chunks: Vec<ChunkRef>,
+    /// Where the current block starts in the stream.
+    base: u64,
+}
+
+impl Rechunk<'_> {
+    /// Cuts `data` as far as its cuts are certain; returns how many bytes were used (all of
+    /// them when `end`, the stream having ended with this block).
+    fn block(&mut self, data: &[u8], end: bool) -> io::Result<usize> {
+        let used = self.cut_block(data, end)?;
+        self.base += used as u64;
+        Ok(used)
+    }
+
+    fn cut_block(&mut self, data: &[u8], end: bool) -> io::Result<usize> {
+        let cdc = fastcdc::v2020::FastCDC::new(data, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX);
+        let mut at = 0;
+        while at < data.len() {
+            if let Some(first) = self.guess {
+                match self.confirm_run(data, end, at, first)? {
+                    Run::Taken(next) => {
+                        at = next;
+                        continue;
+                    }
+                    Run::NeedsMore(next) => return Ok(next),
+                    Run::Changed(next) => at = next,
+                }
+                self.guess = None;
+            }
+            let left = data.len() - at;
+            if !end && left <= CHUNK_MAX {
+                return Ok(at);
+            }
+            let (_, cut) = cdc.cut(at, left);
+            if !end && cut == data.len() {
+                return Ok(at);
+            }
+            let hash = ContentHash::of(&data[at..cut]);
+            self.push(at, cut - at, hash)?;
+            self.guess = self
+                .first_of
+                .get(&hash)
+                .map(|index| index + 1)
+                .filter(|next| *next < self.old.chunks.len());
+            self.run_max = RUN_START;
+            at = cut;
+        }
+        Ok(at)
+    }
+
+    /// Hashes the earlier chunks from `first` that fit from `at` on, and takes those that are
+    /// certain to be cut as before.
+    fn confirm_run(&mut self, data: &[u8], end: bool, at: usize, first: usize) -> io::Result<Run> {
+        use rayon::prelude::*;
+        let mut run = Vec::new();
+        let mut reach = at;
+        for chunk in self.old.chunks[first..].iter().take(self.run_max) {
+            let len = chunk.len as usize;
+            if reach + len > data.len() {
+                break;
+            }
+            run.push((reach, len));
+            reach += len;
+        }
+        // More earlier chunks would have fitted: a longer run may confirm the last one.
+        let limited_by_size =
+            run.len() == self.run_max && first + run.len() < self.old.chunks.len();
+        let hashes: Vec<ContentHash> = run
+            .par_iter()
+            .map(|&(offset, len)| ContentHash::of(&data[offset..offset + len]))
+            .collect();
+        let matched = hashes
+            .iter()
+            .zip(&self.old.chunks[first..])
+            .take_while(|(hash, chunk)| **hash == chunk.hash)
+            .count();
+        for (index, &(offset, len)) in run.iter().enumerate().take(matched) {
+            let earlier = first + index;
+            let known = (data.len() - offset) as u64;
+            let old_left = self.old.size - self.old.chunks[earlier].offset;
+            // Whether the byte after it is as before (None: not known yet).
+            let followed = if index + 1 < matched {
+                Some(true)
+            } else if index + 1 < run.len() {
+                Some(false)
+            } else if earlier + 1 == self.old.chunks.len() {
+                if end || known > old_left {
+                    Some(known == old_left)
+                } else {
+                    None
+                }
+            } else {
+                None
+            };
+            match followed {
+                Some(true) => self.push(offset, len, hashes[index])?,
+                Some(false) => return Ok(Run::Changed(offset)),
+                None => {
+                    // Not known yet: a longer run from here, or the next block, settles it.
+                    self.guess = Some(earlier);
+                    return Ok(if limited_by_size && offset > at {
+                        self.run_max = (self.run_max * 2).min(RUN_MAX);
+                        Run::Taken(offset)
+                    } else if end {
+                        Run::Changed(offset)
+                    } else {
+                        Run::NeedsMore(offset)
+                    });
+                }
+            }
+        }
+        if matched == run.len() && !run.is_empty() {
+            self.guess = Some(first + run.len()).filter(|g| *g < self.old.chunks.len());
+            self.run_max = (self.run_max * 2).min(RUN_MAX);
+            return Ok(Run::Taken(reach));
+        }
+        let stop = run.get(matched).map_or(reach, |(offset, _)| *offset);
+        if run.is_empty() && !end {
+            return Ok(Run::NeedsMore(stop));
+        }
+        Ok(Run::Changed(stop))
+    }
+
+    fn push(&mut self, offset: usize, len: usize, hash: ContentHash) -> io::Result<()> {
+        self.chunks.push(ChunkRef {
+            hash,
+            offset: self.base + offset as u64,
+            len: u32::try_from(len).map_err(io::Error::other)?,
+        });
+        Ok(())
+    }
+}
+
+/// How a run of earlier chunks went; each holds where the cutting goes on.
+enum Run {
+    /// All taken, or the last waits for a longer run.
+    Taken(usize),
+    /// Something changed here: cut points are searched for from here.
+    Changed(usize),
+    /// The data ends before it is known: the rest waits for the next block.
+    NeedsMore(usize),
 }
 
 /// Fills `block` (which holds the previous block's uncut tail) and finds its cut points.
@@ -509,6 +711,111 @@ mod tests {
             out[..n].copy_from_slice(&self.0[..n]);
             self.0 = &self.0[n..];
             Ok(n)
+        }
+    }
+
+    /// `edited` cut with the help of `original`'s list, read whole and in dribbles, must be
+    /// cut exactly as it is from scratch.
+    fn assert_recut_as_from_scratch(original: &[u8], edited: &[u8], what: &str) {
+        let old = chunk_bytes(original);
+        let expected = chunk_bytes(edited);
+        assert_eq!(
+            rechunk_reader(edited, &old).ok(),
+            Some(expected.clone()),
+            "{what}"
+        );
+        assert_eq!(
+            rechunk_reader(Trickle(edited, 700_001), &old).ok(),
+            Some(expected),
+            "{what}, trickled"
+        );
+    }
+
+    #[test]
+    fn an_edited_file_is_recut_as_it_would_be_from_scratch() {
+        let original = pseudo_random(3 * BLOCK + 54_321, 21);
+        let old = chunk_bytes(&original);
+        let middle = original.len() / 2;
+        let mut cases: Vec<(&str, Vec<u8>)> = vec![("unchanged", original.clone())];
+        let mut overwritten = original.clone();
+        overwritten[middle..middle + (1 << 20)].copy_from_slice(&pseudo_random(1 << 20, 22));
+        cases.push(("a MiB overwritten", overwritten));
+        // The first byte after a chunk decides its cut: change exactly those bytes.
+        for pick in [1, old.chunks.len() / 2, old.chunks.len() - 1] {
+            let mut at_cut = original.clone();
+            at_cut[old.chunks[pick].offset as usize] ^= 0x5a;
+            cases.push(("the byte at a cut", at_cut.clone()));
+            at_cut = original.clone();
+            at_cut[old.chunks[pick].offset as usize - 1] ^= 0x5a;
+            cases.push(("the byte before a cut", at_cut));
+        }
+        let mut inserted = original.clone();
+        inserted.splice(middle..middle, pseudo_random(777, 23));
+        cases.push(("bytes inserted", inserted));
+        let mut removed = original.clone();
+        removed.drain(middle..middle + 50_000);
+        cases.push(("bytes removed", removed));
+        let mut appended = original.clone();
+        appended.extend(pseudo_random(100_000, 24));
+        cases.push(("bytes appended", appended));
+        let mut grown_a_little = original.clone();
+        grown_a_little.push(7);
+        cases.push(("one byte appended", grown_a_little));
+        for cut in [1, 1000, CHUNK_AVG - 1, CHUNK_AVG + 1, 2 * CHUNK_MAX] {
+            cases.push(("the end cut off", original[..original.len() - cut].to_vec()));
+        }
+        let mut prepended = pseudo_random(5, 25);
+        prepended.extend_from_slice(&original);
+        cases.push(("bytes prepended", prepended));
+        cases.push(("all new", pseudo_random(original.len(), 26)));
+        cases.push(("emptied", Vec::new()));
+        for (what, edited) in &cases {
+            assert_recut_as_from_scratch(&original, edited, what);
+        }
+        // Repeated content (one chunk name at many places), and zeros (no cut points).
+        let unit = pseudo_random(300_000, 27);
+        let repeated: Vec<u8> = unit.iter().copied().cycle().take(5 * BLOCK).collect();
+        let mut edited = repeated.clone();
+        edited[2 * BLOCK] ^= 1;
+        assert_recut_as_from_scratch(&repeated, &edited, "repeated content");
+        let zeros = vec![0u8; BLOCK + 3 * CHUNK_MAX];
+        let mut edited = zeros.clone();
+        edited[BLOCK] = 1;
+        assert_recut_as_from_scratch(&zeros, &edited, "zeros");
+        assert_recut_as_from_scratch(&zeros, &zeros[..zeros.len() - 10], "zeros cut short");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        #[test]
+        fn random_edits_are_recut_as_from_scratch(
+            size in 0usize..(2 * BLOCK),
+            seed in 0u64..1000,
+            edits in proptest::collection::vec((0.0f64..1.0, 0usize..3, 0usize..200_000), 0..4),
+        ) {
+            let original = pseudo_random(size, seed);
+            let mut edited = original.clone();
+            for (place, kind, len) in edits {
+                let at = (place * edited.len() as f64) as usize;
+                let fresh = pseudo_random(len, seed + len as u64);
+                match kind {
+                    0 => {
+                        let end = (at + len).min(edited.len());
+                        edited[at..end].copy_from_slice(&fresh[..end - at]);
+                    }
+                    1 => {
+                        edited.splice(at..at, fresh);
+                    }
+                    _ => {
+                        edited.drain(at..(at + len).min(edited.len()));
+                    }
+                }
+            }
+            let old = chunk_bytes(&original);
+            proptest::prop_assert_eq!(
+                rechunk_reader(&edited[..], &old).ok(),
+                Some(chunk_bytes(&edited))
+            );
         }
     }
 
