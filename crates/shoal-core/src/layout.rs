@@ -238,7 +238,7 @@ pub fn layout<'a>(items: impl IntoIterator<Item = (&'a ItemId, &'a ItemState)>) 
     }
 
     // 5. Paths, top-down.
-    let mut placements = Vec::new();
+    let mut placements = Vec::with_capacity(count);
     let mut stack: Vec<(usize, String)> = vec![(count, String::new())];
     while let Some((folder, prefix)) = stack.pop() {
         for &child in &children[folder] {

@@ -419,37 +419,43 @@ impl FolderReplica {
                     && !recorded.get(&want.path).is_some_and(|h| matches(want, h))
             })
             .collect();
-        // Where each wanted content is already on disk. Keyed by whichever side is smaller:
-        // the wanted contents after a few changes, the records on a first sync.
-        let recorded_files = recorded.values().filter(|f| f.content.is_some());
+        // Where each wanted content, and each wanted item, is recorded on disk (a copy, or a
+        // rename found without a pass over every record for each wanted file). Only those
+        // records matter: when they far outnumber the wanted files (a round of a large first
+        // sync), the maps are keyed by the wanted side and the other records pass by.
+        let recorded_files: Vec<&LocalFile> = recorded
+            .values()
+            .filter(|f| f.kind == ItemKind::File)
+            .collect();
+        let keyed_by_wanted = wanted_files.len() * 2 < recorded_files.len() * 5;
         let mut by_hash: HashMap<ContentHash, Vec<String>> = HashMap::new();
-        if recorded.len() > wanted_files.len() {
-            by_hash.extend(
-                wanted_files
-                    .iter()
-                    .filter_map(|want| want.version.entry.content)
-                    .map(|hash| (hash, Vec::new())),
-            );
-            for file in recorded_files {
-                if let Some(paths) = file.content.and_then(|hash| by_hash.get_mut(&hash)) {
-                    paths.push(file.path.clone());
+        let mut by_item: HashMap<(ItemId, Role), Vec<String>> = HashMap::new();
+        if keyed_by_wanted {
+            for want in &wanted_files {
+                if let Some(hash) = want.version.entry.content {
+                    by_hash.entry(hash).or_default();
                 }
-            }
-        } else {
-            for file in recorded_files {
-                if let Some(hash) = file.content {
-                    by_hash.entry(hash).or_default().push(file.path.clone());
-                }
+                by_item.entry((want.item, want.role)).or_default();
             }
         }
-        // Where each item is recorded, so a rename is found without a pass over every record
-        // for each wanted file (quadratic on a large first sync).
-        let mut by_item: HashMap<(ItemId, Role), Vec<String>> = HashMap::new();
-        for file in recorded.values().filter(|f| f.kind == ItemKind::File) {
-            by_item
-                .entry((file.item, file.role))
-                .or_default()
-                .push(file.path.clone());
+        for file in recorded_files {
+            let (paths_of_hash, paths_of_item) = if keyed_by_wanted {
+                (
+                    file.content.and_then(|hash| by_hash.get_mut(&hash)),
+                    by_item.get_mut(&(file.item, file.role)),
+                )
+            } else {
+                (
+                    file.content.map(|hash| by_hash.entry(hash).or_default()),
+                    Some(by_item.entry((file.item, file.role)).or_default()),
+                )
+            };
+            if let Some(paths) = paths_of_hash {
+                paths.push(file.path.clone());
+            }
+            if let Some(paths) = paths_of_item {
+                paths.push(file.path.clone());
+            }
         }
         // Waiting to be put in place (borrowing the placements: a copy of each would double
         // the layout's memory on a large first sync).
