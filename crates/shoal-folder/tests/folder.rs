@@ -8,12 +8,19 @@ use shoal_folder::{BatchLimits, FolderReplica, MirrorOptions, NoProgress, ScanOp
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-#[test]
-fn a_file_changed_after_the_scan_is_never_overwritten() -> TestResult {
+/// Two empty folders, `a` and `b`, in a temporary directory (kept alive by the first value).
+fn two_folders()
+-> Result<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     fs::create_dir_all(&a)?;
     fs::create_dir_all(&b)?;
+    Ok((dir, a, b))
+}
+
+#[test]
+fn a_file_changed_after_the_scan_is_never_overwritten() -> TestResult {
+    let (_dir, a, b) = two_folders()?;
     fs::write(a.join("doc.txt"), "v1")?;
     mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
 
@@ -48,10 +55,7 @@ fn a_file_changed_after_the_scan_is_never_overwritten() -> TestResult {
 
 #[test]
 fn a_hostile_name_from_another_replica_is_refused_and_nothing_is_written() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    fs::create_dir_all(&a)?;
-    fs::create_dir_all(&b)?;
+    let (dir, a, b) = two_folders()?;
     fs::write(a.join("fine.txt"), "ok")?;
     mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
 
@@ -248,10 +252,7 @@ fn every_kind_of_local_change_is_found_and_follows_the_recorded_version() -> Tes
 
 #[test]
 fn a_new_replica_lays_out_only_after_it_receives_something() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    fs::create_dir_all(&a)?;
-    fs::create_dir_all(&b)?;
+    let (_dir, a, b) = two_folders()?;
     fs::write(a.join("doc.txt"), "written on a")?;
     let mut side_a = FolderReplica::open(&a, "a")?;
     let mut side_b = FolderReplica::open(&b, "b")?;

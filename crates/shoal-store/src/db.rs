@@ -757,20 +757,19 @@ impl ContentIndex {
 
     /// A recorded file holding the content `hash`, if any.
     pub fn file_with(&self, hash: &ContentHash) -> Result<Option<LocalFile>> {
-        let conn = self
-            .conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        local_file_with(&conn, hash)
+        local_file_with(&self.connection(), hash)
     }
 
     /// The chunk list of the content `hash`, if the store knows it.
     pub fn content(&self, hash: &ContentHash) -> Result<Option<ChunkedContent>> {
-        let conn = self
-            .conn
+        read_content(&self.connection(), hash)
+    }
+
+    /// The connection; one read at a time (a read that panicked left nothing half done).
+    fn connection(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        read_content(&conn, hash)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
