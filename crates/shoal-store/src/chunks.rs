@@ -93,7 +93,9 @@ pub fn rechunk_reader<R: Read + Send>(
     let mut state = Rechunk {
         old,
         first_of,
-        guess: Some(0),
+        // An empty earlier list has nothing to confirm (and a run of nothing would wait for
+        // more data forever).
+        guess: Some(0).filter(|_| !old.chunks.is_empty()),
         run_max: RUN_START,
         chunks: Vec::new(),
         base: 0,
@@ -772,6 +774,7 @@ mod tests {
         for (what, edited) in &cases {
             assert_recut_as_from_scratch(&original, edited, what);
         }
+        assert_recut_as_from_scratch(&[], &original, "once empty");
         // Repeated content (one chunk name at many places), and zeros (no cut points).
         let unit = pseudo_random(300_000, 27);
         let repeated: Vec<u8> = unit.iter().copied().cycle().take(5 * BLOCK).collect();
