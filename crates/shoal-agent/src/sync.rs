@@ -213,6 +213,12 @@ impl<'a> HubSource<'a> {
         self
     }
 
+    /// Looks up in `index` the chunk lists of contents it was not given.
+    fn with_index(mut self, index: ContentIndex) -> Self {
+        self.index = Some(index);
+        self
+    }
+
     /// A chunk read from a file of this device, if one holds it unchanged (`open` keeps the
     /// files already opened).
     fn local_chunk(&self, chunk: &ChunkRef, open: &mut HashMap<PathBuf, File>) -> Option<Vec<u8>> {
@@ -1545,8 +1551,8 @@ fn download(
     if folder.store().needs_materialize()? {
         // Chunk lists come from the store, where each batch recorded them: holding every list
         // received would cost memory in proportion to the whole download.
-        let mut source = HubSource::new(client, HashMap::new(), locations, &entry.id, peers);
-        source.index = Some(folder.content_index()?);
+        let source = HubSource::new(client, HashMap::new(), locations, &entry.id, peers)
+            .with_index(folder.content_index()?);
         report.materialize = folder.materialize(Some(&source), progress)?;
         report.bytes_from_peers += source.from_peers.into_inner();
         report.bytes_from_hub += source.from_hub.into_inner();
@@ -1655,11 +1661,11 @@ mod tests {
         }
         // Nothing listens at the hub's address: every chunk must come from the held file.
         let client = HubClient::new("http://127.0.0.1:9", None)?;
-        let mut source =
+        let source =
             HubSource::new(&client, HashMap::new(), Vec::new(), "w", &[]).with_local(local);
         let dest = dir.path().join("dest.bin");
         assert!(!source.copy_to(&content.hash, &dest));
-        source.index = Some(folder.content_index()?);
+        let source = source.with_index(folder.content_index()?);
         assert!(source.copy_to(&content.hash, &dest));
         assert_eq!(std::fs::read(&dest)?, bytes);
         Ok(())

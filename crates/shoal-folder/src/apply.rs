@@ -17,7 +17,7 @@ use shoal_core::{ContentHash, ItemId, ItemKind, Placement, Role, TEMP_PREFIX, Ve
 use shoal_store::LocalFile;
 
 use crate::scan::{Found, same_stat, stat};
-use crate::{FolderError, FolderReplica, Progress, Skipped, io_error};
+use crate::{Desired, FolderError, FolderReplica, Progress, Skipped, io_error};
 
 /// Where content for a hash can be read from, besides the replica itself.
 pub trait ContentSource: Sync {
@@ -73,18 +73,6 @@ enum ReadyFrom {
     Temp(PathBuf),
 }
 
-/// The layout's placements, sorted by path (as the layout gives them).
-struct Desired<'a>(Vec<Placement<'a>>);
-
-impl<'a> Desired<'a> {
-    fn get(&self, path: &str) -> Option<&Placement<'a>> {
-        self.0
-            .binary_search_by(|p| p.path.as_str().cmp(path))
-            .ok()
-            .map(|index| &self.0[index])
-    }
-}
-
 /// A record to write once the files are in place. A file just placed refers to its
 /// placement instead of holding a copy of its version history: a first sync writes one record
 /// per file.
@@ -114,19 +102,12 @@ impl NewRecord<'_> {
     fn write(&self, tx: &mut shoal_store::Transaction<'_>) -> Result<(), FolderError> {
         match self {
             NewRecord::Kept(file) => tx.put_local_file(file)?,
-            NewRecord::Placed { want, found } => tx.put_local_file(&LocalFile {
-                path: want.path.clone(),
-                item: want.item,
-                role: want.role,
-                dot: want.version.dot,
-                history: want.version.history(),
-                kind: found.kind,
-                content: want.version.entry.content,
-                size: found.size,
-                mtime_ns: found.mtime_ns,
-                inode: found.inode,
-                executable: found.executable,
-            })?,
+            NewRecord::Placed { want, found } => tx.put_local_file(&found.record(
+                want.path.clone(),
+                want.item,
+                want.role,
+                want.version,
+            ))?,
         }
         Ok(())
     }
@@ -392,17 +373,8 @@ impl FolderReplica {
             }
             if let Some(found) = stat(&absolute)? {
                 let file = LocalFile {
-                    path: path.clone(),
-                    item: want.item,
-                    role: want.role,
-                    dot: want.version.dot,
-                    history: want.version.history(),
-                    kind: found.kind,
                     content: None,
-                    size: found.size,
-                    mtime_ns: found.mtime_ns,
-                    inode: found.inode,
-                    executable: found.executable,
+                    ..found.record(path.clone(), want.item, want.role, want.version)
                 };
                 recorded.insert(path.clone(), file.clone());
                 new_records.push(NewRecord::Kept(Box::new(file)));

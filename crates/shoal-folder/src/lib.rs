@@ -183,3 +183,15 @@ pub(crate) fn path_order<T>(records: &[T], path: impl Fn(&T) -> &str) -> Vec<usi
     order.sort_by(|a, b| path(&records[*a]).cmp(path(&records[*b])));
     order
 }
+
+/// The layout's placements, sorted by path (as the layout gives them), found by path.
+pub(crate) struct Desired<'a>(pub(crate) Vec<shoal_core::Placement<'a>>);
+
+impl<'a> Desired<'a> {
+    pub(crate) fn get(&self, path: &str) -> Option<&shoal_core::Placement<'a>> {
+        self.0
+            .binary_search_by(|p| p.path.as_str().cmp(path))
+            .ok()
+            .map(|index| &self.0[index])
+    }
+}

@@ -18,8 +18,8 @@ use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RawDir};
 use shoal_core::{
-    Entry, ItemId, ItemKind, ItemState, Knowledge, Placement, Role, STATE_DIR_NAME, TEMP_PREFIX,
-    layout, validate_name,
+    Entry, ItemId, ItemKind, ItemState, Knowledge, Role, STATE_DIR_NAME, TEMP_PREFIX, layout,
+    validate_name,
 };
 use shoal_store::{ChunkedContent, LocalFile, LocalStat, Store, chunk_reader, rechunk_reader};
 
@@ -75,6 +75,31 @@ pub(crate) struct Found {
     pub(crate) mtime_ns: i64,
     pub(crate) inode: u64,
     pub(crate) executable: bool,
+}
+
+impl Found {
+    /// The record of `path` showing `version` of `item`, as found on disk.
+    pub(crate) fn record(
+        &self,
+        path: String,
+        item: ItemId,
+        role: Role,
+        version: &shoal_core::Version,
+    ) -> LocalFile {
+        LocalFile {
+            path,
+            item,
+            role,
+            dot: version.dot,
+            history: version.history(),
+            kind: self.kind,
+            content: version.entry.content,
+            size: self.size,
+            mtime_ns: self.mtime_ns,
+            inode: self.inode,
+            executable: self.executable,
+        }
+    }
 }
 
 fn found_from(metadata: &fs::Metadata) -> Option<Found> {
@@ -608,11 +633,12 @@ impl FolderReplica {
         } else {
             None
         };
-        let desired: HashMap<String, Placement> = laid_out
-            .iter()
-            .flat_map(|items| layout(items).placements)
-            .map(|p| (p.path.clone(), p))
-            .collect();
+        let desired = crate::Desired(
+            laid_out
+                .iter()
+                .flat_map(|items| layout(items).placements)
+                .collect(),
+        );
 
         let mut path_items: HashMap<&str, ItemId> = HashMap::new();
         path_items.insert("", ItemId::ROOT);
@@ -620,23 +646,6 @@ impl FolderReplica {
         let mut records: Vec<LocalFile> = Vec::new();
         let mut moved_from: HashSet<usize> = HashSet::new();
         let mut resolves: BTreeMap<ItemId, Vec<Knowledge>> = BTreeMap::new();
-
-        let record =
-            |path: &str, item: ItemId, version: &shoal_core::Version, role: Role, info: &Found| {
-                LocalFile {
-                    path: path.to_owned(),
-                    item,
-                    role,
-                    dot: version.dot,
-                    history: version.history(),
-                    kind: info.kind,
-                    content: version.entry.content,
-                    size: info.size,
-                    mtime_ns: info.mtime_ns,
-                    inode: info.inode,
-                    executable: info.executable,
-                }
-            };
 
         for (i, (path, info)) in found.iter().enumerate() {
             let Some(parent) = path_items.get(parent_path(path)).copied() else {
@@ -679,7 +688,7 @@ impl FolderReplica {
                     None => false,
                 };
                 if same && !already {
-                    records.push(record(path, want.item, want.version, want.role, info));
+                    records.push(info.record(path.clone(), want.item, want.role, want.version));
                     if want.role == Role::Main {
                         path_items.insert(path, want.item);
                     }
@@ -849,7 +858,7 @@ impl FolderReplica {
                 state.versions().len() > 1 || state.winner().dot != version.dot
             });
             if let Some((path, info)) = change.at.map(|i| &found[i]) {
-                records.push(record(path, item, &version, Role::Main, info));
+                records.push(info.record(path.clone(), item, Role::Main, &version));
             }
         }
         if disk_lags {
