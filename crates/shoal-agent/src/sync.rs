@@ -1537,6 +1537,25 @@ fn download(
             None => break,
         }
     }
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "download: applied"
+    );
+    // The files go in place before the result ends the session: until then the sender's
+    // session stands (materialize may fetch from it), and a peer's hub upload, which gives
+    // way to open pulls, does not compete with this device's writes.
+    let materialized = if folder.store().needs_materialize()? {
+        // Chunk lists come from the store, where each batch recorded them: holding every list
+        // received would cost memory in proportion to the whole download.
+        let source = HubSource::new(client, HashMap::new(), locations, &entry.id, peers)
+            .with_index(folder.content_index()?);
+        let materialized = folder.materialize(Some(&source), progress);
+        report.bytes_from_peers += source.from_peers.into_inner();
+        report.bytes_from_hub += source.from_hub.into_inner();
+        Some(materialized)
+    } else {
+        None
+    };
     client.download_result(
         &response.result,
         &DownloadResult {
@@ -1544,18 +1563,8 @@ fn download(
             knowledge: WireKnowledge::from(&folder.store().knowledge()?),
         },
     )?;
-    tracing::debug!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "download: applied"
-    );
-    if folder.store().needs_materialize()? {
-        // Chunk lists come from the store, where each batch recorded them: holding every list
-        // received would cost memory in proportion to the whole download.
-        let source = HubSource::new(client, HashMap::new(), locations, &entry.id, peers)
-            .with_index(folder.content_index()?);
-        report.materialize = folder.materialize(Some(&source), progress)?;
-        report.bytes_from_peers += source.from_peers.into_inner();
-        report.bytes_from_hub += source.from_hub.into_inner();
+    if let Some(materialized) = materialized {
+        report.materialize = materialized?;
     }
     Ok(())
 }

@@ -445,6 +445,8 @@ struct Pending {
     /// Where the change was seen on disk, as an index into what the walk found (none for
     /// deletions and settled conflicts).
     at: Option<usize>,
+    /// A new item under a new random id: no state to read or merge.
+    created: bool,
 }
 
 impl Pending {
@@ -454,6 +456,14 @@ impl Pending {
             base,
             resolves: Vec::new(),
             at,
+            created: false,
+        }
+    }
+
+    fn created(entry: Entry, at: usize) -> Pending {
+        Pending {
+            created: true,
+            ..Pending::new(entry, Knowledge::new(), Some(at))
         }
     }
 }
@@ -729,10 +739,7 @@ impl FolderReplica {
                         .or_default()
                         .push(recorded.full(previous)?.history);
                     report.created += 1;
-                    pending.insert(
-                        ItemId(rand::random()),
-                        Pending::new(entry, Knowledge::new(), Some(i)),
-                    );
+                    pending.insert(ItemId(rand::random()), Pending::created(entry, i));
                 }
                 None => {
                     let moved = vanished_by_inode
@@ -769,7 +776,7 @@ impl FolderReplica {
                             let item = ItemId(rand::random());
                             path_items.insert(path, item);
                             report.created += 1;
-                            pending.insert(item, Pending::new(entry, Knowledge::new(), Some(i)));
+                            pending.insert(item, Pending::created(entry, i));
                         }
                     }
                 }
@@ -824,7 +831,7 @@ impl FolderReplica {
             }
         }
 
-        for item in pending.keys() {
+        for (item, _) in pending.iter().filter(|(_, change)| !change.created) {
             items.get(&self.store, item)?;
         }
         // One transaction for every new version and record.
@@ -834,29 +841,34 @@ impl FolderReplica {
         let mut disk_lags = false;
         let mut new_contents = Vec::new();
         for (item, change) in pending {
-            let mut base = change.base;
-            // Follow the deletions the shown version beat, and every settled conflict.
-            if let Some(state) = items.cached(&item) {
-                for loser in state.losers().iter().filter(|v| v.entry.deleted) {
-                    base.merge(&loser.history());
-                }
-            }
-            for history in &change.resolves {
-                base.merge(history);
-            }
-            let context = match items.cached(&item) {
-                Some(state) => state.compact_context(base, writer),
-                None => base,
-            };
             if let Some(content) = change.at.and_then(|i| hashed.get(&i)) {
                 new_contents.push(content);
             }
-            let version = tx.write_local(item, change.entry, context, now)?;
-            // The disk already shows a local change, unless it stands beside a concurrent
-            // version (a conflict to show, or an edit that beats this deletion).
-            disk_lags |= shoal_core::ItemAccess::get(&mut tx, &item)?.is_some_and(|state| {
-                state.versions().len() > 1 || state.winner().dot != version.dot
-            });
+            let version = if change.created {
+                tx.write_new(item, change.entry, now)?
+            } else {
+                let mut base = change.base;
+                // Follow the deletions the shown version beat, and every settled conflict.
+                if let Some(state) = items.cached(&item) {
+                    for loser in state.losers().iter().filter(|v| v.entry.deleted) {
+                        base.merge(&loser.history());
+                    }
+                }
+                for history in &change.resolves {
+                    base.merge(history);
+                }
+                let context = match items.cached(&item) {
+                    Some(state) => state.compact_context(base, writer),
+                    None => base,
+                };
+                let version = tx.write_local(item, change.entry, context, now)?;
+                // The disk already shows a local change, unless it stands beside a concurrent
+                // version (a conflict to show, or an edit that beats this deletion).
+                disk_lags |= shoal_core::ItemAccess::get(&mut tx, &item)?.is_some_and(|state| {
+                    state.versions().len() > 1 || state.winner().dot != version.dot
+                });
+                version
+            };
             if let Some((path, info)) = change.at.map(|i| &found[i]) {
                 records.push(info.record(path.clone(), item, Role::Main, &version));
             }

@@ -864,19 +864,7 @@ impl Transaction<'_> {
         context: Knowledge,
         now: i64,
     ) -> Result<Version> {
-        self.tick += 1;
-        let dot = Dot {
-            writer: self.identity.writer(),
-            tick: self.tick,
-        };
-        let version = Version {
-            dot,
-            context,
-            entry,
-            written_at: now,
-            device: self.identity.device.clone(),
-            user: self.identity.user.clone(),
-        };
+        let version = self.next_version(entry, context, now);
         let state = match read_item(&self.tx, &item)? {
             Some(mut state) => {
                 state.merge(version.clone());
@@ -885,18 +873,46 @@ impl Transaction<'_> {
             None => ItemState::new(version.clone()),
         };
         self.put_state(item, &state)?;
-        self.knowledge_mut().add(dot);
         Ok(version)
+    }
+
+    /// Records the first version of an item made here under a new random id: nothing can be
+    /// stored under it yet, so there is nothing to read or replace.
+    pub fn write_new(&mut self, item: ItemId, entry: Entry, now: i64) -> Result<Version> {
+        let version = self.next_version(entry, Knowledge::new(), now);
+        self.insert_versions(item, std::slice::from_ref(&version))?;
+        Ok(version)
+    }
+
+    fn next_version(&mut self, entry: Entry, context: Knowledge, now: i64) -> Version {
+        self.tick += 1;
+        let dot = Dot {
+            writer: self.identity.writer(),
+            tick: self.tick,
+        };
+        self.knowledge_mut().add(dot);
+        Version {
+            dot,
+            context,
+            entry,
+            written_at: now,
+            device: self.identity.device.clone(),
+            user: self.identity.user.clone(),
+        }
     }
 
     fn put_state(&mut self, item: ItemId, state: &ItemState) -> Result<()> {
         self.tx
             .prepare_cached("DELETE FROM versions WHERE item = ?1")?
             .execute(params![item.0.to_vec()])?;
+        self.insert_versions(item, state.versions())
+    }
+
+    fn insert_versions(&mut self, item: ItemId, versions: &[Version]) -> Result<()> {
         let mut insert = self
             .tx
             .prepare_cached("INSERT INTO versions (w_replica, w_epoch, tick, item, body, deleted) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
-        for version in state.versions() {
+        for version in versions {
             insert.execute(params![
                 version.dot.writer.replica.0.to_vec(),
                 version.dot.writer.epoch,

@@ -130,3 +130,51 @@ proptest! {
         run(&ops)?;
     }
 }
+
+/// The scan writes a new item's first version without reading anything: it must be stored,
+/// known and offered exactly like a version written the general way.
+#[test]
+fn a_new_item_written_without_reads_is_stored_like_any_write() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("state.db");
+    let mut store = Store::open(&path, "store").expect("open");
+    let (fresh, general) = (ItemId([7; 16]), ItemId([9; 16]));
+    let mut tx = store.begin().expect("begin");
+    let first = tx
+        .write_new(fresh, entry(7, 5, false), 11)
+        .expect("write_new");
+    let second = tx
+        .write_local(
+            general,
+            entry(7, 5, false),
+            shoal_core::Knowledge::new(),
+            11,
+        )
+        .expect("write_local");
+    tx.commit().expect("commit");
+    drop(store);
+
+    let store = Store::open(&path, "store").expect("reopen");
+    assert_eq!(store.tick().expect("tick"), 2);
+    assert_eq!((first.dot.tick, second.dot.tick), (1, 2));
+    let knowledge = store.knowledge().expect("knowledge");
+    assert!(knowledge.contains(&first.dot) && knowledge.contains(&second.dot));
+    let items = store.load_items().expect("items");
+    assert_eq!(items[&fresh].versions(), std::slice::from_ref(&first));
+    assert_eq!(items[&general].versions(), std::slice::from_ref(&second));
+    let (a, b) = (&items[&fresh].versions()[0], &items[&general].versions()[0]);
+    assert_eq!(
+        (&a.entry, &a.context, &a.device),
+        (&b.entry, &b.context, &b.device)
+    );
+    let offered: BTreeSet<_> = store
+        .missing_for(&shoal_core::Knowledge::new())
+        .expect("missing")
+        .into_iter()
+        .map(|(id, v)| (id, v.dot))
+        .collect();
+    assert_eq!(
+        offered,
+        BTreeSet::from([(fresh, first.dot), (general, second.dot)])
+    );
+}
