@@ -1,7 +1,8 @@
 //! Materializing: bringing the disk in line with the replica's layout.
 //!
 //! Content for incoming versions is first staged under `.shoal/tmp` and flushed, before the
-//! batch is committed to the database; then each staged copy is moved to its target (a second
+//! batch's transaction lists the staged files with the rest of the batch (an unlisted file is
+//! never trusted: it may be cut short); then each staged copy is moved to its target (a second
 //! path with the same content gets a copy under a temporary name beside it, flushed once for
 //! all of them), each only if the target is still as it was last recorded. A crash at any
 //! point leaves either the old file or the complete new one, and the next scan adopts what was
@@ -55,6 +56,19 @@ fn temp_name(dir: &Path) -> PathBuf {
     dir.join(format!("{TEMP_PREFIX}{:016x}.tmp", rand::random::<u64>()))
 }
 
+/// What a batch's staging made available.
+pub(crate) struct Staged {
+    /// Contents at hand: staged before, recorded at some path, or just fetched.
+    pub(crate) available: HashSet<ContentHash>,
+    /// Files just fetched and flushed, with their ids, for the batch's transaction to list.
+    pub(crate) files: Vec<(ContentHash, u64)>,
+}
+
+/// The file name of the staged file `id`.
+fn staged_name(id: u64) -> String {
+    format!("{id:016x}")
+}
+
 fn stat_matches(path: &Path, recorded: &LocalFile) -> bool {
     matches!(stat(path), Ok(Some(found)) if same_stat(&found, recorded))
 }
@@ -67,9 +81,9 @@ struct Ready<'a> {
 }
 
 enum ReadyFrom {
-    /// The staged copy of this content (named by the hash, so a large first sync does not
-    /// hold one path per file).
-    Staged(ContentHash),
+    /// The staged copy of this content and its file's id (not a held path: a large first
+    /// sync has one per file).
+    Staged(ContentHash, u64),
     Temp(PathBuf),
 }
 
@@ -169,70 +183,63 @@ fn parent_path(path: &str) -> &str {
 }
 
 impl FolderReplica {
-    fn staged(&self, hash: &ContentHash) -> PathBuf {
-        self.staging_dir().join(hash.to_string())
+    fn staged_path(&self, id: u64) -> PathBuf {
+        self.staging_dir().join(staged_name(id))
     }
 
     /// Fetches the content of `versions` that is not at hand from `source` into the staging
-    /// area and flushes it. Returns the hashes now available.
+    /// area and flushes it. Returns the hashes now available, and the files just staged: the
+    /// batch's transaction lists them (`Transaction::put_staged`), and only a listed file is
+    /// trusted, so a file cut short by a crash is never taken for whole.
     pub(crate) fn stage(
         &self,
         versions: &[(ItemId, Version)],
         source: &dyn ContentSource,
         progress: &dyn Progress,
-    ) -> Result<std::collections::HashSet<ContentHash>, FolderError> {
+    ) -> Result<Staged, FolderError> {
         let mut wanted: BTreeMap<ContentHash, u64> = BTreeMap::new();
-        let mut available = std::collections::HashSet::new();
-        // One listing instead of a lookup per content.
-        let already_staged: HashSet<String> = fs::read_dir(self.staging_dir())
-            .map(|dir| {
-                dir.flatten()
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut available = HashSet::new();
         for (_, version) in versions {
             let Some(hash) = version.entry.content.filter(|_| !version.entry.deleted) else {
                 continue;
             };
-            if already_staged.contains(&hash.to_string())
-                || self.store.local_file_with(&hash)?.is_some()
-            {
+            if available.contains(&hash) || wanted.contains_key(&hash) {
+                continue;
+            }
+            if self.store.staged(&hash)?.is_some() || self.store.local_file_with(&hash)?.is_some() {
                 available.insert(hash);
             } else {
                 wanted.insert(hash, version.entry.size);
             }
         }
         if wanted.is_empty() {
-            return Ok(available);
+            return Ok(Staged {
+                available,
+                files: Vec::new(),
+            });
         }
         progress.start("transfer", wanted.values().sum());
         let staging = self.staging_dir();
-        let fetched: Vec<(ContentHash, PathBuf)> = wanted
+        let fetched: Vec<(ContentHash, u64)> = wanted
             .par_iter()
             .filter_map(|(hash, size)| {
-                let part = temp_name(&staging);
+                let id = rand::random::<u64>();
+                let part = staging.join(staged_name(id));
                 let ok = source.copy_to(hash, &part);
                 if !ok {
                     let _ = fs::remove_file(&part);
                 }
                 progress.advance(*size);
-                ok.then_some((*hash, part))
+                ok.then_some((*hash, id))
             })
             .collect();
         progress.finish();
         flush_filesystem(&self.root)?;
-        // Named by their hash only once their bytes are on disk: after a power cut a staged
-        // name could otherwise hold a file whose data never got there, and it would be
-        // trusted. A rename lost in a crash only means fetching again.
-        for (hash, part) in fetched {
-            if fs::rename(&part, staging.join(hash.to_string())).is_ok() {
-                available.insert(hash);
-            } else {
-                let _ = fs::remove_file(&part);
-            }
-        }
-        Ok(available)
+        available.extend(fetched.iter().map(|(hash, _)| *hash));
+        Ok(Staged {
+            available,
+            files: fetched,
+        })
     }
 
     /// Brings the disk in line with the layout. Never touches a path that changed since it was
@@ -481,28 +488,32 @@ impl FolderReplica {
                 }
             }
             present_dirs.insert(parent_path(path));
-            let staged = self.staged(&hash);
-            let staged_meta = fs::symlink_metadata(&staged).ok().filter(|m| m.is_file());
+            let staged_id = self.store.staged(&hash)?;
+            let staged = staged_id.map(|id| self.staged_path(id));
+            let staged_meta = staged
+                .as_ref()
+                .and_then(|staged| fs::symlink_metadata(staged).ok())
+                .filter(|m| m.is_file());
             // The staged copy itself becomes the file, moved in when the others are (no copy,
             // and nothing left to delete). A crash after the move leaves it at its target,
             // where the next scan adopts it. Only one path may take it: any other path with
             // this content gets its own copy (made now, before the move), or an edit in place
             // of one file would show through the other.
-            if let Some(meta) = &staged_meta
+            if let (Some(meta), Some(staged), Some(id)) = (&staged_meta, &staged, staged_id)
                 && meta.nlink() == 1
                 && taken.insert(hash)
             {
-                set_times_and_mode(&staged, want.version, Some(meta.mode()))?;
+                set_times_and_mode(staged, want.version, Some(meta.mode()))?;
                 progress.advance(want.version.entry.size);
                 ready.push(Ready {
                     want,
-                    from: ReadyFrom::Staged(hash),
+                    from: ReadyFrom::Staged(hash, id),
                 });
                 continue;
             }
             let temp = temp_name(&dir);
-            let copied = if staged_meta.is_some() {
-                fs::copy(&staged, &temp).is_ok()
+            let copied = if let (Some(staged), Some(_)) = (&staged, &staged_meta) {
+                fs::copy(staged, &temp).is_ok()
             } else {
                 by_hash.get(&hash).into_iter().flatten().any(|source| {
                     let Some(have) = recorded.get(source) else {
@@ -593,6 +604,8 @@ impl FolderReplica {
         // 5. Put the new files in place, if their targets are as recorded. A path with nothing
         //    recorded must still be empty: the rename refuses to replace what appeared.
         let removed: HashSet<&str> = removed_records.iter().map(String::as_str).collect();
+        // Staged files that became files at their paths: no longer staged.
+        let mut moved_in = Vec::new();
         for ready in &ready {
             let (want, path) = (ready.want, &ready.want.path);
             let from = self.ready_source(ready);
@@ -624,6 +637,9 @@ impl FolderReplica {
             }
             report.written += 1;
             report.bytes += want.version.entry.size;
+            if let ReadyFrom::Staged(hash, _) = ready.from {
+                moved_in.push(hash);
+            }
             new_records.push(self.record_for(want)?);
         }
         if report.written + report.renamed + report.deleted + report.folders > 0 {
@@ -633,6 +649,9 @@ impl FolderReplica {
         let mut tx = self.store.begin()?;
         for path in &removed_records {
             tx.remove_local_file(path)?;
+        }
+        for hash in &moved_in {
+            tx.remove_staged(hash)?;
         }
         // In key order, as the table is; a later record of a path still wins.
         let order = crate::path_order(&new_records, NewRecord::path);
@@ -667,7 +686,7 @@ impl FolderReplica {
     /// Where a ready file is moved from.
     fn ready_source(&self, ready: &Ready) -> PathBuf {
         match &ready.from {
-            ReadyFrom::Staged(hash) => self.staged(hash),
+            ReadyFrom::Staged(_, id) => self.staged_path(*id),
             ReadyFrom::Temp(temp) => temp.clone(),
         }
     }
@@ -679,10 +698,12 @@ impl FolderReplica {
         Ok(NewRecord::Placed { want, found })
     }
 
-    /// Removes staged content no placement still waits for, and stray temporary files.
-    /// `holds(path)` is the content recorded at a path (`None` when nothing is recorded there).
+    /// Removes staged content no placement still waits for, and every other file in the
+    /// staging folder (left by a crash before its listing, or by an older shoal). A listing
+    /// goes before its file. `holds(path)` is the content recorded at a path (`None` when
+    /// nothing is recorded there).
     fn clear_staging(
-        &self,
+        &mut self,
         desired: &Desired,
         holds: impl Fn(&str) -> Option<Option<ContentHash>>,
     ) -> Result<(), FolderError> {
@@ -694,14 +715,27 @@ impl FolderReplica {
         if entries.is_empty() {
             return Ok(());
         }
-        let waiting: HashSet<String> = desired
+        let waiting: HashSet<ContentHash> = desired
             .0
             .iter()
             .filter(|p| holds(&p.path).is_none_or(|content| content != p.version.entry.content))
-            .filter_map(|p| p.version.entry.content.map(|h| h.to_string()))
+            .filter_map(|p| p.version.entry.content)
             .collect();
+        let (kept, unwanted): (Vec<_>, Vec<_>) = self
+            .store
+            .all_staged()?
+            .into_iter()
+            .partition(|(hash, _)| waiting.contains(hash));
+        if !unwanted.is_empty() {
+            let mut tx = self.store.begin()?;
+            for (hash, _) in &unwanted {
+                tx.remove_staged(hash)?;
+            }
+            tx.commit()?;
+        }
+        let kept: HashSet<String> = kept.iter().map(|(_, id)| staged_name(*id)).collect();
         for entry in entries {
-            if !waiting.contains(&*entry.file_name().to_string_lossy()) {
+            if !kept.contains(&*entry.file_name().to_string_lossy()) {
                 let _ = fs::remove_file(entry.path());
             }
         }

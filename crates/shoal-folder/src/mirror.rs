@@ -286,8 +286,12 @@ impl FolderReplica {
         source: &dyn ContentSource,
         progress: &dyn Progress,
     ) -> Result<ReceiveReport, FolderError> {
-        let available = self.stage(&batch.versions, source, progress)?;
+        let crate::apply::Staged { available, files } =
+            self.stage(&batch.versions, source, progress)?;
         let mut tx = self.store_mut().begin()?;
+        for (hash, id) in &files {
+            tx.put_staged(hash, *id)?;
+        }
         // In key order, as the table is (see the scan's commit).
         let mut by_hash: Vec<&shoal_store::ChunkedContent> = contents.iter().collect();
         by_hash.sort_unstable_by_key(|c| c.hash);

@@ -269,3 +269,23 @@ fn a_new_replica_lays_out_only_after_it_receives_something() -> TestResult {
     assert_eq!(fs::read_to_string(b.join("doc.txt"))?, "written on a");
     Ok(())
 }
+
+/// A staged file counts only once its batch's transaction lists it: whatever else lies in
+/// the staging folder (a file cut short by a crash, an older shoal's file named by its hash)
+/// is never taken for the content, and is cleared.
+#[test]
+fn an_unlisted_staged_file_is_never_trusted_and_is_cleared() -> TestResult {
+    let (_dir, a, b) = two_folders()?;
+    mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
+    let body = b"the whole content. ".repeat(300);
+    fs::write(a.join("doc.txt"), &body)?;
+    let staging = b.join(".shoal").join("tmp");
+    let hash = shoal_core::ContentHash::of(&body);
+    fs::write(staging.join(hash.to_string()), b"cut short")?;
+    fs::write(staging.join("00000000000000aa"), b"cut short")?;
+
+    mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
+    assert_eq!(fs::read(b.join("doc.txt"))?, body);
+    assert_eq!(fs::read_dir(&staging)?.count(), 0);
+    Ok(())
+}

@@ -72,6 +72,11 @@ ALTER TABLE partners ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
 -- Contents of a similar size: the bases a changed large file's chunk list is sent against.
 CREATE INDEX contents_by_size ON contents (size);
 "#,
+    r#"
+-- Received contents waiting in the staging folder, each under the file name its id gives.
+-- A row is written only after its file is flushed, so a listed file is whole.
+CREATE TABLE staged (hash BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
+"#,
 ];
 
 /// Who a replica is.
@@ -591,6 +596,30 @@ impl Store {
         Ok(records)
     }
 
+    /// The id of the staged file holding the content `hash`, if one is staged.
+    pub fn staged(&self, hash: &ContentHash) -> Result<Option<u64>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT id FROM staged WHERE hash = ?1")?
+            .query_row(params![hash.0.to_vec()], |row| row.get::<_, i64>(0))
+            .optional()?
+            .map(|id| id as u64))
+    }
+
+    /// Every staged content and its file's id.
+    pub fn all_staged(&self) -> Result<Vec<(ContentHash, u64)>> {
+        let mut statement = self.conn.prepare("SELECT hash, id FROM staged")?;
+        let rows = statement.query_map([], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?))
+        })?;
+        let mut staged = Vec::new();
+        for row in rows {
+            let (hash, id) = row?;
+            staged.push((hash_from(hash)?, id as u64));
+        }
+        Ok(staged)
+    }
+
     /// A recorded file holding the content `hash`, if any.
     pub fn local_file_with(&self, hash: &ContentHash) -> Result<Option<LocalFile>> {
         local_file_with(&self.conn, hash)
@@ -1048,6 +1077,22 @@ impl Transaction<'_> {
         self.tx
             .prepare_cached("DELETE FROM local_files WHERE path = ?1")?
             .execute(params![path])?;
+        Ok(())
+    }
+
+    /// Lists a staged file, already flushed, as holding the content `hash`.
+    pub fn put_staged(&mut self, hash: &ContentHash, id: u64) -> Result<()> {
+        self.tx
+            .prepare_cached("INSERT OR REPLACE INTO staged (hash, id) VALUES (?1, ?2)")?
+            .execute(params![hash.0.to_vec(), id as i64])?;
+        Ok(())
+    }
+
+    /// Stops listing the staged file of `hash` (moved into place, or no longer wanted).
+    pub fn remove_staged(&mut self, hash: &ContentHash) -> Result<()> {
+        self.tx
+            .prepare_cached("DELETE FROM staged WHERE hash = ?1")?
+            .execute(params![hash.0.to_vec()])?;
         Ok(())
     }
 
