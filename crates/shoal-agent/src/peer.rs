@@ -33,6 +33,7 @@ use tokio::net::TcpStream;
 use crate::daemon::Signal;
 use crate::home::WorkspaceEntry;
 use crate::peers::{AgentCounters, Contacts, Serving};
+use crate::sync::Stamp;
 use crate::{AgentError, DeviceIdentity};
 
 /// The largest download result a peer reads (the hub's request limit).
@@ -380,34 +381,37 @@ impl PeerServer {
                     .iter()
                     .filter_map(|c| by_hash.get(c).copied())
                     .collect();
-                held.push((file.path, pieces));
+                held.push((file.path.clone(), Stamp::recorded(&file), pieces));
             }
             Ok(held)
         })?;
         // Sized up front: growing by doubling would hold twice the bundle at the end.
         let wanted_bytes: usize = held
             .iter()
-            .flat_map(|(_, pieces)| pieces.iter().map(|p| p.len as usize + 36))
+            .flat_map(|(_, _, pieces)| pieces.iter().map(|p| p.len as usize + 36))
             .sum();
         let mut bundle = Vec::with_capacity(wanted_bytes.min(shoal_protocol::CHUNK_BUNDLE_MAX));
-        'files: for (path, pieces) in held {
+        for (path, stamp, pieces) in held {
+            // What still fits; the rest is asked for again.
+            let mut room = shoal_protocol::CHUNK_BUNDLE_MAX - bundle.len();
+            let fits = pieces
+                .iter()
+                .take_while(|piece| {
+                    let frame = piece.len as usize + 36;
+                    let fits = frame <= room;
+                    room = room.saturating_sub(frame);
+                    fits
+                })
+                .count();
             let mut full = root.clone();
             full.extend(path.split('/'));
-            let Ok(handle) = std::fs::File::open(&full) else {
-                continue;
-            };
-            for piece in pieces {
-                if bundle.len() + piece.len as usize + 36 > shoal_protocol::CHUNK_BUNDLE_MAX {
-                    break 'files;
-                }
-                let mut bytes = vec![0u8; piece.len as usize];
-                if std::os::unix::fs::FileExt::read_exact_at(&handle, &mut bytes, piece.offset)
-                    .is_err()
-                    || ContentHash::of(&bytes) != piece.hash
-                {
-                    continue 'files;
-                }
-                shoal_protocol::bundle_chunk(&mut bundle, &piece.hash, &bytes);
+            if let Ok(handle) = std::fs::File::open(&full) {
+                // A file changed since the scan is left out: the caller checks every chunk
+                // anyway and asks elsewhere for what is missing.
+                crate::sync::bundle_pieces(&mut bundle, &handle, stamp, &pieces[..fits]);
+            }
+            if fits < pieces.len() {
+                break;
             }
         }
         Ok(bundle)

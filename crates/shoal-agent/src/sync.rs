@@ -18,7 +18,7 @@ use shoal_protocol::{
     TransferStatus, WireBatch, WireContent, WireDot, WireKnowledge, WireLimits, hex16, hex32,
     parse_item,
 };
-use shoal_store::{ChunkRef, ChunkedContent, ContentIndex};
+use shoal_store::{ChunkRef, ChunkedContent, ContentIndex, LocalFile};
 
 use crate::AgentError;
 use crate::home::{DeviceConfig, WorkspaceEntry};
@@ -108,7 +108,7 @@ struct HubSource<'a> {
 /// What the scan recorded of a file: while its size, modification time and inode are
 /// unchanged, its bytes are those the scan hashed (the rescan trusts the same).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct Stamp {
+pub(crate) struct Stamp {
     size: u64,
     mtime_ns: i64,
     inode: u64,
@@ -124,6 +124,52 @@ impl Stamp {
             inode: meta.ino(),
         })
     }
+
+    pub(crate) fn recorded(file: &LocalFile) -> Stamp {
+        Stamp {
+            size: file.size,
+            mtime_ns: file.mtime_ns,
+            inode: file.inode,
+        }
+    }
+}
+
+/// Appends `pieces` of the file `handle` to `bundle` as chunk frames, read in place. A file
+/// as the scan recorded it (`stamp`) before and after the reads holds the bytes the scan
+/// hashed, so they are not hashed again; otherwise each piece is checked against its hash.
+/// Returns false, with `bundle` as it was, when a piece cannot be read or does not match.
+pub(crate) fn bundle_pieces<P: std::borrow::Borrow<ChunkRef>>(
+    bundle: &mut Vec<u8>,
+    handle: &File,
+    stamp: Stamp,
+    pieces: &[P],
+) -> bool {
+    let start = bundle.len();
+    let as_scanned = || Stamp::of(handle) == Some(stamp);
+    let trusted = as_scanned();
+    let mut bodies = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        let piece = piece.borrow();
+        let at = shoal_protocol::bundle_frame(bundle, &piece.hash, piece.len);
+        if std::os::unix::fs::FileExt::read_exact_at(handle, &mut bundle[at..], piece.offset)
+            .is_err()
+        {
+            bundle.truncate(start);
+            return false;
+        }
+        bodies.push(at);
+    }
+    if trusted && as_scanned() {
+        return true;
+    }
+    let intact = pieces.iter().zip(&bodies).all(|(piece, &at)| {
+        let piece = piece.borrow();
+        ContentHash::of(&bundle[at..at + piece.len as usize]) == piece.hash
+    });
+    if !intact {
+        bundle.truncate(start);
+    }
+    intact
 }
 
 /// Contents at least this large have each group's writeback started once it is written.
@@ -660,14 +706,7 @@ fn local_chunks(
                 .chunks
                 .insert(chunk.hash, (path.clone(), chunk.offset, chunk.len));
         }
-        local.stamps.insert(
-            path,
-            Stamp {
-                size: file.size,
-                mtime_ns: file.mtime_ns,
-                inode: file.inode,
-            },
-        );
+        local.stamps.insert(path, Stamp::recorded(&file));
     }
     Ok(local)
 }
@@ -718,9 +757,15 @@ const PARALLEL_TRANSFERS: usize = 4;
 /// small enough to keep a few in flight.
 const BUNDLE_TARGET: usize = 1 << 20;
 
+/// What a bundle being filled is given room for: a piece of about `BUNDLE_TARGET` bytes
+/// added to a bundle not yet full.
+const BUNDLE_CAPACITY: usize = BUNDLE_TARGET + (256 << 10);
+
 /// One item's content to send: the chunks the hub lacks and the file holding them.
 struct Outgoing<'a> {
     path: PathBuf,
+    /// The file as the scan recorded it.
+    stamp: Stamp,
     chunks: Vec<&'a ChunkRef>,
 }
 
@@ -771,27 +816,25 @@ fn send_contents(
                             sent[index].store(false, Ordering::Relaxed);
                             continue;
                         };
-                        for chunk in chunks {
-                            let mut bytes = vec![0u8; chunk.len as usize];
-                            let read = std::os::unix::fs::FileExt::read_exact_at(
-                                &handle,
-                                &mut bytes,
-                                chunk.offset,
-                            );
-                            if read.is_err() || ContentHash::of(&bytes) != chunk.hash {
-                                // Changed since the scan: the next scan makes a new version.
-                                sent[index].store(false, Ordering::Relaxed);
-                                break;
-                            }
-                            if bundle.capacity() == 0 {
-                                bundle.reserve_exact(BUNDLE_TARGET + (256 << 10));
-                            }
-                            shoal_protocol::bundle_chunk(&mut bundle, &chunk.hash, &bytes);
-                            chunk_count.fetch_add(1, Ordering::Relaxed);
-                            byte_count.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                            if bundle.len() >= BUNDLE_TARGET {
-                                client.put_chunk_bundle(location, std::mem::take(&mut bundle))?;
-                            }
+                        let frames: usize = chunks.iter().map(|c| 36 + c.len as usize).sum();
+                        if !bundle.is_empty() && bundle.len() + frames > BUNDLE_CAPACITY {
+                            client.put_chunk_bundle(location, std::mem::take(&mut bundle))?;
+                        }
+                        if bundle.capacity() == 0 {
+                            bundle.reserve_exact(BUNDLE_CAPACITY.max(frames));
+                        }
+                        if !bundle_pieces(&mut bundle, &handle, outgoing[index].stamp, chunks) {
+                            // Changed since the scan: the next scan makes a new version.
+                            sent[index].store(false, Ordering::Relaxed);
+                            continue;
+                        }
+                        chunk_count.fetch_add(chunks.len(), Ordering::Relaxed);
+                        byte_count.fetch_add(
+                            chunks.iter().map(|c| u64::from(c.len)).sum(),
+                            Ordering::Relaxed,
+                        );
+                        if bundle.len() >= BUNDLE_TARGET {
+                            client.put_chunk_bundle(location, std::mem::take(&mut bundle))?;
                         }
                     }
                     if !bundle.is_empty() {
@@ -1221,7 +1264,11 @@ fn upload(
             let mut path = folder.root().to_path_buf();
             path.extend(file.path.split('/'));
             sends.push(Some(outgoing.len()));
-            outgoing.push(Outgoing { path, chunks });
+            outgoing.push(Outgoing {
+                path,
+                stamp: Stamp::recorded(&file),
+                chunks,
+            });
         }
         let (sent, chunk_count, byte_count) =
             send_contents(client, &location, &outgoing, give_way)?;
@@ -1644,6 +1691,71 @@ mod tests {
             .set_modified(later)?;
         assert_ne!(Stamp::of(&File::open(&held)?), as_scanned);
         assert!(!copy_from_local(&held, &content, as_scanned, &dest)?);
+        Ok(())
+    }
+
+    /// Pieces read for a bundle: unhashed from a file as scanned, checked otherwise, and a
+    /// changed file leaves the bundle as it was.
+    #[test]
+    fn bundled_pieces_are_checked_unless_the_file_is_as_scanned()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let held = dir.path().join("held.bin");
+        let bytes = noise(3 << 20, 5);
+        std::fs::write(&held, &bytes)?;
+        let content = shoal_store::chunk_bytes(&bytes);
+        let as_scanned = Stamp::of(&File::open(&held)?).ok_or("no stamp")?;
+        let pieces: Vec<&ChunkRef> = content.chunks.iter().skip(2).take(5).collect();
+        let expected = |bundle: &[u8]| -> Result<(), Box<dyn std::error::Error>> {
+            let frames = shoal_protocol::unbundle_chunks(bundle)?;
+            assert_eq!(frames.len(), pieces.len());
+            for ((hash, body), piece) in frames.iter().zip(&pieces) {
+                assert_eq!(*hash, piece.hash);
+                let at = piece.offset as usize;
+                assert_eq!(*body, &bytes[at..at + piece.len as usize]);
+            }
+            Ok(())
+        };
+        let mut bundle = b"earlier frames".to_vec();
+        assert!(bundle_pieces(
+            &mut bundle,
+            &File::open(&held)?,
+            as_scanned,
+            &pieces
+        ));
+        expected(&bundle[14..])?;
+        // A stale record: every piece is checked, and they still match.
+        let stale = Stamp {
+            mtime_ns: as_scanned.mtime_ns - 1,
+            ..as_scanned
+        };
+        let mut bundle = Vec::new();
+        assert!(bundle_pieces(
+            &mut bundle,
+            &File::open(&held)?,
+            stale,
+            &pieces
+        ));
+        expected(&bundle)?;
+
+        // Changed inside one of the pieces: the record no longer matches, the check finds it,
+        // and the bundle is left as it was.
+        let mut changed = bytes.clone();
+        changed[pieces[3].offset as usize + 7] ^= 0xff;
+        std::fs::write(&held, &changed)?;
+        let later = std::time::SystemTime::now() + Duration::from_secs(5);
+        File::options()
+            .write(true)
+            .open(&held)?
+            .set_modified(later)?;
+        let mut bundle = b"earlier frames".to_vec();
+        assert!(!bundle_pieces(
+            &mut bundle,
+            &File::open(&held)?,
+            as_scanned,
+            &pieces
+        ));
+        assert_eq!(bundle, b"earlier frames");
         Ok(())
     }
 

@@ -163,6 +163,16 @@ pub fn bundle_chunk(bundle: &mut Vec<u8>, hash: &shoal_core::ContentHash, bytes:
     bundle.extend_from_slice(bytes);
 }
 
+/// Appends the frame of a chunk of `len` bytes with its bytes zeroed, to be read into in
+/// place; returns where its bytes start.
+pub fn bundle_frame(bundle: &mut Vec<u8>, hash: &shoal_core::ContentHash, len: u32) -> usize {
+    bundle.extend_from_slice(&hash.0);
+    bundle.extend_from_slice(&len.to_be_bytes());
+    let at = bundle.len();
+    bundle.resize(at + len as usize, 0);
+    at
+}
+
 /// The chunks of a bundle, each checked against its hash and the chunk size limit; any fault
 /// rejects the whole bundle.
 pub fn unbundle_chunks(
