@@ -172,26 +172,10 @@ fn watch(
     workspace: &WorkspaceEntry,
     signals: Sender<Signal>,
     dirty: Arc<AtomicBool>,
-) -> Result<notify::RecommendedWatcher, AgentError> {
+) -> Result<crate::watch::FolderWatch, AgentError> {
     let id = workspace.id.clone();
     let queued = Arc::new(AtomicBool::new(false));
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else {
-            // The watcher may have lost events: only a scan can tell.
-            dirty.store(true, Ordering::Release);
-            return;
-        };
-        // Our own state and temporary files are not changes.
-        let relevant = event.paths.iter().any(|p| {
-            !p.components()
-                .any(|c| c.as_os_str() == shoal_core::STATE_DIR_NAME)
-                && !p
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(shoal_core::TEMP_PREFIX))
-        });
-        if !(relevant && !event.kind.is_access() || event.need_rescan()) {
-            return;
-        }
+    crate::watch::watch_folder(&workspace.path, move || {
         dirty.store(true, Ordering::Release);
         if !queued.swap(true, Ordering::AcqRel) {
             let _ = signals.send(Signal::Files {
@@ -200,17 +184,17 @@ fn watch(
             });
         }
     })
-    .map_err(|e| AgentError::Config(format!("cannot watch {}: {e}", workspace.path.display())))?;
-    watcher
-        .watch(&workspace.path, RecursiveMode::Recursive)
-        .map_err(|e| {
-            AgentError::Config(format!("cannot watch {}: {e}", workspace.path.display()))
-        })?;
-    // The state folder changes with every file received (staged copies, database pages):
-    // watching it cost the receiver a sixth of its CPU on a large first sync, for events the
-    // callback above drops anyway. Without it (say it was never made) nothing is lost.
-    let _ = watcher.unwatch(&workspace.path.join(shoal_core::STATE_DIR_NAME));
-    Ok(watcher)
+    .map_err(|e| {
+        let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
+            " (out of inotify watches: raise fs.inotify.max_user_watches)"
+        } else {
+            ""
+        };
+        AgentError::Config(format!(
+            "cannot watch {}: {e}{hint}",
+            workspace.path.display()
+        ))
+    })
 }
 
 /// Watches the home for `shoal presence STATUS`, which rewrites the availability file.
@@ -742,15 +726,15 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
         None
     };
 
-    let mut watchers = Vec::new();
+    let mut _folder_watches = Vec::new();
     let mut dirty = HashMap::new();
     for workspace in &workspaces {
         // Unscanned at start: changes made while the agent was not running.
         let flag = Arc::new(AtomicBool::new(true));
-        watchers.push(watch(workspace, signals.clone(), flag.clone())?);
+        _folder_watches.push(watch(workspace, signals.clone(), flag.clone())?);
         dirty.insert(workspace.id.clone(), flag);
     }
-    watchers.push(watch_availability(home, signals.clone())?);
+    let _home_watch = watch_availability(home, signals.clone())?;
     {
         let (client, sender) = (hub.clone(), signals.clone());
         std::thread::spawn(move || listen_presence(client, sender));

@@ -13,6 +13,7 @@ mod peers;
 mod status;
 mod sync;
 mod tls;
+mod watch;
 
 use std::path::PathBuf;
 
