@@ -1632,6 +1632,16 @@ mod tests {
         bytes
     }
 
+    /// Writes `bytes` to `path` with the byte at `at` flipped, dated later: a change the
+    /// scan's record no longer matches.
+    fn change_later(path: &Path, bytes: &[u8], at: usize) -> std::io::Result<()> {
+        let mut changed = bytes.to_vec();
+        changed[at] ^= 0xff;
+        std::fs::write(path, &changed)?;
+        let later = std::time::SystemTime::now() + Duration::from_secs(5);
+        File::options().write(true).open(path)?.set_modified(later)
+    }
+
     /// The whole of `content`, copied from `held` by `copy_local_run` a group at a time.
     fn copy_from_local(
         held: &Path,
@@ -1681,14 +1691,7 @@ mod tests {
 
         // Changed since the scan (same size, other bytes, a new modification time): the record
         // no longer matches, the check finds the changed chunk, and the copy is refused.
-        let mut changed = bytes.clone();
-        changed[3 << 20] ^= 0xff;
-        std::fs::write(&held, &changed)?;
-        let later = std::time::SystemTime::now() + Duration::from_secs(5);
-        File::options()
-            .write(true)
-            .open(&held)?
-            .set_modified(later)?;
+        change_later(&held, &bytes, 3 << 20)?;
         assert_ne!(Stamp::of(&File::open(&held)?), as_scanned);
         assert!(!copy_from_local(&held, &content, as_scanned, &dest)?);
         Ok(())
@@ -1740,14 +1743,7 @@ mod tests {
 
         // Changed inside one of the pieces: the record no longer matches, the check finds it,
         // and the bundle is left as it was.
-        let mut changed = bytes.clone();
-        changed[pieces[3].offset as usize + 7] ^= 0xff;
-        std::fs::write(&held, &changed)?;
-        let later = std::time::SystemTime::now() + Duration::from_secs(5);
-        File::options()
-            .write(true)
-            .open(&held)?
-            .set_modified(later)?;
+        change_later(&held, &bytes, pieces[3].offset as usize + 7)?;
         let mut bundle = b"earlier frames".to_vec();
         assert!(!bundle_pieces(
             &mut bundle,
