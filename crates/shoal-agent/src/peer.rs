@@ -388,7 +388,7 @@ impl PeerServer {
         // Sized up front: growing by doubling would hold twice the bundle at the end.
         let wanted_bytes: usize = held
             .iter()
-            .flat_map(|(_, _, pieces)| pieces.iter().map(|p| p.len as usize + 36))
+            .flat_map(|(_, _, pieces)| pieces.iter().map(|p| shoal_protocol::frame_len(p.len)))
             .sum();
         let mut bundle = Vec::with_capacity(wanted_bytes.min(shoal_protocol::CHUNK_BUNDLE_MAX));
         for (path, stamp, pieces) in held {
@@ -397,7 +397,7 @@ impl PeerServer {
             let fits = pieces
                 .iter()
                 .take_while(|piece| {
-                    let frame = piece.len as usize + 36;
+                    let frame = shoal_protocol::frame_len(piece.len);
                     let fits = frame <= room;
                     room = room.saturating_sub(frame);
                     fits

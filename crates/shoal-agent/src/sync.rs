@@ -816,7 +816,10 @@ fn send_contents(
                             sent[index].store(false, Ordering::Relaxed);
                             continue;
                         };
-                        let frames: usize = chunks.iter().map(|c| 36 + c.len as usize).sum();
+                        let frames: usize = chunks
+                            .iter()
+                            .map(|c| shoal_protocol::frame_len(c.len))
+                            .sum();
                         if !bundle.is_empty() && bundle.len() + frames > BUNDLE_CAPACITY {
                             client.put_chunk_bundle(location, std::mem::take(&mut bundle))?;
                         }

@@ -916,7 +916,9 @@ async fn fetch_chunk_bundle(
             let Some(bytes) = store.get_unchecked(hash)? else {
                 continue;
             };
-            if bundle.len() + bytes.len() + 36 > shoal_protocol::CHUNK_BUNDLE_MAX {
+            if bundle.len() + shoal_protocol::frame_len(bytes.len() as u32)
+                > shoal_protocol::CHUNK_BUNDLE_MAX
+            {
                 break;
             }
             shoal_protocol::bundle_chunk(&mut bundle, hash, &bytes);

@@ -155,6 +155,14 @@ pub fn parse_held(list: &[String]) -> Result<HashSet<ContentHash>, crate::WireEr
 /// Most bytes a chunk bundle (`POST …/chunks`) may carry.
 pub const CHUNK_BUNDLE_MAX: usize = 16 << 20;
 
+/// A bundle frame's header: the chunk's BLAKE3 hash (32 bytes) and its length (4 bytes).
+const FRAME_HEADER: usize = 36;
+
+/// The bytes a chunk of `len` bytes takes in a bundle, header included.
+pub fn frame_len(len: u32) -> usize {
+    FRAME_HEADER + len as usize
+}
+
 /// Appends one chunk to a bundle: its BLAKE3 hash (32 bytes), its length (4 bytes, big
 /// endian), its bytes.
 pub fn bundle_chunk(bundle: &mut Vec<u8>, hash: &shoal_core::ContentHash, bytes: &[u8]) {
@@ -182,7 +190,7 @@ pub fn unbundle_chunks(
     let mut chunks = Vec::new();
     let mut rest = body;
     while !rest.is_empty() {
-        if rest.len() < 36 {
+        if rest.len() < FRAME_HEADER {
             return Err(bad(format!(
                 "a chunk bundle ends inside a frame header ({} bytes left)",
                 rest.len()
@@ -191,7 +199,7 @@ pub fn unbundle_chunks(
         let mut hash = [0u8; 32];
         hash.copy_from_slice(&rest[..32]);
         let mut len = [0u8; 4];
-        len.copy_from_slice(&rest[32..36]);
+        len.copy_from_slice(&rest[32..FRAME_HEADER]);
         let len = u32::from_be_bytes(len) as usize;
         if len == 0 || len > shoal_core::CHUNK_MAX {
             return Err(bad(format!(
@@ -199,7 +207,7 @@ pub fn unbundle_chunks(
                 shoal_core::CHUNK_MAX
             )));
         }
-        let Some(bytes) = rest.get(36..36 + len) else {
+        let Some(bytes) = rest.get(FRAME_HEADER..FRAME_HEADER + len) else {
             return Err(bad("a chunk bundle ends inside a chunk".into()));
         };
         let hash = shoal_core::ContentHash(hash);
@@ -207,7 +215,7 @@ pub fn unbundle_chunks(
             return Err(bad(format!("chunk {hash} does not match its bytes")));
         }
         chunks.push((hash, bytes));
-        rest = &rest[36 + len..];
+        rest = &rest[FRAME_HEADER + len..];
     }
     Ok(chunks)
 }
