@@ -692,7 +692,7 @@ fn local_chunks(
         return Ok(local);
     }
     let store = folder.store();
-    for file in store.local_files()?.into_values() {
+    for file in store.local_files()? {
         let Some(old) = file.content.filter(|_| items.contains(&file.item)) else {
             continue;
         };

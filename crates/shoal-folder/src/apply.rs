@@ -182,6 +182,81 @@ fn parent_path(path: &str) -> &str {
     path.rsplit_once('/').map_or("", |(parent, _)| parent)
 }
 
+/// What was last recorded on disk, by path, as materialize changes it: the store's records in
+/// path order, and beside them the records materialize adds (inserting into the middle of a
+/// first sync's records would move all that follow).
+struct Recorded {
+    stored: Vec<LocalFile>,
+    /// Stored records removed or replaced since.
+    gone: Vec<bool>,
+    added: BTreeMap<String, LocalFile>,
+}
+
+impl Recorded {
+    fn new(stored: Vec<LocalFile>) -> Self {
+        debug_assert!(stored.windows(2).all(|w| w[0].path < w[1].path));
+        Recorded {
+            gone: vec![false; stored.len()],
+            stored,
+            added: BTreeMap::new(),
+        }
+    }
+
+    /// The index of the live stored record at `path`.
+    fn stored_at(&self, path: &str) -> Option<usize> {
+        self.stored
+            .binary_search_by(|file| file.path.as_str().cmp(path))
+            .ok()
+            .filter(|index| !self.gone[*index])
+    }
+
+    fn get(&self, path: &str) -> Option<&LocalFile> {
+        match self.added.get(path) {
+            Some(file) => Some(file),
+            None => self.stored_at(path).map(|index| &self.stored[index]),
+        }
+    }
+
+    fn get_mut(&mut self, path: &str) -> Option<&mut LocalFile> {
+        if self.added.contains_key(path) {
+            return self.added.get_mut(path);
+        }
+        let index = self.stored_at(path)?;
+        Some(&mut self.stored[index])
+    }
+
+    fn contains(&self, path: &str) -> bool {
+        self.get(path).is_some()
+    }
+
+    fn remove(&mut self, path: &str) -> Option<LocalFile> {
+        if let Some(file) = self.added.remove(path) {
+            return Some(file);
+        }
+        let index = self.stored_at(path)?;
+        self.gone[index] = true;
+        Some(self.stored[index].clone())
+    }
+
+    /// Records `file` at its path, in place of whatever was recorded there.
+    fn insert(&mut self, file: LocalFile) {
+        if let Some(index) = self.stored_at(&file.path) {
+            self.gone[index] = true;
+        }
+        self.added.insert(file.path.clone(), file);
+    }
+
+    /// Every record, in no particular order.
+    fn iter(&self) -> impl Iterator<Item = &LocalFile> {
+        self.stored
+            .iter()
+            .zip(&self.gone)
+            .filter(|(_, gone)| !**gone)
+            .map(|(file, _)| file)
+            .chain(self.added.values())
+    }
+}
+
 impl FolderReplica {
     fn staged_path(&self, id: u64) -> PathBuf {
         self.staging_dir().join(staged_name(id))
@@ -274,7 +349,7 @@ impl FolderReplica {
             }
         }
         let desired = Desired(tree.placements);
-        let mut recorded = self.store.local_files()?;
+        let mut recorded = Recorded::new(self.store.local_files()?);
         tracing::debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "materialize: loaded records"
@@ -312,7 +387,7 @@ impl FolderReplica {
 
         // 1. Folder moves, shallowest first: one rename moves everything inside.
         let mut folder_moves: Vec<(String, String)> = recorded
-            .values()
+            .iter()
             .filter(|have| have.kind == ItemKind::Directory && have.role == Role::Main)
             .filter(|have| {
                 !desired
@@ -325,7 +400,7 @@ impl FolderReplica {
         for (from, to) in folder_moves {
             let (from_abs, to_abs) = (self.absolute(&from), self.absolute(&to));
             let parent_ok = self.absolute(parent_path(&to)).is_dir();
-            if !recorded.contains_key(&from)
+            if !recorded.contains(&from)
                 || to.starts_with(&format!("{from}/"))
                 || !parent_ok
                 || stat(&to_abs)?.is_some()
@@ -337,17 +412,17 @@ impl FolderReplica {
             report.renamed += 1;
             let prefix = format!("{from}/");
             let moved: Vec<String> = recorded
-                .keys()
+                .iter()
+                .map(|file| &file.path)
                 .filter(|p| **p == from || p.starts_with(&prefix))
                 .cloned()
                 .collect();
             for old in moved {
                 if let Some(mut file) = recorded.remove(&old) {
-                    let new_path = format!("{to}{}", &old[from.len()..]);
+                    file.path = format!("{to}{}", &old[from.len()..]);
                     removed_records.push(old);
-                    file.path = new_path.clone();
                     new_records.push(NewRecord::Kept(Box::new(file.clone())));
-                    recorded.insert(new_path, file);
+                    recorded.insert(file);
                 }
             }
         }
@@ -383,7 +458,7 @@ impl FolderReplica {
                     content: None,
                     ..found.record(path.clone(), want.item, want.role, want.version)
                 };
-                recorded.insert(path.clone(), file.clone());
+                recorded.insert(file.clone());
                 new_records.push(NewRecord::Kept(Box::new(file)));
             }
         }
@@ -399,43 +474,36 @@ impl FolderReplica {
             })
             .collect();
         // Where each wanted content, and each wanted item, is recorded on disk (a copy, or a
-        // rename found without a pass over every record for each wanted file). Only those
-        // records matter: when they far outnumber the wanted files (a round of a large first
-        // sync), the maps are keyed by the wanted side and the other records pass by.
-        let recorded_files: Vec<&LocalFile> = recorded
-            .values()
-            .filter(|f| f.kind == ItemKind::File)
-            .collect();
-        let keyed_by_wanted = wanted_files.len() * 2 < recorded_files.len() * 5;
-        let mut by_hash: HashMap<ContentHash, Vec<String>> = HashMap::new();
-        let mut by_item: HashMap<(ItemId, Role), Vec<String>> = HashMap::new();
-        if keyed_by_wanted {
-            for want in &wanted_files {
-                if let Some(hash) = want.version.entry.content {
-                    by_hash.entry(hash).or_default();
+        // rename found without a pass over every record for each wanted file). Only the
+        // records of a wanted content or item are kept: in a round of a large first sync
+        // most wanted files are new, and most records are of files already in place.
+        let (mut by_hash, by_item) = {
+            let mut hashes: Vec<ContentHash> = wanted_files
+                .iter()
+                .filter_map(|want| want.version.entry.content)
+                .collect();
+            hashes.sort_unstable();
+            hashes.dedup();
+            let mut items: Vec<(ItemId, Role)> = wanted_files
+                .iter()
+                .map(|want| (want.item, want.role))
+                .collect();
+            items.sort_unstable();
+            items.dedup();
+            let mut by_hash: HashMap<ContentHash, Vec<String>> = HashMap::new();
+            let mut by_item: HashMap<(ItemId, Role), Vec<String>> = HashMap::new();
+            for file in recorded.iter().filter(|f| f.kind == ItemKind::File) {
+                if let Some(hash) = file.content.filter(|h| hashes.binary_search(h).is_ok()) {
+                    by_hash.entry(hash).or_default().push(file.path.clone());
                 }
-                by_item.entry((want.item, want.role)).or_default();
+                let item = (file.item, file.role);
+                if items.binary_search(&item).is_ok() {
+                    by_item.entry(item).or_default().push(file.path.clone());
+                }
             }
-        }
-        for file in recorded_files {
-            let (paths_of_hash, paths_of_item) = if keyed_by_wanted {
-                (
-                    file.content.and_then(|hash| by_hash.get_mut(&hash)),
-                    by_item.get_mut(&(file.item, file.role)),
-                )
-            } else {
-                (
-                    file.content.map(|hash| by_hash.entry(hash).or_default()),
-                    Some(by_item.entry((file.item, file.role)).or_default()),
-                )
-            };
-            if let Some(paths) = paths_of_hash {
-                paths.push(file.path.clone());
-            }
-            if let Some(paths) = paths_of_item {
-                paths.push(file.path.clone());
-            }
-        }
+            (by_hash, by_item)
+        };
+        new_records.reserve(wanted_files.len());
         // Waiting to be put in place (borrowing the placements: a copy of each would double
         // the layout's memory on a large first sync).
         let mut ready: Vec<Ready> = Vec::with_capacity(wanted_files.len());
@@ -556,7 +624,7 @@ impl FolderReplica {
                 .is_ok()
         };
         let mut unwanted: Vec<LocalFile> = recorded
-            .values()
+            .iter()
             .filter(|have| {
                 !desired
                     .get(&have.path)
@@ -740,5 +808,77 @@ impl FolderReplica {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_core::{Dot, Knowledge, ReplicaId, WriterId};
+
+    fn record(path: &str, tick: u64) -> LocalFile {
+        LocalFile {
+            path: path.into(),
+            item: ItemId([tick as u8; 16]),
+            role: Role::Main,
+            dot: Dot {
+                writer: WriterId {
+                    replica: ReplicaId([1; 16]),
+                    epoch: 0,
+                },
+                tick,
+            },
+            history: Knowledge::new(),
+            kind: ItemKind::File,
+            content: None,
+            size: tick,
+            mtime_ns: 0,
+            inode: tick,
+            executable: false,
+        }
+    }
+
+    fn paths(recorded: &Recorded) -> Vec<(String, u64)> {
+        let mut all: Vec<_> = recorded.iter().map(|f| (f.path.clone(), f.size)).collect();
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn recorded_files_answer_as_a_map_would_through_removals_and_replacements() {
+        let mut recorded = Recorded::new(vec![record("a", 1), record("b/c", 2), record("d", 3)]);
+        assert_eq!(recorded.get("b/c").map(|f| f.size), Some(2));
+        assert!(recorded.get("b").is_none());
+
+        // Replacing a stored record hides the stored one.
+        recorded.insert(record("b/c", 20));
+        assert_eq!(recorded.get("b/c").map(|f| f.size), Some(20));
+        // A new path between stored ones.
+        recorded.insert(record("c", 30));
+        assert!(recorded.contains("c"));
+        if let Some(file) = recorded.get_mut("a") {
+            file.size = 10;
+        }
+        assert_eq!(
+            paths(&recorded),
+            [
+                ("a".into(), 10),
+                ("b/c".into(), 20),
+                ("c".into(), 30),
+                ("d".into(), 3)
+            ]
+        );
+
+        // Removing gives the record once, wherever it was kept.
+        assert_eq!(recorded.remove("d").map(|f| f.size), Some(3));
+        assert!(recorded.remove("d").is_none());
+        assert_eq!(recorded.remove("b/c").map(|f| f.size), Some(20));
+        assert!(recorded.get("b/c").is_none(), "the stored record came back");
+        assert!(recorded.get_mut("d").is_none());
+        recorded.insert(record("d", 40));
+        assert_eq!(
+            paths(&recorded),
+            [("a".into(), 10), ("c".into(), 30), ("d".into(), 40)]
+        );
     }
 }

@@ -226,7 +226,12 @@ fn every_kind_of_local_change_is_found_and_follows_the_recorded_version() -> Tes
         (3, 1, 2, 1),
         "{report:?}"
     );
-    let records = replica.store().local_files()?;
+    let records: std::collections::BTreeMap<String, shoal_store::LocalFile> = replica
+        .store()
+        .local_files()?
+        .into_iter()
+        .map(|f| (f.path.clone(), f))
+        .collect();
     let touched = fs::metadata(a.join("d2/touch"))?;
     assert_eq!(
         records["d2/touch"].mtime_ns,

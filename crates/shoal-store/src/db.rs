@@ -369,13 +369,24 @@ impl Store {
         Ok(flag.unwrap_or(1) != 0)
     }
 
+    /// The rows a table holds, to size a vector that will hold them all (growing it by
+    /// doubling would keep the old and the new buffer at once).
+    fn count_rows(&self, table: &str) -> Result<usize> {
+        let count: i64 =
+            self.conn
+                .query_row(&format!("SELECT count(*) FROM {table}"), [], |row| {
+                    row.get(0)
+                })?;
+        Ok(usize::try_from(count).unwrap_or(0))
+    }
+
     /// Every item with its current versions.
     pub fn load_items(&self) -> Result<BTreeMap<ItemId, ItemState>> {
         // In table order, grouped in memory: walking the item index would look up every row's
         // body in the table again.
         let mut statement = self.conn.prepare("SELECT item, body FROM versions")?;
+        let mut all: Vec<(ItemId, Version)> = Vec::with_capacity(self.count_rows("versions")?);
         let mut rows = statement.query([])?;
-        let mut all: Vec<(ItemId, Version)> = Vec::new();
         while let Some(row) = rows.next()? {
             let item = ItemId(
                 value(row.get_ref(0)?.as_blob())?
@@ -389,7 +400,7 @@ impl Store {
         }
         // Stable: an item's versions keep the order the table gave them.
         all.sort_by_key(|(item, _)| *item);
-        let mut items = BTreeMap::new();
+        let mut items = Vec::new();
         let mut rest = all.into_iter().peekable();
         while let Some((item, first)) = rest.next() {
             let mut versions = vec![first];
@@ -397,10 +408,12 @@ impl Store {
                 versions.push(version);
             }
             if let Some(state) = ItemState::from_versions(versions) {
-                items.insert(item, state);
+                items.push((item, state));
             }
         }
-        Ok(items)
+        // Built from sorted pairs, the map's nodes are full; inserted one by one in order,
+        // each would be left about half empty.
+        Ok(items.into_iter().collect())
     }
 
     /// One item's current versions.
@@ -536,16 +549,17 @@ impl Store {
         read_content(&self.conn, hash)
     }
 
-    /// What was last recorded on disk, by path.
-    pub fn local_files(&self) -> Result<BTreeMap<String, LocalFile>> {
-        let mut statement = self
-            .conn
-            .prepare(&format!("SELECT {LOCAL_FILE_COLUMNS} FROM local_files"))?;
+    /// What was last recorded on disk, sorted by path (found by binary search: a map would
+    /// hold each path twice, and a first sync records one per file).
+    pub fn local_files(&self) -> Result<Vec<LocalFile>> {
+        // The primary key gives path order, as in `local_records`.
+        let mut statement = self.conn.prepare(&format!(
+            "SELECT {LOCAL_FILE_COLUMNS} FROM local_files ORDER BY path"
+        ))?;
+        let mut files = Vec::with_capacity(self.count_rows("local_files")?);
         let mut rows = statement.query([])?;
-        let mut files = BTreeMap::new();
         while let Some(row) = rows.next()? {
-            let file = local_file_from(row)?;
-            files.insert(file.path.clone(), file);
+            files.push(local_file_from(row)?);
         }
         Ok(files)
     }
