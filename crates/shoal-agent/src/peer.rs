@@ -23,8 +23,8 @@ use axum::routing::{get, post, put};
 use axum::serve::{IncomingStream, Listener};
 use shoal_core::{Batch, BatchLimits, ChunkRef, ContentHash, Knowledge, SyncOffer, plan_batches};
 use shoal_protocol::{
-    ContentFetch, DownloadRequest, DownloadResponse, DownloadResult, ErrorBody, Location,
-    Negotiation, WireBatch, parse_hash, routes, wire_batch,
+    ContentFetch, DownloadRequest, DownloadResponse, ErrorBody, Location, Negotiation, WireBatch,
+    parse_hash, routes, wire_batch,
 };
 use shoal_store::Store;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -46,7 +46,9 @@ const SESSION_TTL: Duration = Duration::from_secs(30 * 60);
 /// when asked for: the wire form of a large plan is several times its size.
 struct Session {
     workspace: String,
-    batches: Arc<Vec<Batch>>,
+    /// The planned batches; each is let go once the caller asks for a later one (it has the
+    /// earlier one whole by then), so a large pull does not hold its whole plan to its end.
+    batches: Arc<Mutex<Vec<Option<Arc<Batch>>>>>,
     held: Arc<HashSet<ContentHash>>,
     created: Instant,
 }
@@ -197,16 +199,22 @@ impl PeerServer {
                     "recovery needed: sync with the hub".into(),
                 ));
             }
-            let mut missing = Vec::new();
-            let mut withheld = false;
-            for (item, version) in store.missing_for(&knowledge)? {
-                // A version the hub refused stays with its author; it does not spread.
-                if store.is_refused(&version.dot)? {
-                    withheld = true;
-                } else {
-                    missing.push((item, version));
+            let mut missing = store.missing_for(&knowledge)?;
+            let found = missing.len();
+            // A version the hub refused stays with its author; it does not spread. Filtered
+            // in place: a first sync's versions are many.
+            let mut failure = None;
+            missing.retain(|(_, version)| match store.is_refused(&version.dot) {
+                Ok(refused) => !refused,
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    false
                 }
+            });
+            if let Some(e) = failure {
+                return Err(e.into());
             }
+            let withheld = missing.len() < found;
             let limits = BatchLimits::default().negotiate(BatchLimits {
                 max_items: request.limits.max_items,
                 max_bytes: request.limits.max_bytes,
@@ -227,7 +235,16 @@ impl PeerServer {
             }
             Ok((planned, offer.knowledge.compact().to_string()))
         })?;
-        let first = self.wire_batch(ws, &session, &batches, 0, &held)?;
+        let first = self.wire_batch(ws, &session, &batches[0], 0, batches.len(), &held)?;
+        // The first batch is in the response; the caller asks for the later ones.
+        let batches: Vec<Option<Arc<Batch>>> = std::iter::once(None)
+            .chain(
+                batches
+                    .into_iter()
+                    .skip(1)
+                    .map(|batch| Some(Arc::new(batch))),
+            )
+            .collect();
         let mut sessions = self
             .sessions
             .lock()
@@ -237,7 +254,7 @@ impl PeerServer {
             session.clone(),
             Session {
                 workspace: ws.to_owned(),
-                batches: Arc::new(batches),
+                batches: Arc::new(Mutex::new(batches)),
                 held: Arc::new(held),
                 created: Instant::now(),
             },
@@ -252,24 +269,22 @@ impl PeerServer {
         })
     }
 
-    /// Batch `index` of a session's plan in wire form, with the chunk lists it needs.
+    /// Batch `index` of a session's plan of `count` batches in wire form, with the chunk lists
+    /// it needs.
     fn wire_batch(
         &self,
         ws: &str,
         session: &str,
-        batches: &[Batch],
+        batch: &Batch,
         index: usize,
+        count: usize,
         held: &HashSet<ContentHash>,
     ) -> Result<WireBatch, PeerError> {
-        let batch = batches
-            .get(index)
-            .ok_or_else(|| PeerError(StatusCode::NOT_FOUND, "no such batch".into()))?;
         let locations = [Location {
             transport: "peer".into(),
             url: routes::peer_contents(ws),
         }];
-        let next =
-            (index + 1 < batches.len()).then(|| routes::download_batch(ws, session, index + 1));
+        let next = (index + 1 < count).then(|| routes::download_batch(ws, session, index + 1));
         self.with_store(ws, |store| {
             Ok(wire_batch(
                 batch,
@@ -449,16 +464,28 @@ async fn download_batch(
     Path((ws, session, index)): Path<(String, String, usize)>,
 ) -> Result<axum::Json<WireBatch>, PeerError> {
     server.authorize(&conn, &ws)?;
+    let poisoned = || PeerError(StatusCode::INTERNAL_SERVER_ERROR, "poisoned".into());
+    let no_batch = || PeerError(StatusCode::NOT_FOUND, "no such batch".into());
     let (batches, held) = server
         .sessions
         .lock()
-        .map_err(|_| PeerError(StatusCode::INTERNAL_SERVER_ERROR, "poisoned".into()))?
+        .map_err(|_| poisoned())?
         .get(&session)
         .filter(|s| s.workspace == ws)
         .map(|s| (s.batches.clone(), s.held.clone()))
-        .ok_or_else(|| PeerError(StatusCode::NOT_FOUND, "no such batch".into()))?;
+        .ok_or_else(no_batch)?;
+    let (batch, count) = {
+        let mut batches = batches.lock().map_err(|_| poisoned())?;
+        batches
+            .iter_mut()
+            .take(index)
+            .for_each(|served| *served = None);
+        // Asked again (a retry), it is still there.
+        let batch = batches.get(index).cloned().flatten();
+        (batch.ok_or_else(no_batch)?, batches.len())
+    };
     blocking(server.serving.clone(), move || {
-        server.wire_batch(&ws, &session, &batches, index, &held)
+        server.wire_batch(&ws, &session, &batch, index, count, &held)
     })
     .await
     .map(axum::Json)
@@ -468,11 +495,18 @@ async fn download_result(
     State(server): State<Shared>,
     ConnectInfo(conn): ConnectInfo<PeerConn>,
     Path((ws, session)): Path<(String, String)>,
-    // Read whole though a peer keeps nothing of it: a body left unread made the server drop
-    // the connection while the caller was still sending, and the pull fail at its very end.
-    axum::Json(_result): axum::Json<DownloadResult>,
+    body: axum::body::Body,
 ) -> Result<StatusCode, PeerError> {
     server.authorize(&conn, &ws)?;
+    // Read to its end though a peer keeps nothing of it: a body left unread made the server
+    // drop the connection while the caller was still sending, and the pull fail at its very
+    // end. Not parsed or held either: a large pull's result lists every item.
+    let mut body = std::pin::pin!(body);
+    while let Some(frame) =
+        std::future::poll_fn(|cx| axum::body::HttpBody::poll_frame(body.as_mut(), cx)).await
+    {
+        frame.map_err(|e| PeerError(StatusCode::BAD_REQUEST, format!("result: {e}")))?;
+    }
     let mut sessions = server
         .sessions
         .lock()

@@ -1143,20 +1143,29 @@ fn upload(
     report: &mut SyncReport,
 ) -> Result<(), AgentError> {
     let give_way = options.give_way;
-    let mut missing = Vec::new();
     let store = folder.store();
     let own = store.identity().replica;
-    let mut withheld = false;
-    for (item, version) in store.missing_for(hub_knowledge)? {
-        // A refused version stays refused until an owner lifts it; it is not offered again.
-        if store.is_refused(&version.dot)?
-            || options.own_versions_only && version.dot.writer.replica != own
-        {
-            withheld = true;
-        } else {
-            missing.push((item, version));
+    let mut missing = store.missing_for(hub_knowledge)?;
+    let found = missing.len();
+    // A refused version stays refused until an owner lifts it; it is not offered again.
+    // Filtered in place: a first sync's versions are many.
+    let mut failure = None;
+    missing.retain(|(_, version)| {
+        if options.own_versions_only && version.dot.writer.replica != own {
+            return false;
         }
+        match store.is_refused(&version.dot) {
+            Ok(refused) => !refused,
+            Err(e) => {
+                failure.get_or_insert(e);
+                false
+            }
+        }
+    });
+    if let Some(e) = failure {
+        return Err(e.into());
     }
+    let withheld = missing.len() < found;
     if missing.is_empty() {
         return Ok(());
     }

@@ -115,26 +115,37 @@ pub fn plan_batches(
     limits: BatchLimits,
 ) -> Vec<Batch> {
     missing.sort_by_key(|(_, v)| v.dot);
-    let mut batches = Vec::new();
-    let mut current: Vec<(ItemId, Version)> = Vec::new();
-    let mut bytes = 0u64;
-    for entry in missing {
-        let weight = entry_weight(&entry.1);
-        if !current.is_empty()
-            && (current.len() >= limits.max_items || bytes + weight > limits.max_bytes)
-        {
-            batches.push(partial_batch(std::mem::take(&mut current)));
+    // Where each batch starts.
+    let mut starts = vec![0];
+    let (mut count, mut bytes) = (0usize, 0u64);
+    for (index, (_, version)) in missing.iter().enumerate() {
+        let weight = entry_weight(version);
+        if count > 0 && (count >= limits.max_items || bytes + weight > limits.max_bytes) {
+            starts.push(index);
+            count = 0;
             bytes = 0;
         }
+        count += 1;
         bytes += weight;
-        current.push(entry);
     }
-    batches.push(Batch {
-        versions: current,
-        learned: sender.knowledge.clone(),
-        last: true,
-        forgotten: sender.forgotten.clone(),
-    });
+    // Cut from the end, giving back what each cut leaves: a large first sync's versions are
+    // then held about once while they are cut, not twice.
+    let mut batches = Vec::with_capacity(starts.len());
+    while let Some(start) = starts.pop() {
+        let versions = missing.split_off(start);
+        missing.shrink_to_fit();
+        batches.push(if batches.is_empty() {
+            Batch {
+                versions,
+                learned: sender.knowledge.clone(),
+                last: true,
+                forgotten: sender.forgotten.clone(),
+            }
+        } else {
+            partial_batch(versions)
+        });
+    }
+    batches.reverse();
     batches
 }
 

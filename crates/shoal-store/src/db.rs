@@ -451,10 +451,24 @@ impl Store {
             }
         }
         let prefix = receiver.prefix();
+        // Sized first (an upper bound: the receiver may hold some above its prefix), so that a
+        // first sync's versions are not held twice while the vector doubles.
+        let mut counting = self.conn.prepare_cached(
+            "SELECT count(*) FROM versions WHERE w_replica = ?1 AND w_epoch = ?2 AND tick > ?3",
+        )?;
+        let mut capacity = 0usize;
+        for writer in &writers {
+            let from = prefix.get(writer) as i64;
+            let count: i64 = counting.query_row(
+                params![writer.replica.0.to_vec(), writer.epoch, from],
+                |row| row.get(0),
+            )?;
+            capacity += usize::try_from(count).unwrap_or(0);
+        }
         let mut statement = self
             .conn
             .prepare_cached("SELECT item, body, tick FROM versions WHERE w_replica = ?1 AND w_epoch = ?2 AND tick > ?3")?;
-        let mut missing = Vec::new();
+        let mut missing = Vec::with_capacity(capacity);
         for writer in writers {
             let from = prefix.get(&writer) as i64;
             let mut rows =
