@@ -287,3 +287,91 @@ pub fn dead_versions<'a>(
         .filter(|(id, dot)| sender_knowledge.contains(dot) && !sender_has_seen(id, dot))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Entry, ItemKind, ReplicaId, WriterId};
+
+    fn version(writer: u8, tick: u64, size: u64) -> (ItemId, Version) {
+        let dot = Dot {
+            writer: WriterId {
+                replica: ReplicaId([writer; 16]),
+                epoch: 0,
+            },
+            tick,
+        };
+        let entry = Entry {
+            parent: ItemId([0; 16]),
+            name: format!("f{writer}-{tick}"),
+            kind: ItemKind::File,
+            deleted: false,
+            content: None,
+            size,
+            mtime_ns: 0,
+            executable: false,
+        };
+        let version = Version {
+            dot,
+            context: Knowledge::new(),
+            entry,
+            written_at: 0,
+            device: String::new(),
+            user: String::new(),
+        };
+        (ItemId([writer ^ tick as u8; 16]), version)
+    }
+
+    #[test]
+    fn batches_keep_dot_order_and_both_limits_and_only_the_last_teaches_everything() {
+        // Two writers, sizes cycling so that the byte limit cuts some batches early; one
+        // version alone heavier than the limit.
+        let mut missing: Vec<(ItemId, Version)> = (1..=40)
+            .flat_map(|tick| [version(2, tick, tick % 7 * 100), version(1, tick, 50)])
+            .collect();
+        missing.push(version(3, 1, 10_000));
+        let sender = SyncOffer {
+            knowledge: {
+                let mut all = Knowledge::new();
+                missing.iter().for_each(|(_, v)| all.add(v.dot));
+                all
+            },
+            forgotten: VersionVector::new(),
+        };
+        let limits = BatchLimits {
+            max_items: 7,
+            max_bytes: 1_500,
+        };
+        let mut expected = missing.clone();
+        expected.sort_by_key(|(_, v)| v.dot);
+        let batches = plan_batches(missing, &sender, limits);
+
+        let joined: Vec<(ItemId, Version)> =
+            batches.iter().flat_map(|b| b.versions.clone()).collect();
+        assert_eq!(joined, expected, "every version once, in dot order");
+        let last = batches.len() - 1;
+        for (index, batch) in batches.iter().enumerate() {
+            assert!(!batch.versions.is_empty());
+            assert!(batch.versions.len() <= limits.max_items);
+            let bytes: u64 = batch.versions.iter().map(|(_, v)| entry_weight(v)).sum();
+            assert!(batch.versions.len() == 1 || bytes <= limits.max_bytes);
+            assert_eq!(batch.last, index == last);
+            if index == last {
+                assert_eq!(batch.learned, sender.knowledge);
+            } else {
+                assert_eq!(batch.learned, batch.carried());
+                // Cut only where the next version would break a limit.
+                let next = &batches[index + 1].versions[0].1;
+                assert!(
+                    batch.versions.len() == limits.max_items
+                        || bytes + entry_weight(next) > limits.max_bytes
+                );
+            }
+        }
+        assert!(batches.len() > 81 / 7, "the byte limit cut some batches");
+
+        let empty = plan_batches(Vec::new(), &sender, limits);
+        assert_eq!(empty.len(), 1);
+        assert!(empty[0].last && empty[0].versions.is_empty());
+    }
+}

@@ -64,9 +64,17 @@ pub(crate) struct Staged {
     pub(crate) files: Vec<(ContentHash, u64)>,
 }
 
-/// The file name of the staged file `id`.
+/// Where in the staging folder the staged file `id` is: in the shard its low byte names.
+/// Each fetching thread stages into a shard of its own, because threads creating files in one
+/// folder wait on that folder's lock for as long as each creation takes.
 fn staged_name(id: u64) -> String {
-    format!("{id:016x}")
+    format!("{:02x}/{id:016x}", id & 0xff)
+}
+
+/// A new staged file id in the shard of the calling thread.
+fn new_staged_id() -> u64 {
+    let shard = rayon::current_thread_index().unwrap_or(0) as u64 & 0xff;
+    rand::random::<u64>() & !0xff | shard
 }
 
 fn stat_matches(path: &Path, recorded: &LocalFile) -> bool {
@@ -295,10 +303,14 @@ impl FolderReplica {
         }
         progress.start("transfer", wanted.values().sum());
         let staging = self.staging_dir();
+        for shard in 0..rayon::current_num_threads().min(256) {
+            let dir = staging.join(format!("{shard:02x}"));
+            fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        }
         let fetched: Vec<(ContentHash, u64)> = wanted
             .par_iter()
             .filter_map(|(hash, size)| {
-                let id = rand::random::<u64>();
+                let id = new_staged_id();
                 let part = staging.join(staged_name(id));
                 let ok = source.copy_to(hash, &part);
                 if !ok {
@@ -793,7 +805,8 @@ impl FolderReplica {
             .store
             .all_staged()?
             .into_iter()
-            .partition(|(hash, _)| waiting.contains(hash));
+            // A listing whose file is gone (an older shoal's layout) is no use either.
+            .partition(|(hash, id)| waiting.contains(hash) && self.staged_path(*id).is_file());
         if !unwanted.is_empty() {
             let mut tx = self.store.begin()?;
             for (hash, _) in &unwanted {
@@ -803,9 +816,19 @@ impl FolderReplica {
         }
         let kept: HashSet<String> = kept.iter().map(|(_, id)| staged_name(*id)).collect();
         for entry in entries {
-            if !kept.contains(&*entry.file_name().to_string_lossy()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 let _ = fs::remove_file(entry.path());
+                continue;
             }
+            for file in fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+                let staged = format!("{name}/{}", file.file_name().to_string_lossy());
+                if !kept.contains(&staged) {
+                    let _ = fs::remove_file(file.path());
+                }
+            }
+            // Gone when empty, so that a folder with nothing staged is found empty at once.
+            let _ = fs::remove_dir(entry.path());
         }
         Ok(())
     }
