@@ -224,7 +224,7 @@ const PREFETCH_CONTENT_MAX: u64 = 1 << 20;
 const PREFETCH_MAX: u64 = 32 << 20;
 /// Of the next batch, while the current one is written, at most this much: the rest comes
 /// when it is the current one, so two batches' chunks are not held at once.
-const AHEAD_MAX: u64 = 4 << 20;
+const AHEAD_MAX: u64 = 2 << 20;
 
 impl<'a> HubSource<'a> {
     fn new(
