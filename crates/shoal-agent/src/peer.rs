@@ -200,21 +200,8 @@ impl PeerServer {
                 ));
             }
             let mut missing = store.missing_for(&knowledge)?;
-            let found = missing.len();
-            // A version the hub refused stays with its author; it does not spread. Filtered
-            // in place: a first sync's versions are many.
-            let mut failure = None;
-            missing.retain(|(_, version)| match store.is_refused(&version.dot) {
-                Ok(refused) => !refused,
-                Err(e) => {
-                    failure.get_or_insert(e);
-                    false
-                }
-            });
-            if let Some(e) = failure {
-                return Err(e.into());
-            }
-            let withheld = missing.len() < found;
+            // A version the hub refused stays with its author; it does not spread.
+            let withheld = store.drop_refused(&mut missing)?;
             let limits = BatchLimits::default().negotiate(BatchLimits {
                 max_items: request.limits.max_items,
                 max_bytes: request.limits.max_bytes,

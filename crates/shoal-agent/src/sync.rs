@@ -1147,24 +1147,11 @@ fn upload(
     let own = store.identity().replica;
     let mut missing = store.missing_for(hub_knowledge)?;
     let found = missing.len();
-    // A refused version stays refused until an owner lifts it; it is not offered again.
-    // Filtered in place: a first sync's versions are many.
-    let mut failure = None;
-    missing.retain(|(_, version)| {
-        if options.own_versions_only && version.dot.writer.replica != own {
-            return false;
-        }
-        match store.is_refused(&version.dot) {
-            Ok(refused) => !refused,
-            Err(e) => {
-                failure.get_or_insert(e);
-                false
-            }
-        }
-    });
-    if let Some(e) = failure {
-        return Err(e.into());
+    if options.own_versions_only {
+        missing.retain(|(_, version)| version.dot.writer.replica == own);
     }
+    // A refused version stays refused until an owner lifts it; it is not offered again.
+    store.drop_refused(&mut missing)?;
     let withheld = missing.len() < found;
     if missing.is_empty() {
         return Ok(());

@@ -691,6 +691,24 @@ impl Store {
         Ok(refused)
     }
 
+    /// Removes the refused versions from `versions`, in place (a first sync's versions are
+    /// many); true when any was removed.
+    pub fn drop_refused(&self, versions: &mut Vec<(ItemId, Version)>) -> Result<bool> {
+        let before = versions.len();
+        let mut failure = None;
+        versions.retain(|(_, version)| match self.is_refused(&version.dot) {
+            Ok(refused) => !refused,
+            Err(e) => {
+                failure.get_or_insert(e);
+                false
+            }
+        });
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(versions.len() < before),
+        }
+    }
+
     /// Whether the version `dot` was refused.
     pub fn is_refused(&self, dot: &Dot) -> Result<bool> {
         // Asked once per version served: a cached statement, not one parsed each time.
