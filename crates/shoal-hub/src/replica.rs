@@ -641,12 +641,16 @@ mod tests {
         let mut misnamed = content.clone();
         misnamed.hash = ContentHash::of(&bytes);
         assert!(!replica.complete(&misnamed)?);
-        // A chunk file cut short on disk: the content is not complete, and the bad chunk goes.
-        let damaged = &content.chunks[1];
-        let name = damaged.hash.to_string();
-        let path = dir.path().join("chunks").join(&name[..2]).join(&name[2..]);
-        let on_disk = std::fs::read(&path)?;
-        std::fs::write(&path, &on_disk[..on_disk.len() / 2])?;
+        // The pack cut short on disk (a power cut before the flush) takes the end of the last
+        // chunk written with it: the content is not complete, and the bad chunk goes.
+        let damaged = content.chunks.last().ok_or("no chunks")?;
+        let packs = dir.path().join("chunks").join("packs");
+        let pack = std::fs::read_dir(&packs)?
+            .next()
+            .ok_or("no pack was written")??
+            .path();
+        let file = std::fs::OpenOptions::new().write(true).open(&pack)?;
+        file.set_len(file.metadata()?.len() - 10)?;
         assert!(!replica.complete(&content)?);
         assert!(
             !replica.chunks.contains(&damaged.hash),
