@@ -175,22 +175,6 @@ pub(crate) fn bundle_pieces<P: std::borrow::Borrow<ChunkRef>>(
 /// Contents at least this large have each group's writeback started once it is written.
 const EARLY_WRITEBACK_MIN: u64 = 8 << 20;
 
-/// Starts writing a range of `file` to disk without waiting for it, so the disk works while
-/// the rest of the content is fetched and the batch's flush finds little left to write.
-#[allow(unsafe_code)]
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-        return;
-    };
-    // SAFETY: the descriptor is borrowed from a live File for the whole call; the call only
-    // queues writeback and touches no memory of this process. A failure only means the
-    // batch's flush writes the range instead.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
-    }
-}
-
 /// Gives the memory freed by a batch back to the system. Its chunks were allocated on several
 /// threads, so the allocator holds them in several arenas that it would otherwise keep, and
 /// the next batch would grow the process further instead of reusing them.
@@ -603,7 +587,7 @@ impl ContentSource for HubSource<'_> {
                 );
                 let written_back = || {
                     if content.size >= EARLY_WRITEBACK_MIN {
-                        start_writeback(&file, span.0, span.1);
+                        shoal_store::start_writeback(&file, span.0, span.1);
                     }
                 };
                 if self.copy_local_run(group, &file, &mut run) {

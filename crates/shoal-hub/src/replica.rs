@@ -475,6 +475,7 @@ impl WorkspaceReplica {
             0
         };
         let mut quota_counted: HashSet<ContentHash> = HashSet::new();
+        let started = std::time::Instant::now();
         for (_, version) in &pending.versions {
             let dot = version.dot;
             // Judged by its author's role when the hub knows the author (a peer may upload a
@@ -552,10 +553,12 @@ impl WorkspaceReplica {
             last: pending.last,
             forgotten: Default::default(),
         };
+        let checked_ms = started.elapsed().as_millis() as u64;
         // The chunks these versions need must be durable before the versions are.
         if !arrived.is_empty() {
             self.chunks.flush()?;
         }
+        let flushed_ms = started.elapsed().as_millis() as u64;
         let now = now_ns();
         let mut tx = self.store.begin()?;
         for (_, version) in &pending.versions {
@@ -577,6 +580,13 @@ impl WorkspaceReplica {
             }
         }
         tx.commit()?;
+        tracing::debug!(
+            versions = pending.versions.len(),
+            checked_ms,
+            flushed_ms,
+            committed_ms = started.elapsed().as_millis() as u64,
+            "commit"
+        );
         let conflicts: HashSet<ItemId> = report.conflicts.iter().copied().collect();
         let items = pending
             .versions

@@ -403,10 +403,31 @@ pub enum ChunkError {
     Poisoned,
 }
 
+/// Starts writing a range of `file` to disk without waiting for it, so the disk works while
+/// the rest of the content arrives and the flush that makes it durable finds little left to
+/// write.
+#[allow(unsafe_code)]
+pub fn start_writeback(file: &fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: the descriptor is borrowed from a live File for the whole call; the call only
+    // queues writeback and touches no memory of this process. A failure only means the
+    // batch's flush writes the range instead.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// Chunks shorter than the smallest cut (a small file, or the tail of a larger one) are kept
 /// in one table instead of a file each: creating a file and its inode costs far more than a
 /// few kilobytes, and a first sync of many small files would create one per file.
 const SMALL_BELOW: usize = CHUNK_MIN;
+
+/// An append at least this long has its writeback started at once: a large upload is then
+/// mostly on disk when its commit flushes.
+const EARLY_WRITEBACK_MIN: u64 = 1 << 20;
 
 /// A pack takes no more chunks once it is this long; the next chunk starts a new one.
 const PACK_MAX: u64 = 256 << 20;
@@ -428,7 +449,8 @@ pub struct ChunkStore {
 #[derive(Debug, Default)]
 struct Packs {
     /// The pack this store appends to. Each opened store starts its own, so two stores (or
-    /// processes) on one folder never share the end of a pack.
+    /// processes) on one folder never share the end of a pack. (A pack per parallel upload
+    /// was measured slower: the disk then writes several files back at once.)
     writing: Mutex<Option<PackWriter>>,
     /// Packs opened for reading, by id.
     open: Mutex<HashMap<i64, Arc<fs::File>>>,
@@ -729,6 +751,9 @@ impl ChunkStore {
                 .map_err(Self::io(&self.pack_path(pack)))?;
             offsets.push(at);
             at += bytes.len() as u64;
+        }
+        if total >= EARLY_WRITEBACK_MIN {
+            start_writeback(&file, start, total);
         }
         Ok(Appended { pack, offsets })
     }
@@ -1208,6 +1233,44 @@ mod tests {
         assert!(reopened.put(&ContentHash::of(&more), &more)?);
         assert_eq!(packs_under(dir.path()).len(), 3);
         assert_eq!(first.get(&ContentHash::of(&more))?, Some(more));
+        Ok(())
+    }
+
+    #[test]
+    fn parallel_appends_in_one_store_lose_nothing() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = ChunkStore::open(dir.path())?;
+        let chunks: Vec<Vec<u8>> = (0..64).map(|i| pseudo_random(CHUNK_AVG, 200 + i)).collect();
+        std::thread::scope(|scope| -> Result<(), ChunkError> {
+            let writers: Vec<_> = (0..4)
+                .map(|n| {
+                    let (store, chunks) = (&store, &chunks);
+                    scope.spawn(move || -> Result<(), ChunkError> {
+                        for pair in chunks.chunks(2).skip(n).step_by(4) {
+                            let bundle: Vec<_> =
+                                pair.iter().map(|b| (ContentHash::of(b), &b[..])).collect();
+                            store.put_many_checked(&bundle)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for writer in writers {
+                writer.join().map_err(|_| ChunkError::Poisoned)??;
+            }
+            Ok(())
+        })?;
+        let packs = packs_under(dir.path());
+        assert!((1..=4).contains(&packs.len()), "{packs:?}");
+        let written: u64 = packs.iter().map(|(_, len)| len).sum();
+        assert_eq!(
+            written,
+            (chunks.len() * CHUNK_AVG) as u64,
+            "a chunk was overwritten or doubled"
+        );
+        for bytes in &chunks {
+            assert_eq!(store.get(&ContentHash::of(bytes))?.as_ref(), Some(bytes));
+        }
         Ok(())
     }
 

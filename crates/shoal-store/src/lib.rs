@@ -7,7 +7,9 @@
 mod chunks;
 mod db;
 
-pub use chunks::{ChunkError, ChunkStore, chunk_bytes, chunk_reader, rechunk_reader};
+pub use chunks::{
+    ChunkError, ChunkStore, chunk_bytes, chunk_reader, rechunk_reader, start_writeback,
+};
 pub use db::{
     ContentIndex, Identity, LocalFile, LocalRecords, LocalStat, Store, StoreError, Transaction,
 };
