@@ -523,15 +523,6 @@ impl<'a> HubSource<'a> {
                         chunk.len as usize,
                     )
                     .ok(),
-                "file" => {
-                    let name = chunk.hash.to_string();
-                    std::fs::read(
-                        PathBuf::from(&location.url)
-                            .join(&name[..2])
-                            .join(&name[2..]),
-                    )
-                    .ok()
-                }
                 _ => None,
             };
             if let Some(bytes) = bytes.filter(|b| ContentHash::of(b) == chunk.hash) {

@@ -947,7 +947,7 @@ async fn put_chunk(
         if role == Role::Reader {
             return Err(HubError::Forbidden("readers cannot upload content".into()));
         }
-        // Chunk files need no replica lock, so uploads run in parallel with each other and
+        // Chunks need no replica lock, so uploads run in parallel with each other and
         // with a commit.
         let chunks = with_replica(&workspace, |r| Ok(r.chunk_store()))?;
         if body.len() > shoal_store::CHUNK_MAX {

@@ -2,7 +2,8 @@
 //! of every workspace so that devices sync through it, online or not (store-and-forward).
 //!
 //! [`serve`] runs the HTTP API described in `docs/protocol.md`; [`add_user`] manages accounts.
-//! Metadata lives in SQLite under the data directory, content as chunk files beside it.
+//! Metadata lives in SQLite under the data directory, content as chunks in pack files beside
+//! it.
 //! Presence (who is connected, where, knowing what) is kept in memory and streamed to each
 //! device's contacts; the hub also relays sync-negotiation messages and counts its work.
 

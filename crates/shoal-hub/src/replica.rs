@@ -5,7 +5,7 @@
 //! one request per workspace at a time.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use shoal_core::{
@@ -49,7 +49,6 @@ pub(crate) struct WorkspaceReplica {
     id: String,
     store: Store,
     chunks: ChunkStore,
-    chunk_dir: PathBuf,
     downloads: HashMap<String, DownloadSession>,
     uploads: HashMap<String, PendingUpload>,
 }
@@ -81,7 +80,6 @@ impl WorkspaceReplica {
             id: id.to_owned(),
             store,
             chunks,
-            chunk_dir,
             downloads: HashMap::new(),
             uploads: HashMap::new(),
         })
@@ -182,16 +180,10 @@ impl WorkspaceReplica {
     }
 
     fn locations(&self) -> Vec<Location> {
-        vec![
-            Location {
-                transport: "http".into(),
-                url: routes::chunks(&self.id),
-            },
-            Location {
-                transport: "file".into(),
-                url: self.chunk_dir.display().to_string(),
-            },
-        ]
+        vec![Location {
+            transport: "http".into(),
+            url: routes::chunks(&self.id),
+        }]
     }
 
     /// Starts a download for a caller holding `knowledge`.
@@ -413,7 +405,7 @@ impl WorkspaceReplica {
     }
 
     /// The workspace's chunks, for reads and writes that need no lock on the replica (chunks
-    /// are named by their content and written whole: a file each, or a row for small ones).
+    /// are named by their content, and a chunk's row is written only after its bytes).
     pub(crate) fn chunk_store(&self) -> ChunkStore {
         self.chunks.clone()
     }

@@ -89,11 +89,11 @@ pub struct WireLimits {
 /// Where content can be fetched or put, and how.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Location {
-    /// `http` (ranged, resumable) or `file` (a directory of chunk files on a shared file
-    /// system).
+    /// `http` (a hub's chunks: ranged, resumable, or many in one bundle) or `peer` (a
+    /// device's chunks of the contents it holds). Others are ignored.
     pub transport: String,
     /// For `http`, a URL path on the same server whose `/{chunk hash}` serves each chunk; for
-    /// `file`, an absolute directory path holding `ab/cdef…` chunk files.
+    /// `peer`, one whose `/{content hash}/{chunk hash}` does.
     pub url: String,
 }
 
