@@ -432,6 +432,9 @@ const EARLY_WRITEBACK_MIN: u64 = 1 << 20;
 /// A pack takes no more chunks once it is this long; the next chunk starts a new one.
 const PACK_MAX: u64 = 256 << 20;
 
+/// At most this many packs are kept open for reading.
+const OPEN_PACKS_MAX: usize = 64;
+
 /// Chunks stored once each: small ones as rows of one SQLite table (`small.db`), the others
 /// appended to pack files (`packs/`) with where each lies recorded in the same database.
 /// Creating a file per chunk cost more than writing its bytes: a 512 MiB upload made about
@@ -567,6 +570,10 @@ impl ChunkStore {
         match fs::File::open(&path) {
             Ok(file) => {
                 let file = Arc::new(file);
+                // A hub holding terabytes has thousands of packs: keep few descriptors open.
+                if open.len() >= OPEN_PACKS_MAX {
+                    open.clear();
+                }
                 open.insert(pack, file.clone());
                 Ok(Some(file))
             }
@@ -1270,6 +1277,27 @@ mod tests {
         );
         for bytes in &chunks {
             assert_eq!(store.get(&ContentHash::of(bytes))?.as_ref(), Some(bytes));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn chunks_in_more_packs_than_are_kept_open_are_all_read()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let chunks: Vec<Vec<u8>> = (0..OPEN_PACKS_MAX as u64 + 3)
+            .map(|i| pseudo_random(CHUNK_MIN, 500 + i))
+            .collect();
+        for bytes in &chunks {
+            // Each store writes a pack of its own.
+            ChunkStore::open(dir.path())?.put(&ContentHash::of(bytes), bytes)?;
+        }
+        assert_eq!(packs_under(dir.path()).len(), chunks.len());
+        let store = ChunkStore::open(dir.path())?;
+        for _ in 0..2 {
+            for bytes in &chunks {
+                assert_eq!(store.get(&ContentHash::of(bytes))?.as_ref(), Some(bytes));
+            }
         }
         Ok(())
     }
