@@ -1,6 +1,7 @@
 //! One sync round of one workspace with the hub: scan, upload what the hub lacks, download
 //! what this device lacks, bring the folder in line.
 
+use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::PathBuf;
@@ -93,7 +94,7 @@ struct HubSource<'a> {
     /// Chunks fetched ahead in bundles, by hash, with how many more times each is wanted:
     /// given up at its last use, so a batch's chunks leave memory as its files are written
     /// (while the next batch's arrive).
-    prefetched: Mutex<HashMap<ContentHash, (Vec<u8>, usize)>>,
+    prefetched: Mutex<HashMap<ContentHash, (Bytes, usize)>>,
     /// Chunks this device already holds in its files (the older contents of the items being
     /// received): (file, offset, length) by hash, read instead of fetched.
     local: HashMap<ContentHash, (PathBuf, u64, u32)>,
@@ -347,7 +348,7 @@ impl<'a> HubSource<'a> {
         }
         let groups = bundle_groups(wanted);
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let fetched: Vec<HashMap<ContentHash, Vec<u8>>> = std::thread::scope(|scope| {
+        let fetched: Vec<HashMap<ContentHash, Bytes>> = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..PARALLEL_TRANSFERS.min(groups.len()))
                 .map(|_| {
                     scope.spawn(|| {
@@ -375,10 +376,10 @@ impl<'a> HubSource<'a> {
     /// One bundle's worth of chunks from the nearest holders: peers first, then the hub's
     /// locations. Returns the chunks that arrived (each checked), by hash; the caller fetches
     /// any others one by one.
-    fn fetch_group(&self, group: &[(ContentHash, &ChunkRef)]) -> HashMap<ContentHash, Vec<u8>> {
+    fn fetch_group(&self, group: &[(ContentHash, &ChunkRef)]) -> HashMap<ContentHash, Bytes> {
         use std::sync::atomic::Ordering::Relaxed;
-        let mut got: HashMap<ContentHash, Vec<u8>> = HashMap::new();
-        let missing = |got: &HashMap<ContentHash, Vec<u8>>| -> Vec<(ContentHash, &ChunkRef)> {
+        let mut got: HashMap<ContentHash, Bytes> = HashMap::new();
+        let missing = |got: &HashMap<ContentHash, Bytes>| -> Vec<(ContentHash, &ChunkRef)> {
             let mut asked = HashSet::new();
             group
                 .iter()
@@ -473,7 +474,7 @@ impl<'a> HubSource<'a> {
     }
 
     /// A chunk fetched ahead; its last use takes it out of memory.
-    fn take_prefetched(&self, hash: &ContentHash) -> Option<Vec<u8>> {
+    fn take_prefetched(&self, hash: &ContentHash) -> Option<Bytes> {
         let mut prefetched = lock(&self.prefetched);
         let (bytes, left) = prefetched.get_mut(hash)?;
         if *left > 1 {
@@ -483,14 +484,14 @@ impl<'a> HubSource<'a> {
         prefetched.remove(hash).map(|(bytes, _)| bytes)
     }
 
-    fn chunk(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
+    fn chunk(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Bytes> {
         use std::sync::atomic::Ordering::Relaxed;
         if let Some(bytes) = self.take_prefetched(&chunk.hash) {
             return Some(bytes); // counted when fetched
         }
         if let Some(bytes) = self.fetch_from_peers(content, chunk) {
             self.from_peers.fetch_add(bytes.len() as u64, Relaxed);
-            return Some(bytes);
+            return Some(bytes.into());
         }
         let (bytes, from_peer) = self.fetch_from_locations(content, chunk)?;
         let counter = if from_peer {
@@ -499,7 +500,7 @@ impl<'a> HubSource<'a> {
             &self.from_hub
         };
         counter.fetch_add(bytes.len() as u64, Relaxed);
-        Some(bytes)
+        Some(bytes.into())
     }
 
     /// One chunk from the first location that has it, and whether that is a peer.
@@ -585,11 +586,11 @@ impl ContentSource for HubSource<'_> {
                     written_back();
                     continue;
                 }
-                let mut here: HashMap<ContentHash, Vec<u8>> = HashMap::new();
+                let mut here: HashMap<ContentHash, Bytes> = HashMap::new();
                 let mut open = HashMap::new();
                 for (_, chunk) in group {
                     if let Some(bytes) = self.local_chunk(chunk, &mut open) {
-                        here.insert(chunk.hash, bytes);
+                        here.insert(chunk.hash, bytes.into());
                     }
                 }
                 let remote: Vec<(ContentHash, &ChunkRef)> = group

@@ -377,7 +377,7 @@ impl HubClient {
         &self,
         location: &str,
         hashes: &[ContentHash],
-    ) -> Result<Vec<(ContentHash, Vec<u8>)>, ClientError> {
+    ) -> Result<Vec<(ContentHash, bytes::Bytes)>, ClientError> {
         let body = shoal_protocol::ChunkFetch {
             chunks: hashes.iter().map(|h| hex32(&h.0)).collect(),
         };
@@ -390,7 +390,7 @@ impl HubClient {
         &self,
         location: &str,
         wanted: &[(ContentHash, Vec<ContentHash>)],
-    ) -> Result<Vec<(ContentHash, Vec<u8>)>, ClientError> {
+    ) -> Result<Vec<(ContentHash, bytes::Bytes)>, ClientError> {
         let body = shoal_protocol::ContentFetch {
             contents: wanted
                 .iter()
@@ -407,7 +407,7 @@ impl HubClient {
         &self,
         location: &str,
         body: &B,
-    ) -> Result<Vec<(ContentHash, Vec<u8>)>, ClientError> {
+    ) -> Result<Vec<(ContentHash, bytes::Bytes)>, ClientError> {
         let path = format!("{location}/fetch");
         let response =
             self.send(|| Self::with_body(self.request(reqwest::Method::POST, &path), body))?;
@@ -416,9 +416,10 @@ impl HubClient {
             .map_err(|e| ClientError::Unreachable(e.to_string()))?;
         let chunks = shoal_protocol::unbundle_chunks(&bytes)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        // Each chunk is a view of the one answer, not a copy of it.
         Ok(chunks
             .into_iter()
-            .map(|(hash, bytes)| (hash, bytes.to_vec()))
+            .map(|(hash, chunk)| (hash, bytes.slice_ref(chunk)))
             .collect())
     }
 

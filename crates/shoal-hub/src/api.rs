@@ -912,17 +912,24 @@ async fn fetch_chunk_bundle(
         let mut count = 0u64;
         for hash in &wanted {
             // Unchecked: the receiver checks every chunk of a bundle and refuses it whole on
-            // any fault, then asks chunk by chunk (a checked read).
-            let Some(bytes) = store.get_unchecked(hash)? else {
-                continue;
-            };
-            if bundle.len() + shoal_protocol::frame_len(bytes.len() as u32)
-                > shoal_protocol::CHUNK_BUNDLE_MAX
-            {
-                break;
+            // any fault, then asks chunk by chunk (a checked read). Read straight into the
+            // bundle: a download of 512 MiB is then not copied once more.
+            let frames = &mut bundle;
+            let read = store.read_unchecked_into(hash, move |len| {
+                let frames = frames; // moved, so the slice may outlive the call
+                if frames.len() + shoal_protocol::frame_len(len as u32)
+                    > shoal_protocol::CHUNK_BUNDLE_MAX
+                {
+                    return None;
+                }
+                let at = shoal_protocol::bundle_frame(frames, hash, len as u32);
+                Some(&mut frames[at..])
+            })?;
+            match read {
+                Some(true) => count += 1,
+                Some(false) => break,
+                None => {}
             }
-            shoal_protocol::bundle_chunk(&mut bundle, hash, &bytes);
-            count += 1;
         }
         Ok((bundle, count))
     })

@@ -414,7 +414,7 @@ pub fn start_writeback(file: &fs::File, offset: u64, len: u64) {
     };
     // SAFETY: the descriptor is borrowed from a live File for the whole call; the call only
     // queues writeback and touches no memory of this process. A failure only means the
-    // batch's flush writes the range instead.
+    // next flush writes the range instead.
     unsafe {
         libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
     }
@@ -823,6 +823,37 @@ impl ChunkStore {
             return Ok(Some(self.read_packed(&at)?));
         }
         self.file_get(hash)
+    }
+
+    /// As [`ChunkStore::get_unchecked`], read straight into the slice `place` gives for the
+    /// chunk's length (a frame of a bundle being built) instead of a buffer of its own.
+    /// Returns `None` if the chunk is not stored, `Some(false)` if `place` gave no slice.
+    pub fn read_unchecked_into<'a>(
+        &self,
+        hash: &ContentHash,
+        place: impl FnOnce(usize) -> Option<&'a mut [u8]>,
+    ) -> Result<Option<bool>, ChunkError> {
+        if let Some(at) = self.packed(hash)? {
+            let (on_disk, file) = self.packed_on_disk(&at)?;
+            let Some(out) = place(on_disk as usize) else {
+                return Ok(Some(false));
+            };
+            if let Some(file) = file {
+                file.read_exact_at(out, at.offset)
+                    .map_err(Self::io(&self.pack_path(at.pack)))?;
+            }
+            return Ok(Some(true));
+        }
+        let Some(bytes) = self.get_unchecked(hash)? else {
+            return Ok(None);
+        };
+        Ok(Some(match place(bytes.len()) {
+            Some(out) => {
+                out.copy_from_slice(&bytes);
+                true
+            }
+            None => false,
+        }))
     }
 
     fn file_get(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>, ChunkError> {
@@ -1299,6 +1330,39 @@ mod tests {
                 assert_eq!(store.get(&ContentHash::of(bytes))?.as_ref(), Some(bytes));
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn chunks_are_read_into_a_given_place_as_they_are_stored()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = ChunkStore::open(dir.path())?;
+        let (small, large) = (pseudo_random(100, 7), pseudo_random(CHUNK_MAX, 8));
+        for bytes in [&small, &large] {
+            store.put(&ContentHash::of(bytes), bytes)?;
+        }
+        let mut out = vec![0xee; 3];
+        for bytes in [&small, &large] {
+            let hash = ContentHash::of(bytes);
+            let start = out.len();
+            let place = &mut out;
+            let read = store.read_unchecked_into(&hash, move |len| {
+                let place = place;
+                place.resize(start + len, 0);
+                Some(&mut place[start..])
+            })?;
+            assert_eq!(read, Some(true));
+            assert_eq!(&out[start..], &bytes[..]);
+        }
+        assert_eq!(&out[..3], &[0xee; 3]);
+        let declined = store.read_unchecked_into(&ContentHash::of(&large), |len| {
+            assert_eq!(len, CHUNK_MAX);
+            None
+        })?;
+        assert_eq!(declined, Some(false));
+        let missing = ContentHash::of(b"never stored");
+        assert_eq!(store.read_unchecked_into(&missing, |_| None)?, None);
         Ok(())
     }
 
