@@ -1159,6 +1159,27 @@ mod tests {
         files
     }
 
+    /// Runs `work(0..threads)` on threads of their own at once; the first error, if any.
+    fn in_parallel(
+        threads: usize,
+        work: impl Fn(usize) -> Result<(), ChunkError> + Sync,
+    ) -> Result<(), ChunkError> {
+        std::thread::scope(|scope| {
+            let work = &work;
+            let running: Vec<_> = (0..threads).map(|n| scope.spawn(move || work(n))).collect();
+            running
+                .into_iter()
+                .try_for_each(|thread| thread.join().map_err(|_| ChunkError::Poisoned)?)
+        })
+    }
+
+    fn assert_all_read(store: &ChunkStore, chunks: &[Vec<u8>]) -> Result<(), ChunkError> {
+        for bytes in chunks {
+            assert_eq!(store.get(&ContentHash::of(bytes))?.as_ref(), Some(bytes));
+        }
+        Ok(())
+    }
+
     fn packs_under(root: &Path) -> Vec<(PathBuf, u64)> {
         files_under(root)
             .into_iter()
@@ -1240,31 +1261,17 @@ mod tests {
         let second = ChunkStore::open(dir.path())?;
         let chunks: Vec<Vec<u8>> = (0..40).map(|i| pseudo_random(CHUNK_AVG, 10 + i)).collect();
         // Two stores (as two processes would) writing at once, from threads of their own.
-        std::thread::scope(|scope| -> Result<(), ChunkError> {
-            let writers: Vec<_> = [&first, &second]
-                .into_iter()
-                .enumerate()
-                .map(|(n, store)| {
-                    let chunks = &chunks;
-                    scope.spawn(move || -> Result<(), ChunkError> {
-                        for bytes in chunks.iter().skip(n).step_by(2) {
-                            store.put(&ContentHash::of(bytes), bytes)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            for writer in writers {
-                writer.join().map_err(|_| ChunkError::Poisoned)??;
+        in_parallel(2, |n| {
+            let store = [&first, &second][n];
+            for bytes in chunks.iter().skip(n).step_by(2) {
+                store.put(&ContentHash::of(bytes), bytes)?;
             }
             Ok(())
         })?;
         assert_eq!(packs_under(dir.path()).len(), 2);
         let reopened = ChunkStore::open(dir.path())?;
         for store in [&first, &second, &reopened] {
-            for bytes in &chunks {
-                assert_eq!(store.get(&ContentHash::of(bytes))?.as_ref(), Some(bytes));
-            }
+            assert_all_read(store, &chunks)?;
         }
         // A reopened store writes a new pack and leaves the others' ends alone.
         let more = pseudo_random(CHUNK_AVG, 99);
@@ -1279,22 +1286,10 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let store = ChunkStore::open(dir.path())?;
         let chunks: Vec<Vec<u8>> = (0..64).map(|i| pseudo_random(CHUNK_AVG, 200 + i)).collect();
-        std::thread::scope(|scope| -> Result<(), ChunkError> {
-            let writers: Vec<_> = (0..4)
-                .map(|n| {
-                    let (store, chunks) = (&store, &chunks);
-                    scope.spawn(move || -> Result<(), ChunkError> {
-                        for pair in chunks.chunks(2).skip(n).step_by(4) {
-                            let bundle: Vec<_> =
-                                pair.iter().map(|b| (ContentHash::of(b), &b[..])).collect();
-                            store.put_many_checked(&bundle)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            for writer in writers {
-                writer.join().map_err(|_| ChunkError::Poisoned)??;
+        in_parallel(4, |n| {
+            for pair in chunks.chunks(2).skip(n).step_by(4) {
+                let bundle: Vec<_> = pair.iter().map(|b| (ContentHash::of(b), &b[..])).collect();
+                store.put_many_checked(&bundle)?;
             }
             Ok(())
         })?;
@@ -1306,10 +1301,7 @@ mod tests {
             (chunks.len() * CHUNK_AVG) as u64,
             "a chunk was overwritten or doubled"
         );
-        for bytes in &chunks {
-            assert_eq!(store.get(&ContentHash::of(bytes))?.as_ref(), Some(bytes));
-        }
-        Ok(())
+        Ok(assert_all_read(&store, &chunks)?)
     }
 
     #[test]
@@ -1325,12 +1317,9 @@ mod tests {
         }
         assert_eq!(packs_under(dir.path()).len(), chunks.len());
         let store = ChunkStore::open(dir.path())?;
-        for _ in 0..2 {
-            for bytes in &chunks {
-                assert_eq!(store.get(&ContentHash::of(bytes))?.as_ref(), Some(bytes));
-            }
-        }
-        Ok(())
+        assert_all_read(&store, &chunks)?;
+        // Again, now that the first packs were let go of.
+        Ok(assert_all_read(&store, &chunks)?)
     }
 
     #[test]
