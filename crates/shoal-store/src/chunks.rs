@@ -478,10 +478,7 @@ impl ChunkStore {
     /// Opens (creating) a chunk store at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<ChunkStore, ChunkError> {
         let root = root.into();
-        fs::create_dir_all(&root).map_err(|source| ChunkError::Io {
-            path: root.clone(),
-            source,
-        })?;
+        fs::create_dir_all(&root).map_err(Self::io(&root))?;
         let small = Connection::open(root.join("small.db"))?;
         // Commits are not synced one by one: `flush` (one syncfs) makes them durable before
         // any metadata refers to them; WAL with NORMAL still syncs before a checkpoint.
@@ -498,10 +495,7 @@ impl ChunkStore {
              ) WITHOUT ROWID;",
         )?;
         let chunk_files = fs::read_dir(&root)
-            .map_err(|source| ChunkError::Io {
-                path: root.clone(),
-                source,
-            })?
+            .map_err(Self::io(&root))?
             .flatten()
             .any(|entry| {
                 let name = entry.file_name();
