@@ -22,13 +22,16 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use notify::{RecursiveMode, Watcher};
+use shoal_core::ContentHash;
 use shoal_folder::NoProgress;
 use shoal_protocol::{Availability, Negotiation, PeerPresence, PresenceEvent, PresenceUpdate};
 
-use crate::home::{AgentState, DeviceConfig, Home, SyncRecord, WorkspaceEntry};
+use crate::early::Early;
+use crate::home::{AgentState, Counters, DeviceConfig, Home, SyncRecord, WorkspaceEntry};
 use crate::peers::{AgentCounters, Contacts, Serving};
+use crate::sync::{SyncOptions, sync_workspace_scanning};
 use crate::sync::{compact_knowledge, pull_from_peer_with, scan_workspace};
-use crate::{AgentError, DeviceIdentity, SyncOptions, sync_workspace, sync_workspace_scanning};
+use crate::{AgentError, DeviceIdentity, sync_workspace};
 use shoal_client::HubClient;
 
 /// After a local change, how long peers that can pull directly get before the hub upload
@@ -94,6 +97,11 @@ pub(crate) enum Signal {
     HubLost,
     /// The user changed this device's availability.
     Availability,
+    /// Large contents another device began uploading to a workspace.
+    Arriving {
+        workspace: String,
+        contents: Vec<String>,
+    },
 }
 
 fn now_ns() -> i64 {
@@ -136,6 +144,13 @@ fn listen_presence(client: HubClient, signals: Sender<Signal>) {
                             workspace,
                             device: from,
                             compact,
+                        },
+                        PresenceEvent::Arriving {
+                            workspace,
+                            contents,
+                        } => Signal::Arriving {
+                            workspace,
+                            contents,
                         },
                     };
                     if signals.send(signal).is_err() {
@@ -260,6 +275,8 @@ struct Agent {
     peer_clients: HashMap<String, (String, String, HubClient)>,
     /// Per workspace: whether the watcher saw anything since the last scan began.
     dirty: HashMap<String, Arc<AtomicBool>>,
+    /// Contents fetched while another device uploads them.
+    early: Arc<Early>,
 }
 
 impl Agent {
@@ -487,7 +504,14 @@ impl Agent {
         let started = Instant::now();
         AgentCounters::bump(&self.counters.peer_pulls, 1);
         let scan_first = self.take_dirty(ws);
-        match pull_from_peer_with(&self.device, &entry, &client, &NoProgress, scan_first) {
+        match pull_from_peer_with(
+            &self.device,
+            &entry,
+            &client,
+            &NoProgress,
+            scan_first,
+            Some(&self.early),
+        ) {
             Ok(report) => {
                 tracing::info!(
                     workspace = %entry.name,
@@ -570,6 +594,20 @@ impl Agent {
         }
     }
 
+    /// Another device is uploading large contents to `ws`: fetch them as they reach the hub,
+    /// so that the download after the commit finds them here.
+    fn on_arriving(&mut self, ws: &str, contents: &[String]) {
+        let Some(entry) = self.entry(ws) else { return };
+        if !entry.hubs_or(&self.device.hub).contains(&self.device.hub) {
+            return;
+        }
+        let hashes: Vec<ContentHash> = contents
+            .iter()
+            .filter_map(|h| shoal_protocol::parse_hash(h).ok())
+            .collect();
+        self.early.start(&self.hub, ws, &entry.path, hashes);
+    }
+
     fn schedule_hub(&mut self, ws: &str, delay: Duration) {
         let view = self.views.entry(ws.to_owned()).or_default();
         let at = Instant::now() + delay;
@@ -622,6 +660,7 @@ impl Agent {
             scan_first,
             give_way: &give_way,
             own_versions_only: others_until.is_some(),
+            early: Some(&self.early),
         };
         let result = sync_workspace_scanning(&self.device, &entry, &peers, &NoProgress, &options);
         let mut record = self.home.sync_record(ws).unwrap_or_default();
@@ -673,6 +712,7 @@ impl Agent {
                 record.error = Some(error.to_string());
             }
         }
+        self.early.sweep();
         if let Err(error) = self.home.save_sync_record(ws, &record) {
             tracing::warn!(%error, "cannot save the sync record");
         }
@@ -690,7 +730,11 @@ impl Agent {
         let state = AgentState {
             listen: self.listen.clone().unwrap_or_default(),
             key: self.identity.fingerprint(),
-            counters: self.counters.snapshot(),
+            counters: Counters {
+                early_fetched: self.early.fetched.load(Ordering::Relaxed),
+                early_claimed: self.early.claimed.load(Ordering::Relaxed),
+                ..self.counters.snapshot()
+            },
         };
         if last.as_ref() != Some(&state) {
             if let Err(error) = self.home.save_agent_state(&state) {
@@ -729,6 +773,7 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
     let mut _folder_watches = Vec::new();
     let mut dirty = HashMap::new();
     for workspace in &workspaces {
+        crate::early::clear(&workspace.path);
         // Unscanned at start: changes made while the agent was not running.
         let flag = Arc::new(AtomicBool::new(true));
         _folder_watches.push(watch(workspace, signals.clone(), flag.clone())?);
@@ -755,6 +800,7 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
         pulled: HashMap::new(),
         peer_clients: HashMap::new(),
         dirty,
+        early: Arc::default(),
     };
     for workspace in &workspaces {
         agent.refresh(&workspace.id);
@@ -844,6 +890,10 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
                 Signal::HubConnected => agent.on_hub_connected(),
                 Signal::HubLost => agent.hub_connected = false,
                 Signal::Availability => agent.publish_presence(),
+                Signal::Arriving {
+                    workspace,
+                    contents,
+                } => agent.on_arriving(&workspace, &contents),
             }
         }
         for ws in files {

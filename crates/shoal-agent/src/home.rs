@@ -262,4 +262,10 @@ pub struct Counters {
     pub peer_bytes_out: u64,
     /// TLS handshakes refused (a key the hub did not vouch for).
     pub peer_refused: u64,
+    /// Contents fetched whole while another device was still uploading them.
+    #[serde(default)]
+    pub early_fetched: u64,
+    /// Of those, the ones a download took instead of fetching them again.
+    #[serde(default)]
+    pub early_claimed: u64,
 }

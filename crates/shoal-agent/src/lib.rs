@@ -7,6 +7,7 @@
 //! negotiation messages, and syncs with whoever holds what it lacks.
 
 mod daemon;
+mod early;
 mod home;
 mod peer;
 mod peers;
@@ -23,8 +24,8 @@ pub use peers::Contacts;
 pub use shoal_client::{ClientError, HubClient, install_default_provider};
 pub use status::{ConflictSummary, RefusedSummary, WorkspaceStatus, status};
 pub use sync::{
-    SyncOptions, SyncReport, compact_knowledge, open_folder, pull_from_peer, pull_from_peer_with,
-    scan_workspace, sync_workspace, sync_workspace_scanning, sync_workspace_with,
+    SyncReport, compact_knowledge, open_folder, pull_from_peer, scan_workspace, sync_workspace,
+    sync_workspace_with,
 };
 pub use tls::{DeviceIdentity, fingerprint, peer_client};
 

@@ -216,6 +216,7 @@ impl AgentCounters {
             peer_bytes_in: get(&self.peer_bytes_in),
             peer_bytes_out: get(&self.peer_bytes_out),
             peer_refused: get(&self.peer_refused),
+            ..Counters::default()
         }
     }
 }

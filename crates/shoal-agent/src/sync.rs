@@ -22,6 +22,7 @@ use shoal_protocol::{
 use shoal_store::{ChunkRef, ChunkedContent, ContentIndex, LocalFile};
 
 use crate::AgentError;
+use crate::early::Early;
 use crate::home::{DeviceConfig, WorkspaceEntry};
 use shoal_client::HubClient;
 
@@ -104,6 +105,8 @@ struct HubSource<'a> {
     covered: usize,
     /// Where chunk lists not in `contents` are looked up (the replica's own store).
     index: Option<ContentIndex>,
+    /// Contents fetched while their upload was arriving at the hub, taken whole.
+    early: Option<&'a Early>,
 }
 
 /// What the scan recorded of a file: while its size, modification time and inode are
@@ -233,7 +236,14 @@ impl<'a> HubSource<'a> {
             stamps: HashMap::new(),
             index: None,
             covered: 0,
+            early: None,
         }
+    }
+
+    /// Takes the contents fetched early from `early` instead of fetching them.
+    fn with_early(mut self, early: Option<&'a Early>) -> Self {
+        self.early = early;
+        self
     }
 
     /// Lets chunks of the files already here stand in for fetched ones: when a large file
@@ -540,6 +550,12 @@ impl ContentSource for HubSource<'_> {
     /// file is the content named `hash`.
     fn copy_to(&self, hash: &ContentHash, dest: &std::path::Path) -> bool {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+        if self
+            .early
+            .is_some_and(|early| early.claim(self.workspace, hash, dest))
+        {
+            return true;
+        }
         let looked_up;
         let content = match self.contents.get(hash) {
             Some(content) => content,
@@ -696,7 +712,9 @@ struct LocalChunks {
 
 /// Cuts a list of chunks (each with its content) into groups of about `BUNDLE_TARGET` bytes,
 /// in order.
-fn bundle_groups(chunks: Vec<(ContentHash, &ChunkRef)>) -> Vec<Vec<(ContentHash, &ChunkRef)>> {
+pub(crate) fn bundle_groups(
+    chunks: Vec<(ContentHash, &ChunkRef)>,
+) -> Vec<Vec<(ContentHash, &ChunkRef)>> {
     let mut groups: Vec<Vec<(ContentHash, &ChunkRef)>> = Vec::new();
     let mut size = 0usize;
     for (content, chunk) in chunks {
@@ -727,7 +745,7 @@ fn by_content(group: &[(ContentHash, &ChunkRef)]) -> Vec<(ContentHash, Vec<Conte
 /// Reads one chunk of a local content from the file that holds it, checking the bytes.
 /// How many chunk transfers run at once: enough to keep the connection busy while one side
 /// hashes or writes.
-const PARALLEL_TRANSFERS: usize = 4;
+pub(crate) const PARALLEL_TRANSFERS: usize = 4;
 
 /// Bundles are sent once they hold this much: large enough that per-request costs vanish,
 /// small enough to keep a few in flight.
@@ -862,7 +880,7 @@ pub fn sync_workspace_with(
 }
 
 /// How a hub sync fits around an agent's other work.
-pub struct SyncOptions<'a> {
+pub(crate) struct SyncOptions<'a> {
     /// Scan the folder first; a caller that watches it and saw nothing change since its last
     /// scan leaves it out.
     pub scan_first: bool,
@@ -872,6 +890,9 @@ pub struct SyncOptions<'a> {
     /// Upload only the versions this replica wrote: those it just received from a peer are
     /// their author's to upload, and are left for a later sync.
     pub own_versions_only: bool,
+    /// Contents fetched while their upload was still arriving at the hub, which the
+    /// download takes instead of fetching them again.
+    pub early: Option<&'a Early>,
 }
 
 impl Default for SyncOptions<'_> {
@@ -880,12 +901,13 @@ impl Default for SyncOptions<'_> {
             scan_first: true,
             give_way: &|| {},
             own_versions_only: false,
+            early: None,
         }
     }
 }
 
 /// [`sync_workspace_with`], fitted around other work by `options`.
-pub fn sync_workspace_scanning(
+pub(crate) fn sync_workspace_scanning(
     device: &DeviceConfig,
     entry: &WorkspaceEntry,
     peers: &[HubClient],
@@ -983,6 +1005,7 @@ pub fn sync_workspace_scanning(
         knowledge: &hub_knowledge,
         limits,
         peers,
+        early: options.early,
     };
     download(&mut folder, remote, entry, progress, &mut report)?;
     Ok(report)
@@ -997,17 +1020,19 @@ pub fn pull_from_peer(
     peer: &HubClient,
     progress: &dyn Progress,
 ) -> Result<SyncReport, AgentError> {
-    pull_from_peer_with(device, entry, peer, progress, true)
+    pull_from_peer_with(device, entry, peer, progress, true, None)
 }
 
 /// [`pull_from_peer`], scanning the folder first only when `scan_first`: a caller that watches
-/// the folder and saw nothing change since its last scan leaves it out.
-pub fn pull_from_peer_with(
+/// the folder and saw nothing change since its last scan leaves it out. Contents in `early`
+/// (fetched from the hub while their upload arrived) are taken instead of fetched.
+pub(crate) fn pull_from_peer_with(
     device: &DeviceConfig,
     entry: &WorkspaceEntry,
     peer: &HubClient,
     progress: &dyn Progress,
     scan_first: bool,
+    early: Option<&Early>,
 ) -> Result<SyncReport, AgentError> {
     let mut folder = open_folder(device, entry)?;
     // Local changes first, as they are: a rename not yet scanned would otherwise look like a
@@ -1021,6 +1046,7 @@ pub fn pull_from_peer_with(
         knowledge: &Knowledge::new(),
         limits: BatchLimits::default(),
         peers: &[],
+        early,
     };
     download(&mut folder, remote, entry, progress, &mut report)?;
     Ok(report)
@@ -1323,6 +1349,7 @@ struct Remote<'a> {
     knowledge: &'a Knowledge,
     limits: BatchLimits,
     peers: &'a [HubClient],
+    early: Option<&'a Early>,
 }
 
 /// A batch's contents and a source with its small files' chunks fetched, up to `budget`
@@ -1428,6 +1455,7 @@ fn download(
         knowledge: hub_knowledge,
         limits,
         peers,
+        early,
     } = remote;
     let request = DownloadRequest {
         knowledge: WireKnowledge::from(&folder.store().knowledge()?),
@@ -1502,7 +1530,7 @@ fn download(
             }
         };
         let local = local_chunks(folder, entry, &batch, &contents)?;
-        let source = source.with_local(local);
+        let source = source.with_local(local).with_early(early);
         let fetched_at = std::time::Instant::now();
         // The next batch is asked for, and its small files' chunks fetched, while this one
         // is written: the sender reads while the receiver writes.
@@ -1570,7 +1598,8 @@ fn download(
         // Chunk lists come from the store, where each batch recorded them: holding every list
         // received would cost memory in proportion to the whole download.
         let source = HubSource::new(client, HashMap::new(), locations, &entry.id, peers)
-            .with_index(folder.content_index()?);
+            .with_index(folder.content_index()?)
+            .with_early(early);
         let materialized = folder.materialize(Some(&source), progress);
         report.bytes_from_peers += source.from_peers.into_inner();
         report.bytes_from_hub += source.from_hub.into_inner();

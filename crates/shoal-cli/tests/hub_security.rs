@@ -97,6 +97,11 @@ fn routes(ws: &str) -> Vec<(reqwest::Method, String, Option<serde_json::Value>)>
             format!("/v1/workspaces/{ws}/contents/known"),
             Some(json!({"contents": []})),
         ),
+        (
+            Method::GET,
+            format!("/v1/workspaces/{ws}/contents/{chunk}"),
+            None,
+        ),
         (Method::GET, format!("/v1/workspaces/{ws}/rules"), None),
         (
             Method::PUT,

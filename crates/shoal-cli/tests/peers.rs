@@ -622,3 +622,50 @@ fn a_pull_of_several_batches_arrives_whole_and_the_hub_still_gets_it() -> TestRe
     );
     Ok(())
 }
+
+#[test]
+fn a_large_upload_is_fetched_as_it_arrives_and_the_download_takes_it() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (_hub, laptop, _desktop, phone) = team(root.path())?;
+    // Left by an earlier run that crashed: never trusted, gone once the agent starts.
+    let early = phone.folder.join(".shoal").join("early");
+    std::fs::create_dir_all(&early)?;
+    std::fs::write(early.join("left-over.part"), b"cut short")?;
+    // Through the hub only: neither may pull from the other.
+    let agents = [
+        Agent::start(&laptop, &["--no-peers"])?,
+        Agent::start(&phone, &["--no-peers"])?,
+    ];
+    assert!(!early.join("left-over.part").exists());
+
+    // Large enough for the hub to announce while it arrives (8 MiB and up).
+    let bytes = noise(12 << 20, 41);
+    let staged = root.path().join("large.bin");
+    std::fs::write(&staged, &bytes)?;
+    std::fs::rename(&staged, laptop.folder.join("large.bin"))?;
+    let arrived = || std::fs::read(phone.folder.join("large.bin")).is_ok_and(|b| b == bytes);
+    assert!(
+        wait_for(Duration::from_secs(60), arrived),
+        "the file did not arrive whole:\n{}",
+        agents[1].log()
+    );
+    // Counters reach agent.json within a second.
+    let taken = wait_for(Duration::from_secs(5), || {
+        agents[1].counter("early_fetched") == 1 && agents[1].counter("early_claimed") == 1
+    });
+    assert!(
+        taken,
+        "the phone did not fetch the content while it arrived and use it (fetched {}, used {}):\n{}",
+        agents[1].counter("early_fetched"),
+        agents[1].counter("early_claimed"),
+        agents[1].log()
+    );
+    assert_eq!(
+        agents[0].counter("early_fetched"),
+        0,
+        "the uploader was told of its own upload"
+    );
+    let left: Vec<_> = std::fs::read_dir(&early)?.collect();
+    assert!(left.is_empty(), "fetched-early files stayed: {left:?}");
+    Ok(())
+}

@@ -423,6 +423,28 @@ impl HubClient {
             .collect())
     }
 
+    /// The chunk list of a content the hub holds or is receiving, checked against its name.
+    pub fn content_list(
+        &self,
+        ws: &str,
+        hash: &ContentHash,
+    ) -> Result<shoal_core::ChunkedContent, ClientError> {
+        let wire: shoal_protocol::WireContent = self.json(|| {
+            self.request(
+                reqwest::Method::GET,
+                &routes::content_list(ws, &hex32(&hash.0)),
+            )
+        })?;
+        let content = shoal_core::ChunkedContent::try_from(&wire)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if content.hash != *hash || !content.is_consistent() {
+            return Err(ClientError::Protocol(format!(
+                "the hub's chunk list for {hash} does not name it"
+            )));
+        }
+        Ok(content)
+    }
+
     /// Which of `contents` the hub holds the chunk lists of.
     pub fn contents_known(
         &self,

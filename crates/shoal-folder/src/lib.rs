@@ -145,7 +145,7 @@ impl FolderReplica {
     }
 
     pub(crate) fn state_db(&self) -> PathBuf {
-        self.root.join(STATE_DIR_NAME).join(STATE_DB)
+        state_db_at(&self.root)
     }
 
     pub(crate) fn staging_dir(&self) -> PathBuf {
@@ -159,6 +159,10 @@ impl FolderReplica {
 }
 
 /// `root` joined with a slash-separated relative path.
+pub(crate) fn state_db_at(root: &Path) -> PathBuf {
+    root.join(STATE_DIR_NAME).join(STATE_DB)
+}
+
 pub(crate) fn absolute(root: &Path, relative: &str) -> PathBuf {
     let mut path = root.to_path_buf();
     if !relative.is_empty() {

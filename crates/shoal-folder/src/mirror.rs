@@ -73,6 +73,11 @@ impl FolderReplica {
         Ok(ContentIndex::open(&self.state_db())?)
     }
 
+    /// The same view of the replica of the folder at `root`, without opening the replica.
+    pub fn content_index_at(root: &Path) -> Result<ContentIndex, FolderError> {
+        Ok(ContentIndex::open(&crate::state_db_at(root))?)
+    }
+
     /// Receives every version `from` has and this replica lacks, batch by batch: content is
     /// staged first, then each batch commits in one transaction. The disk is not touched
     /// until [`FolderReplica::materialize`].

@@ -17,7 +17,8 @@ use shoal_core::{ContentHash, Knowledge, ReplicaId};
 use shoal_protocol::{
     ChangeEvent, CommitRequest, CreateWorkspace, DeviceKey, DownloadRequest, DownloadResult,
     ErrorBody, Invite, LoginRequest, LoginResponse, Negotiation, PresenceUpdate, RecoveryRequest,
-    Relayed, UploadBatch, WorkspaceInfo, headers, hex16, parse_hash, parse_replica, routes,
+    Relayed, UploadBatch, WireContent, WorkspaceInfo, headers, hex16, parse_hash, parse_replica,
+    routes,
 };
 use tokio::sync::broadcast;
 
@@ -403,6 +404,7 @@ fn router(hub: Shared) -> Router {
         .route("/v1/workspaces/{ws}/chunks", post(put_chunk_bundle))
         .route("/v1/workspaces/{ws}/chunks/fetch", post(fetch_chunk_bundle))
         .route("/v1/workspaces/{ws}/contents/known", post(contents_known))
+        .route("/v1/workspaces/{ws}/contents/{hash}", get(get_content_list))
         .route(
             "/v1/workspaces/{ws}/chunks/{hash}",
             get(get_chunk)
@@ -671,10 +673,24 @@ async fn upload_batch(
     let device = caller.device.clone();
     let plan = blocking(&caller.request, move || {
         let (workspace, role) = hub.member(&device, &ws)?;
-        with_replica(&workspace, |r| {
+        let id = shoal_protocol::parse_item(&ws)?.0;
+        let rules = lock(&hub.accounts)?.rules(&id)?;
+        let (plan, arriving) = with_replica(&workspace, |r| {
             r.check_epoch(&replica, epoch)?;
-            r.upload_batch(&batch, &body, role)
-        })
+            let plan = r.upload_batch(&batch, &body, role)?;
+            Ok((plan, r.arriving(&batch, &rules)))
+        })?;
+        if !arriving.is_empty() {
+            // The plan stands whatever happens here: the others then fetch after the commit.
+            let told = lock(&hub.accounts).and_then(|accounts| {
+                hub.presence
+                    .contents_arriving(&accounts, device.id, id, &arriving)
+            });
+            if let Err(error) = told {
+                tracing::warn!(workspace = ws, %error, "telling devices of arriving contents");
+            }
+        }
+        Ok(plan)
     })
     .await?;
     bump(&metrics.upload_batches);
@@ -881,6 +897,23 @@ async fn contents_known(
     })
     .await?;
     Ok(Json(shoal_protocol::ContentsKnown { contents: known }))
+}
+
+/// The chunk list of a content the hub holds, or that an upload in progress brings: a device
+/// told the content is arriving fetches its chunks as they come.
+async fn get_content_list(
+    State(hub): State<Shared>,
+    caller: Caller,
+    Path((ws, hash)): Path<(String, String)>,
+) -> Result<Json<WireContent>, ApiError> {
+    let hash = chunk_hash(&caller, &hash)?;
+    let device = caller.device.clone();
+    let content = blocking(&caller.request, move || {
+        let (workspace, _) = hub.member(&device, &ws)?;
+        with_replica(&workspace, |r| r.content_list(&hash))?.ok_or(HubError::NotFound)
+    })
+    .await?;
+    Ok(Json(WireContent::from(&content)))
 }
 
 /// Many chunks in one answer, as a bundle: a device fetching thousands of small files asks

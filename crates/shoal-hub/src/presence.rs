@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use shoal_core::ContentHash;
 use shoal_protocol::{
     Availability, PeerPresence, PresenceEvent, PresenceUpdate, WorkspaceKnowledge, hex16, hex32,
 };
@@ -470,6 +471,38 @@ impl Presence {
         Ok(delivered)
     }
 
+    /// `uploader` began uploading `contents` to `workspace`: tells the connected devices of
+    /// every member but the uploader, which may fetch them as they arrive. Returns how many
+    /// devices got it.
+    pub(crate) fn contents_arriving(
+        &self,
+        accounts: &Accounts,
+        uploader: [u8; 16],
+        workspace: [u8; 16],
+        contents: &[ContentHash],
+    ) -> Result<usize, HubError> {
+        if contents.is_empty() {
+            return Ok(0);
+        }
+        let state = self.state()?;
+        let mut joined = Joined::new(accounts);
+        let event = PresenceEvent::Arriving {
+            workspace: hex16(&workspace),
+            contents: contents.iter().map(|h| hex32(&h.0)).collect(),
+        };
+        let mut delivered = 0;
+        for (id, entry) in &state.devices {
+            if *id != uploader
+                && entry.connected()
+                && joined.of(entry.card.user)?.contains(&workspace)
+                && entry.send(&event)
+            {
+                delivered += 1;
+            }
+        }
+        Ok(delivered)
+    }
+
     /// The hub's replica of `workspace` has a new tag: tells every connected device of every
     /// member.
     pub(crate) fn hub_changed(
@@ -658,6 +691,44 @@ mod tests {
         };
         assert_eq!(gone.status, Availability::Offline);
         assert!(gone.addresses.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn arriving_contents_reach_the_other_members_devices_and_not_the_uploader() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let TwoUsers {
+            accounts,
+            ann,
+            bob,
+            shared,
+            own,
+        } = two_users(dir.path())?;
+        let presence = Presence::default();
+        let mut bobs = presence.connect(&accounts, bob)?;
+        let mut anns = presence.connect(&accounts, ann)?;
+        drain(&mut bobs);
+        drain(&mut anns);
+        let content = ContentHash([9; 32]);
+        assert_eq!(
+            presence.contents_arriving(&accounts, ann, shared, &[content])?,
+            1
+        );
+        assert!(drain(&mut anns).is_empty(), "the uploader was told");
+        assert_eq!(
+            drain(&mut bobs),
+            [PresenceEvent::Arriving {
+                workspace: hex16(&shared),
+                contents: vec![hex32(&content.0)],
+            }]
+        );
+        // bob is no member of ann's own workspace; nothing at all is not sent.
+        assert_eq!(
+            presence.contents_arriving(&accounts, ann, own, &[content])?,
+            0
+        );
+        assert_eq!(presence.contents_arriving(&accounts, bob, shared, &[])?, 0);
+        assert!(drain(&mut bobs).is_empty() && drain(&mut anns).is_empty());
         Ok(())
     }
 }

@@ -21,12 +21,16 @@ use shoal_store::{ChunkStore, ChunkedContent, Store};
 
 use crate::HubError;
 use crate::accounts::Role;
+use crate::rules::Rules;
 
 /// The hub's batch limits (a caller's smaller limits win).
 pub(crate) const HUB_LIMITS: BatchLimits = BatchLimits {
     max_items: 1_000,
     max_bytes: 64 << 20,
 };
+/// Contents at least this large are announced to the other devices while they upload
+/// (`PresenceEvent::Arriving`): fetching them can then overlap the upload.
+pub(crate) const ARRIVING_MIN: u64 = 8 << 20;
 /// How long an unfinished session is kept.
 const SESSION_TTL: Duration = Duration::from_secs(30 * 60);
 
@@ -41,6 +45,10 @@ struct PendingUpload {
     learned: Knowledge,
     last: bool,
     role: Role,
+    /// Large contents most of whose chunks are still to come: others may fetch them as they
+    /// arrive. (A content mostly held already is a file changed in a few places, which the
+    /// others rebuild from their own copy instead.)
+    arriving: HashSet<ContentHash>,
     created: Instant,
 }
 
@@ -349,6 +357,7 @@ impl WorkspaceReplica {
             contents.insert(content.hash, content);
         }
         let mut items = Vec::with_capacity(versions.len());
+        let mut arriving = HashSet::new();
         for (_, version) in &versions {
             let mut missing = Vec::new();
             // A reader's versions are refused at commit: no content is asked for.
@@ -368,12 +377,17 @@ impl WorkspaceReplica {
                 }
                 // One pass, each chunk looked for only where one of its length is kept.
                 let mut listed = HashSet::new();
+                let mut missing_bytes = 0u64;
                 for chunk in &content.chunks {
                     if listed.insert(chunk.hash)
                         && !self.chunks.holds_listed(&chunk.hash, chunk.len)
                     {
                         missing.push(hex32(&chunk.hash.0));
+                        missing_bytes += u64::from(chunk.len);
                     }
+                }
+                if missing_bytes >= ARRIVING_MIN && missing_bytes >= content.size / 4 * 3 {
+                    arriving.insert(hash);
                 }
             }
             items.push(UploadPlanItem {
@@ -390,6 +404,7 @@ impl WorkspaceReplica {
                 learned: Knowledge::try_from(&batch.learned)?,
                 last: batch.last,
                 role,
+                arriving,
                 created: Instant::now(),
             },
         );
@@ -402,6 +417,43 @@ impl WorkspaceReplica {
                 .collect(),
             commit: routes::upload_commit(&self.id, batch_id),
         })
+    }
+
+    /// The large contents of an upload batch's versions that are still to arrive and that
+    /// the commit would accept as far as their own entries tell (`rules`, the uploader's
+    /// role): what the other devices may fetch while they upload.
+    pub(crate) fn arriving(&self, batch_id: &str, rules: &Rules) -> Vec<ContentHash> {
+        let Some(pending) = self.uploads.get(batch_id) else {
+            return Vec::new();
+        };
+        if pending.role == Role::Reader {
+            return Vec::new();
+        }
+        let mut arriving: Vec<ContentHash> = pending
+            .versions
+            .iter()
+            .filter(|(_, v)| !v.entry.deleted && rules.refusal(&v.entry).is_none())
+            .filter_map(|(_, v)| v.entry.content)
+            .filter(|hash| pending.arriving.contains(hash))
+            .collect();
+        arriving.sort();
+        arriving.dedup();
+        arriving
+    }
+
+    /// The chunk list of a content this replica holds, or that an upload in progress brings.
+    pub(crate) fn content_list(
+        &self,
+        hash: &ContentHash,
+    ) -> Result<Option<ChunkedContent>, HubError> {
+        if let Some(content) = self.store.content(hash)? {
+            return Ok(Some(content));
+        }
+        Ok(self
+            .uploads
+            .values()
+            .filter(|pending| pending.role != Role::Reader)
+            .find_map(|pending| pending.contents.get(hash).cloned()))
     }
 
     /// The workspace's chunks, for reads and writes that need no lock on the replica (chunks
@@ -614,21 +666,105 @@ impl WorkspaceReplica {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shoal_core::{Entry, ItemKind, MemReplica};
 
-    #[test]
-    fn a_content_is_complete_only_when_its_chunks_are_held_whole_and_name_it()
-    -> Result<(), Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let replica = WorkspaceReplica::open(dir.path(), "00")?;
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let bytes: Vec<u8> = (0..1_000_000)
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// `len` bytes no chunk of which repeats (xorshift from `seed`).
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        (0..len)
             .map(|_| {
                 state ^= state << 13;
                 state ^= state >> 7;
                 state ^= state << 17;
                 state as u8
             })
-            .collect();
+            .collect()
+    }
+
+    /// One upload batch of a new device writing each of `files` (name, content) anew.
+    fn upload_of(files: &[(&str, &ChunkedContent)]) -> Result<UploadBatch, HubError> {
+        let mut writer = MemReplica::new(ReplicaId([7; 16]), "writer");
+        let mut lists = Vec::new();
+        for (index, (name, content)) in files.iter().enumerate() {
+            let entry = Entry {
+                parent: ItemId::ROOT,
+                name: (*name).into(),
+                kind: ItemKind::File,
+                deleted: false,
+                content: Some(content.hash),
+                size: content.size,
+                mtime_ns: 0,
+                executable: false,
+            };
+            writer.write(ItemId([index as u8 + 1; 16]), entry, Knowledge::new(), 1);
+            lists.push(WireContent::from(*content));
+        }
+        let batch = writer
+            .batches_for(&Knowledge::new(), HUB_LIMITS)
+            .pop()
+            .ok_or_else(|| HubError::BadRequest("nothing to upload".into()))?;
+        Ok(shoal_protocol::upload_batch(&batch, lists, true))
+    }
+
+    #[test]
+    fn only_large_new_contents_an_upload_may_write_are_announced_and_listed_while_they_arrive()
+    -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let mut replica = WorkspaceReplica::open(dir.path(), "00")?;
+        let size = ARRIVING_MIN as usize + (1 << 20);
+        let (large, small) = (
+            shoal_store::chunk_bytes(&noise(size, 1)),
+            shoal_store::chunk_bytes(&noise(1 << 20, 2)),
+        );
+        let held_bytes = noise(size, 3);
+        let (held, forbidden) = (
+            shoal_store::chunk_bytes(&held_bytes),
+            shoal_store::chunk_bytes(&noise(size, 4)),
+        );
+        // Most of `held` is here already: a file changed in a few places.
+        for chunk in &held.chunks[1..] {
+            let start = chunk.offset as usize;
+            replica
+                .chunks
+                .put(&chunk.hash, &held_bytes[start..start + chunk.len as usize])?;
+        }
+        let rules = Rules::from_wire(&shoal_protocol::WorkspaceRules {
+            forbidden: vec!["*.iso".into()],
+            ..Default::default()
+        })?;
+        let upload = upload_of(&[
+            ("large.bin", &large),
+            ("small.bin", &small),
+            ("held.bin", &held),
+            ("disk.iso", &forbidden),
+        ])?;
+        replica.upload_batch("editor", &upload, Role::Editor)?;
+        assert_eq!(replica.arriving("editor", &rules), vec![large.hash]);
+        assert_eq!(replica.content_list(&large.hash)?, Some(large.clone()));
+        assert_eq!(replica.content_list(&noise_name(5))?, None);
+        // A reader's upload is refused at commit: nothing of it is offered.
+        replica.upload_batch(
+            "reader",
+            &upload_of(&[("other.bin", &forbidden)])?,
+            Role::Reader,
+        )?;
+        let permissive = Rules::from_wire(&shoal_protocol::WorkspaceRules::default())?;
+        assert!(replica.arriving("reader", &permissive).is_empty());
+        assert!(replica.arriving("no such batch", &permissive).is_empty());
+        Ok(())
+    }
+
+    fn noise_name(seed: u64) -> ContentHash {
+        ContentHash::of(&noise(64, seed))
+    }
+
+    #[test]
+    fn a_content_is_complete_only_when_its_chunks_are_held_whole_and_name_it() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let replica = WorkspaceReplica::open(dir.path(), "00")?;
+        let bytes = noise(1_000_000, 0x2545_f491_4f6c_dd1d);
         let content = shoal_store::chunk_bytes(&bytes);
         assert!(content.chunks.len() > 1);
         assert!(!replica.complete(&content)?, "nothing held yet");

@@ -521,6 +521,16 @@ pub enum PresenceEvent {
         /// The sender's compact knowledge.
         compact: String,
     },
+    /// Large contents another device has begun uploading to a workspace (hex hashes). A device
+    /// may fetch their chunks as they arrive (`GET …/contents/{hash}` gives the chunk list),
+    /// so that its download after the commit finds them at hand. Nothing is committed yet: the
+    /// upload may still fail or be refused.
+    Arriving {
+        /// Workspace id (hex).
+        workspace: String,
+        /// The contents.
+        contents: Vec<String>,
+    },
 }
 
 /// `GET`/`PUT /v1/workspaces/{ws}/rules`: the validation rules an owner set. A change that

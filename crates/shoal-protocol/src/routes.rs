@@ -72,6 +72,10 @@ pub fn peer_negotiate(ws: &str) -> String {
 pub fn peer_contents(ws: &str) -> String {
     format!("{}/contents", workspace(ws))
 }
+/// `GET` the chunk list (a `WireContent`) of a content the hub holds or is receiving.
+pub fn content_list(ws: &str, hash: &str) -> String {
+    format!("{}/contents/{hash}", workspace(ws))
+}
 /// `POST` a `ContentsKnown` to the hub: which contents it holds the chunk lists of.
 pub fn contents_known(ws: &str) -> String {
     format!("{}/contents/known", workspace(ws))
