@@ -240,26 +240,31 @@ fn fetch(
                 .fetch_chunk_bundle(&location, &wanted)
                 .map(|chunks| chunks.into_iter().collect())
                 .unwrap_or_default();
+            // The chunks that arrived, in runs that follow one another: one write per run.
             let mut rest = Vec::new();
-            let mut written: Option<(u64, u64)> = None;
+            let mut runs: Vec<(u64, Vec<&[u8]>)> = Vec::new();
+            let mut run_end = None;
             for (content, chunk) in group {
-                match got.get(&chunk.hash) {
-                    Some(bytes) => {
-                        if std::os::unix::fs::FileExt::write_all_at(&file, bytes, chunk.offset)
-                            .is_err()
-                        {
-                            failed.store(true, Ordering::Relaxed);
-                            return;
-                        }
-                        let end = chunk.offset + u64::from(chunk.len);
-                        written =
-                            Some(written.map_or((chunk.offset, end), |(start, _)| (start, end)));
-                    }
-                    None => rest.push((content, chunk)),
+                let Some(bytes) = got.get(&chunk.hash) else {
+                    rest.push((content, chunk));
+                    run_end = None;
+                    continue;
+                };
+                match runs.last_mut() {
+                    Some((_, parts)) if run_end == Some(chunk.offset) => parts.push(bytes),
+                    _ => runs.push((chunk.offset, vec![bytes])),
                 }
+                run_end = Some(chunk.offset + u64::from(chunk.len));
             }
-            if let Some((start, end)) = written {
-                shoal_store::start_writeback(&file, start, end - start);
+            for (start, parts) in &runs {
+                let len: usize = parts.iter().map(|p| p.len()).sum();
+                if shoal_store::write_parts_at(&file, parts, *start).is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                    return;
+                }
+                shoal_store::start_writeback(&file, *start, len as u64);
+            }
+            if !runs.is_empty() {
                 *progress.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
             }
             if rest.is_empty() {
@@ -291,5 +296,8 @@ fn fetch(
             "content {hash} did not finish arriving at the hub"
         )));
     }
+    // Flushed now, while the hub flushes the upload before its commit: the staging that takes
+    // the file then finds nothing left to write. Staging flushes again in any case.
+    file.sync_data().map_err(io(&path))?;
     Ok(path)
 }

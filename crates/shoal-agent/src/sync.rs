@@ -621,19 +621,25 @@ impl ContentSource for HubSource<'_> {
                 } else {
                     HashMap::new()
                 };
+                let mut parts = Vec::with_capacity(group.len());
                 for (_, chunk) in group {
                     let bytes = match here.get(&chunk.hash).or(fetched.get(&chunk.hash)) {
                         Some(bytes) => Some(std::borrow::Cow::Borrowed(bytes)),
                         None => self.chunk(hash, chunk).map(std::borrow::Cow::Owned),
                     };
-                    let written = bytes.is_some_and(|bytes| {
-                        std::os::unix::fs::FileExt::write_all_at(&file, &bytes, chunk.offset)
-                            .is_ok()
-                    });
-                    if !written {
-                        failed.store(true, Relaxed);
-                        return;
+                    match bytes {
+                        Some(bytes) => parts.push(bytes),
+                        None => {
+                            failed.store(true, Relaxed);
+                            return;
+                        }
                     }
+                }
+                // The group's chunks follow one another: one write for all of them.
+                let slices: Vec<&[u8]> = parts.iter().map(|b| &b[..]).collect();
+                if shoal_store::write_parts_at(&file, &slices, span.0).is_err() {
+                    failed.store(true, Relaxed);
+                    return;
                 }
                 written_back();
             }

@@ -9,6 +9,7 @@ mod db;
 
 pub use chunks::{
     ChunkError, ChunkStore, chunk_bytes, chunk_reader, rechunk_reader, start_writeback,
+    write_parts_at,
 };
 pub use db::{
     ContentIndex, Identity, LocalFile, LocalRecords, LocalStat, Store, StoreError, Transaction,
