@@ -236,10 +236,18 @@ fn fetch(
             let mut wanted: Vec<ContentHash> = group.iter().map(|(_, c)| c.hash).collect();
             wanted.sort();
             wanted.dedup();
-            let got: HashMap<ContentHash, bytes::Bytes> = client
+            let got: HashMap<ContentHash, bytes::Bytes> = match client
                 .fetch_chunk_bundle(&location, &wanted)
-                .map(|chunks| chunks.into_iter().collect())
-                .unwrap_or_default();
+                .map_err(AgentError::from)
+            {
+                Ok(chunks) => chunks.into_iter().collect(),
+                // An unreachable or failing hub is asked again; a refusal ends the fetch.
+                Err(error) if error.is_transient() => HashMap::new(),
+                Err(_) => {
+                    failed.store(true, Ordering::Relaxed);
+                    return;
+                }
+            };
             // The chunks that arrived, in runs that follow one another: one write per run.
             let mut rest = Vec::new();
             let mut runs: Vec<(u64, Vec<&[u8]>)> = Vec::new();
