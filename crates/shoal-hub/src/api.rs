@@ -674,11 +674,14 @@ async fn upload_batch(
     let plan = blocking(&caller.request, move || {
         let (workspace, role) = hub.member(&device, &ws)?;
         let id = shoal_protocol::parse_item(&ws)?.0;
-        let rules = lock(&hub.accounts)?.rules(&id)?;
+        let (rules, authors) = {
+            let accounts = lock(&hub.accounts)?;
+            (accounts.rules(&id)?, accounts.author_roles(&id)?)
+        };
         let (plan, arriving) = with_replica(&workspace, |r| {
             r.check_epoch(&replica, epoch)?;
             let plan = r.upload_batch(&batch, &body, role)?;
-            Ok((plan, r.arriving(&batch, &rules)))
+            Ok((plan, r.arriving(&batch, &rules, &authors)))
         })?;
         if !arriving.is_empty() {
             // The plan stands whatever happens here: the others then fetch after the commit.

@@ -52,6 +52,30 @@ struct PendingUpload {
     created: Instant,
 }
 
+/// Why a commit refuses `version` on its own merits, if it does: a reader wrote it (judged by
+/// its author's role when the hub knows the author, since a peer may upload a reader's version
+/// it accepted, else by the uploader's) or uploads it, its name could escape a folder or
+/// cannot be stored (so no other device ever receives it), or it breaks a rule on size or
+/// names. The quota, which depends on the whole batch, is checked apart.
+fn own_refusal(
+    version: &Version,
+    uploader: Role,
+    authors: &HashMap<ReplicaId, Role>,
+    rules: &Rules,
+) -> Option<String> {
+    let author = authors
+        .get(&version.dot.writer.replica)
+        .copied()
+        .unwrap_or(uploader);
+    if uploader == Role::Reader || author == Role::Reader {
+        return Some("readers cannot change this workspace".into());
+    }
+    if let Err(error) = shoal_core::validate_name(&version.entry.name) {
+        return Some(format!("invalid name: {error}"));
+    }
+    rules.refusal(&version.entry)
+}
+
 /// A workspace replica held by the hub.
 pub(crate) struct WorkspaceReplica {
     id: String,
@@ -420,19 +444,23 @@ impl WorkspaceReplica {
     }
 
     /// The large contents of an upload batch's versions that are still to arrive and that
-    /// the commit would accept as far as their own entries tell (`rules`, the uploader's
-    /// role): what the other devices may fetch while they upload.
-    pub(crate) fn arriving(&self, batch_id: &str, rules: &Rules) -> Vec<ContentHash> {
+    /// the commit would accept on the versions' own merits (`own_refusal`): what the other
+    /// devices may fetch while they upload.
+    pub(crate) fn arriving(
+        &self,
+        batch_id: &str,
+        rules: &Rules,
+        authors: &HashMap<ReplicaId, Role>,
+    ) -> Vec<ContentHash> {
         let Some(pending) = self.uploads.get(batch_id) else {
             return Vec::new();
         };
-        if pending.role == Role::Reader {
-            return Vec::new();
-        }
         let mut arriving: Vec<ContentHash> = pending
             .versions
             .iter()
-            .filter(|(_, v)| !v.entry.deleted && rules.refusal(&v.entry).is_none())
+            .filter(|(_, v)| {
+                !v.entry.deleted && own_refusal(v, pending.role, authors, rules).is_none()
+            })
             .filter_map(|(_, v)| v.entry.content)
             .filter(|hash| pending.arriving.contains(hash))
             .collect();
@@ -522,32 +550,7 @@ impl WorkspaceReplica {
         let started = std::time::Instant::now();
         for (_, version) in &pending.versions {
             let dot = version.dot;
-            // Judged by its author's role when the hub knows the author (a peer may upload a
-            // reader's version it accepted), else by the uploader's.
-            let author = authors
-                .get(&version.dot.writer.replica)
-                .copied()
-                .unwrap_or(pending.role);
-            if pending.role == Role::Reader || author == Role::Reader {
-                outcomes.insert(
-                    dot,
-                    (
-                        "refused".into(),
-                        Some("readers cannot change this workspace".into()),
-                    ),
-                );
-                continue;
-            }
-            // A name that could escape a folder or cannot be stored is refused here, so no
-            // other device ever receives it.
-            if let Err(error) = shoal_core::validate_name(&version.entry.name) {
-                outcomes.insert(
-                    dot,
-                    ("refused".into(), Some(format!("invalid name: {error}"))),
-                );
-                continue;
-            }
-            if let Some(reason) = rules.refusal(&version.entry) {
+            if let Some(reason) = own_refusal(version, pending.role, authors, rules) {
                 outcomes.insert(dot, ("refused".into(), Some(reason)));
                 continue;
             }
@@ -741,7 +744,14 @@ mod tests {
             ("disk.iso", &forbidden),
         ])?;
         replica.upload_batch("editor", &upload, Role::Editor)?;
-        assert_eq!(replica.arriving("editor", &rules), vec![large.hash]);
+        let nobody = HashMap::new();
+        assert_eq!(
+            replica.arriving("editor", &rules, &nobody),
+            vec![large.hash]
+        );
+        // The same upload written by a reader's replica is refused at commit: not offered.
+        let readers = HashMap::from([(ReplicaId([7; 16]), Role::Reader)]);
+        assert!(replica.arriving("editor", &rules, &readers).is_empty());
         assert_eq!(replica.content_list(&large.hash)?, Some(large.clone()));
         assert_eq!(replica.content_list(&noise_name(5))?, None);
         // A reader's upload is refused at commit: nothing of it is offered.
@@ -751,8 +761,12 @@ mod tests {
             Role::Reader,
         )?;
         let permissive = Rules::from_wire(&shoal_protocol::WorkspaceRules::default())?;
-        assert!(replica.arriving("reader", &permissive).is_empty());
-        assert!(replica.arriving("no such batch", &permissive).is_empty());
+        assert!(replica.arriving("reader", &permissive, &nobody).is_empty());
+        assert!(
+            replica
+                .arriving("no such batch", &permissive, &nobody)
+                .is_empty()
+        );
         Ok(())
     }
 
