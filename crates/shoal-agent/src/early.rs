@@ -211,6 +211,8 @@ fn fetch(
     let queue = Mutex::new(VecDeque::from(groups));
     let failed = AtomicBool::new(false);
     let progress = Mutex::new(Instant::now());
+    // One writer at a time: waiting threads sleep here instead of spinning on the file's lock.
+    let one_writer = Mutex::new(());
     let location = routes::chunks(ws);
     let work = || {
         while !failed.load(Ordering::Relaxed) && left.load(Ordering::Acquire) > 0 {
@@ -266,7 +268,11 @@ fn fetch(
             }
             for (start, parts) in &runs {
                 let len: usize = parts.iter().map(|p| p.len()).sum();
-                if shoal_store::write_parts_at(&file, parts, *start).is_err() {
+                let written = {
+                    let _one = one_writer.lock().unwrap_or_else(PoisonError::into_inner);
+                    shoal_store::write_parts_at(&file, parts, *start)
+                };
+                if written.is_err() {
                     failed.store(true, Ordering::Relaxed);
                     return;
                 }

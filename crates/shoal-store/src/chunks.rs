@@ -476,6 +476,10 @@ struct Packs {
     /// processes) on one folder never share the end of a pack. (A pack per parallel upload
     /// was measured slower: the disk then writes several files back at once.)
     writing: Mutex<Option<PackWriter>>,
+    /// Held while bytes are written. The kernel lets one writer at a time into a file anyway,
+    /// and writers waiting for its lock spin on it, burning the cores the rest of an upload
+    /// needs; waiting here, they sleep.
+    writes: Mutex<()>,
     /// Packs opened for reading, by id.
     open: Mutex<HashMap<i64, Arc<fs::File>>>,
 }
@@ -773,7 +777,10 @@ impl ChunkStore {
             at += bytes.len() as u64;
         }
         let parts: Vec<&[u8]> = chunks.iter().map(|(_, bytes)| **bytes).collect();
-        write_parts_at(&file, &parts, start).map_err(Self::io(&self.pack_path(pack)))?;
+        {
+            let _one_writer = self.packs.writes.lock().map_err(|_| ChunkError::Poisoned)?;
+            write_parts_at(&file, &parts, start).map_err(Self::io(&self.pack_path(pack)))?;
+        }
         if total >= EARLY_WRITEBACK_MIN {
             start_writeback(&file, start, total);
         }
