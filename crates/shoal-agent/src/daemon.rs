@@ -29,8 +29,9 @@ use shoal_protocol::{Availability, Negotiation, PeerPresence, PresenceEvent, Pre
 use crate::early::Early;
 use crate::home::{AgentState, Counters, DeviceConfig, Home, SyncRecord, WorkspaceEntry};
 use crate::peers::{AgentCounters, Contacts, Serving};
-use crate::sync::{SyncOptions, sync_workspace_scanning};
-use crate::sync::{compact_knowledge, pull_from_peer_with, scan_workspace};
+use crate::sync::{
+    SyncOptions, compact_knowledge, pull_from_peer_with, scan_workspace, sync_workspace_scanning,
+};
 use crate::{AgentError, DeviceIdentity, sync_workspace};
 use shoal_client::HubClient;
 

@@ -14,7 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -62,8 +62,8 @@ pub(crate) struct Early {
     slots: Mutex<HashMap<(String, ContentHash), Slot>>,
     changed: Condvar,
     /// Contents fetched whole, and those a download took.
-    pub(crate) fetched: std::sync::atomic::AtomicU64,
-    pub(crate) claimed: std::sync::atomic::AtomicU64,
+    pub(crate) fetched: AtomicU64,
+    pub(crate) claimed: AtomicU64,
 }
 
 impl Early {
@@ -211,8 +211,7 @@ fn fetch(
     let queue = Mutex::new(VecDeque::from(groups));
     let failed = AtomicBool::new(false);
     let progress = Mutex::new(Instant::now());
-    // One writer at a time: waiting threads sleep here instead of spinning on the file's lock.
-    let one_writer = Mutex::new(());
+    let writer = shoal_store::OneWriter::default();
     let location = routes::chunks(ws);
     let work = || {
         while !failed.load(Ordering::Relaxed) && left.load(Ordering::Acquire) > 0 {
@@ -268,11 +267,7 @@ fn fetch(
             }
             for (start, parts) in &runs {
                 let len: usize = parts.iter().map(|p| p.len()).sum();
-                let written = {
-                    let _one = one_writer.lock().unwrap_or_else(PoisonError::into_inner);
-                    shoal_store::write_parts_at(&file, parts, *start)
-                };
-                if written.is_err() {
+                if writer.write_parts_at(&file, parts, *start).is_err() {
                     failed.store(true, Ordering::Relaxed);
                     return;
                 }

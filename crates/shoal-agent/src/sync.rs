@@ -580,7 +580,7 @@ impl ContentSource for HubSource<'_> {
         let groups = bundle_groups(content.chunks.iter().map(|c| (*hash, c)).collect());
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
-        let one_writer = Mutex::new(());
+        let writer = shoal_store::OneWriter::default();
         let work = || {
             let mut run = Vec::new();
             while !failed.load(Relaxed) {
@@ -636,14 +636,9 @@ impl ContentSource for HubSource<'_> {
                         }
                     }
                 }
-                // The group's chunks follow one another: one write for all of them, one writer
-                // at a time (waiting threads sleep instead of spinning on the file's lock).
+                // The group's chunks follow one another: one write for all of them.
                 let slices: Vec<&[u8]> = parts.iter().map(|b| &b[..]).collect();
-                let written = {
-                    let _one = lock(&one_writer);
-                    shoal_store::write_parts_at(&file, &slices, span.0)
-                };
-                if written.is_err() {
+                if writer.write_parts_at(&file, &slices, span.0).is_err() {
                     failed.store(true, Relaxed);
                     return;
                 }

@@ -420,11 +420,27 @@ pub fn start_writeback(file: &fs::File, offset: u64, len: u64) {
     }
 }
 
-/// Writes `parts` one after another at `offset`, in as few system calls as the kernel allows
-/// (`pwritev`). A file's write lock is then taken once per call instead of once per part: with
-/// several threads writing one file, each part taking the lock on its own had them spinning
-/// on it on a machine with few cores.
-pub fn write_parts_at(file: &fs::File, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+/// Lets threads writing one file in parallel write one at a time. The kernel admits one writer
+/// at a time into a file anyway, and writers waiting for its lock spin on it, burning the
+/// cores the rest of a transfer needs; waiting here, they sleep.
+#[derive(Debug, Default)]
+pub struct OneWriter(Mutex<()>);
+
+impl OneWriter {
+    /// Writes `parts` one after another at `offset` of `file`, in as few system calls as the
+    /// kernel allows (`pwritev`), once no other thread is writing through this writer.
+    pub fn write_parts_at(&self, file: &fs::File, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+        let _turn = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        write_parts_at(file, parts, offset)
+    }
+}
+
+/// Writes `parts` one after another at `offset`: the file's lock is taken once per call, not
+/// once per part.
+fn write_parts_at(file: &fs::File, parts: &[&[u8]], offset: u64) -> io::Result<()> {
     let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
     let mut left: &mut [io::IoSlice<'_>] = &mut slices;
     let mut at = offset;
@@ -476,10 +492,8 @@ struct Packs {
     /// processes) on one folder never share the end of a pack. (A pack per parallel upload
     /// was measured slower: the disk then writes several files back at once.)
     writing: Mutex<Option<PackWriter>>,
-    /// Held while bytes are written. The kernel lets one writer at a time into a file anyway,
-    /// and writers waiting for its lock spin on it, burning the cores the rest of an upload
-    /// needs; waiting here, they sleep.
-    writes: Mutex<()>,
+    /// Appends write their bytes one at a time.
+    writes: OneWriter,
     /// Packs opened for reading, by id.
     open: Mutex<HashMap<i64, Arc<fs::File>>>,
 }
@@ -743,8 +757,8 @@ impl ChunkStore {
     }
 
     /// Writes chunks one after another at the end of this store's pack; returns the pack and
-    /// each chunk's offset. The space is taken under the lock and written outside it, in one
-    /// call, so uploads in parallel write in parallel.
+    /// each chunk's offset. The space is taken under the lock, so an upload's bytes need not
+    /// wait for another's to be placed; the bytes themselves are written one upload at a time.
     fn append(&self, chunks: &[(&ContentHash, &&[u8])]) -> Result<Appended, ChunkError> {
         let total: u64 = chunks.iter().map(|(_, bytes)| bytes.len() as u64).sum();
         if chunks.is_empty() {
@@ -777,10 +791,10 @@ impl ChunkStore {
             at += bytes.len() as u64;
         }
         let parts: Vec<&[u8]> = chunks.iter().map(|(_, bytes)| **bytes).collect();
-        {
-            let _one_writer = self.packs.writes.lock().map_err(|_| ChunkError::Poisoned)?;
-            write_parts_at(&file, &parts, start).map_err(Self::io(&self.pack_path(pack)))?;
-        }
+        self.packs
+            .writes
+            .write_parts_at(&file, &parts, start)
+            .map_err(Self::io(&self.pack_path(pack)))?;
         if total >= EARLY_WRITEBACK_MIN {
             start_writeback(&file, start, total);
         }

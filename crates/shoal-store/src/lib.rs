@@ -8,8 +8,7 @@ mod chunks;
 mod db;
 
 pub use chunks::{
-    ChunkError, ChunkStore, chunk_bytes, chunk_reader, rechunk_reader, start_writeback,
-    write_parts_at,
+    ChunkError, ChunkStore, OneWriter, chunk_bytes, chunk_reader, rechunk_reader, start_writeback,
 };
 pub use db::{
     ContentIndex, Identity, LocalFile, LocalRecords, LocalStat, Store, StoreError, Transaction,
