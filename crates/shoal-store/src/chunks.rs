@@ -463,8 +463,9 @@ fn write_parts_at(file: &fs::File, parts: &[&[u8]], offset: u64) -> io::Result<(
 const SMALL_BELOW: usize = CHUNK_MIN;
 
 /// An append at least this long has its writeback started at once: a large upload is then
-/// mostly on disk when its commit flushes.
-const EARLY_WRITEBACK_MIN: u64 = 1 << 20;
+/// mostly on disk when its commit flushes. Below a device's bundle (1 MiB of frames, so a
+/// little less of chunks), or no upload's append would qualify.
+const EARLY_WRITEBACK_MIN: u64 = 256 << 10;
 
 /// A pack takes no more chunks once it is this long; the next chunk starts a new one.
 const PACK_MAX: u64 = 256 << 20;
