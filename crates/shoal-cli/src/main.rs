@@ -322,7 +322,7 @@ fn cap_malloc_arenas() {
 /// free top, so the next bundle faults in fresh pages; on a virtual machine that hands freed
 /// pages back to its host, each such fault costs the host one too. W2 through the hub by
 /// hand: 2.59 / 2.62 / 2.90 s untuned, 2.02 / 2.03 s with the hub tuned in the next series;
-/// the hub's peak RSS 30-33 -> 48-52 MiB. (Devices tuned the same way gained less and held
+/// the hub's peak RSS 30-33 -> 48-58 MiB. (Devices tuned the same way gained less and held
 /// 5-8 MiB more on W1L, whose memory target is tight.)
 #[allow(unsafe_code)]
 fn keep_freed_memory() {
