@@ -12,7 +12,7 @@
 //! content no download takes within [`KEEP`] is removed.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -204,14 +204,13 @@ fn fetch(
     };
     fs::create_dir_all(dir).map_err(io(dir))?;
     let path = dir.join(format!("{}.part", hex32(&hash.0)));
-    let file = File::create(&path).map_err(io(&path))?;
-    file.set_len(content.size).map_err(io(&path))?;
+    // Only large contents are announced: written around the page cache.
+    let file = shoal_store::LargeFile::create(&path, content.size).map_err(io(&path))?;
     let groups = bundle_groups(content.chunks.iter().map(|c| (*hash, c)).collect());
     let left = AtomicUsize::new(groups.len());
     let queue = Mutex::new(VecDeque::from(groups));
     let failed = AtomicBool::new(false);
     let progress = Mutex::new(Instant::now());
-    let writer = shoal_store::OneWriter::default();
     let location = routes::chunks(ws);
     let work = || {
         while !failed.load(Ordering::Relaxed) && left.load(Ordering::Acquire) > 0 {
@@ -266,12 +265,10 @@ fn fetch(
                 run_end = Some(chunk.offset + u64::from(chunk.len));
             }
             for (start, parts) in &runs {
-                let len: usize = parts.iter().map(|p| p.len()).sum();
-                if writer.write_parts_at(&file, parts, *start).is_err() {
+                if file.write_parts_at(parts, *start).is_err() {
                     failed.store(true, Ordering::Relaxed);
                     return;
                 }
-                shoal_store::start_writeback(&file, *start, len as u64);
             }
             if !runs.is_empty() {
                 *progress.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
@@ -307,6 +304,6 @@ fn fetch(
     }
     // Flushed now, while the hub flushes the upload before its commit: the staging that takes
     // the file then finds nothing left to write. Staging flushes again in any case.
-    file.sync_data().map_err(io(&path))?;
+    file.file().sync_data().map_err(io(&path))?;
     Ok(path)
 }

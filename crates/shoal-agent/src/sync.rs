@@ -176,8 +176,10 @@ pub(crate) fn bundle_pieces<P: std::borrow::Borrow<ChunkRef>>(
     intact
 }
 
-/// Contents at least this large have each group's writeback started once it is written.
-const EARLY_WRITEBACK_MIN: u64 = 8 << 20;
+/// Contents at least this large are written around the page cache where the filesystem
+/// allows (`shoal_store::LargeFile`), and groups copied from local files have their
+/// writeback started once copied.
+const LARGE_CONTENT_MIN: u64 = 8 << 20;
 
 /// Gives the memory freed by a batch back to the system. Its chunks were allocated on several
 /// threads, so the allocator holds them in several arenas that it would otherwise keep, and
@@ -281,6 +283,7 @@ impl<'a> HubSource<'a> {
         &self,
         group: &[(ContentHash, &ChunkRef)],
         dest: &File,
+        large: Option<&shoal_store::LargeFile>,
         run: &mut Vec<u8>,
     ) -> bool {
         let Some((_, first)) = group.first() else {
@@ -311,11 +314,17 @@ impl<'a> HubSource<'a> {
                 .get(path)
                 .is_some_and(|stamp| Stamp::of(source).as_ref() == Some(stamp))
         };
-        if as_scanned(&source)
-            && copy_range(&source, *start, dest, first.offset, end - first.offset)
-            && as_scanned(&source)
-        {
-            return true;
+        let len = end - first.offset;
+        if as_scanned(&source) {
+            // A large file's run goes around the page cache where it can, else in the kernel.
+            let copied = match large.map(|l| l.copy_in(path, *start, len, first.offset)) {
+                Some(Ok(true)) => true,
+                Some(Err(_)) => false,
+                Some(Ok(false)) | None => copy_range(&source, *start, dest, first.offset, len),
+            };
+            if copied && as_scanned(&source) {
+                return true;
+            }
         }
         run.resize((end - first.offset) as usize, 0);
         if std::os::unix::fs::FileExt::read_exact_at(&source, run, *start).is_err() {
@@ -570,13 +579,30 @@ impl ContentSource for HubSource<'_> {
                 }
             }
         };
-        let Ok(file) = File::create(dest) else {
-            return false;
+        let large = if content.size >= LARGE_CONTENT_MIN {
+            match shoal_store::LargeFile::create(dest, content.size) {
+                Ok(large) => Some(large),
+                Err(_) => return false,
+            }
+        } else {
+            None
         };
-        // Sized first when chunks may land out of order; a one-chunk file is written whole.
-        if content.chunks.len() > 1 && file.set_len(content.size).is_err() {
-            return false;
-        }
+        let small;
+        let file = match &large {
+            Some(large) => large.file(),
+            None => {
+                let Ok(file) = File::create(dest) else {
+                    return false;
+                };
+                small = file;
+                // Sized first when chunks may land out of order; a one-chunk file is written
+                // whole.
+                if content.chunks.len() > 1 && small.set_len(content.size).is_err() {
+                    return false;
+                }
+                &small
+            }
+        };
         let groups = bundle_groups(content.chunks.iter().map(|c| (*hash, c)).collect());
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
@@ -594,13 +620,10 @@ impl ContentSource for HubSource<'_> {
                     first.offset,
                     last.offset + u64::from(last.len) - first.offset,
                 );
-                let written_back = || {
-                    if content.size >= EARLY_WRITEBACK_MIN {
-                        shoal_store::start_writeback(&file, span.0, span.1);
+                if self.copy_local_run(group, file, large.as_ref(), &mut run) {
+                    if large.is_some() {
+                        shoal_store::start_writeback(file, span.0, span.1);
                     }
-                };
-                if self.copy_local_run(group, &file, &mut run) {
-                    written_back();
                     continue;
                 }
                 let mut here: HashMap<ContentHash, Bytes> = HashMap::new();
@@ -638,11 +661,14 @@ impl ContentSource for HubSource<'_> {
                 }
                 // The group's chunks follow one another: one write for all of them.
                 let slices: Vec<&[u8]> = parts.iter().map(|b| &b[..]).collect();
-                if writer.write_parts_at(&file, &slices, span.0).is_err() {
+                let written = match &large {
+                    Some(large) => large.write_parts_at(&slices, span.0),
+                    None => writer.write_parts_at(file, &slices, span.0),
+                };
+                if written.is_err() {
                     failed.store(true, Relaxed);
                     return;
                 }
-                written_back();
             }
         };
         let workers = PARALLEL_TRANSFERS.min(groups.len());
@@ -1653,12 +1679,14 @@ mod tests {
         File::options().write(true).open(path)?.set_modified(later)
     }
 
-    /// The whole of `content`, copied from `held` by `copy_local_run` a group at a time.
+    /// The whole of `content`, copied from `held` by `copy_local_run` a group at a time, into
+    /// a plain file or a `LargeFile` (around the page cache).
     fn copy_from_local(
         held: &Path,
         content: &ChunkedContent,
         stamp: Option<Stamp>,
         dest: &Path,
+        large: bool,
     ) -> Result<bool, Box<dyn std::error::Error>> {
         let client = HubClient::new("http://127.0.0.1:9", None)?;
         let mut local = LocalChunks::default();
@@ -1672,39 +1700,42 @@ mod tests {
         }
         let source =
             HubSource::new(&client, HashMap::new(), Vec::new(), "w", &[]).with_local(local);
-        let out = File::create(dest)?;
-        out.set_len(content.size)?;
         let groups = bundle_groups(content.chunks.iter().map(|c| (content.hash, c)).collect());
         let mut run = Vec::new();
+        let out = shoal_store::LargeFile::create(dest, content.size)?;
+        let large = large.then_some(&out);
         Ok(groups
             .iter()
-            .all(|group| source.copy_local_run(group, &out, &mut run)))
+            .all(|group| source.copy_local_run(group, out.file(), large, &mut run)))
     }
 
     #[test]
     fn local_chunks_are_copied_unread_only_from_a_file_as_scanned()
     -> Result<(), Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let held = dir.path().join("held.bin");
-        let dest = dir.path().join("dest.bin");
-        let bytes = noise(5 << 20, 11);
-        std::fs::write(&held, &bytes)?;
-        let content = shoal_store::chunk_bytes(&bytes);
-        let as_scanned = Stamp::of(&File::open(&held)?);
-        assert!(as_scanned.is_some());
+        for large in [false, true] {
+            let dir = tempfile::tempdir()?;
+            let held = dir.path().join("held.bin");
+            let dest = dir.path().join("dest.bin");
+            let bytes = noise(5 << 20, 11);
+            std::fs::write(&held, &bytes)?;
+            let content = shoal_store::chunk_bytes(&bytes);
+            let as_scanned = Stamp::of(&File::open(&held)?);
+            assert!(as_scanned.is_some());
 
-        // As scanned, or with a stale record (then every chunk is read and checked).
-        assert!(copy_from_local(&held, &content, as_scanned, &dest)?);
-        assert_eq!(std::fs::read(&dest)?, bytes);
-        std::fs::remove_file(&dest)?;
-        assert!(copy_from_local(&held, &content, None, &dest)?);
-        assert_eq!(std::fs::read(&dest)?, bytes);
+            // As scanned, or with a stale record (then every chunk is read and checked).
+            assert!(copy_from_local(&held, &content, as_scanned, &dest, large)?);
+            assert_eq!(std::fs::read(&dest)?, bytes);
+            std::fs::remove_file(&dest)?;
+            assert!(copy_from_local(&held, &content, None, &dest, large)?);
+            assert_eq!(std::fs::read(&dest)?, bytes);
 
-        // Changed since the scan (same size, other bytes, a new modification time): the record
-        // no longer matches, the check finds the changed chunk, and the copy is refused.
-        change_later(&held, &bytes, 3 << 20)?;
-        assert_ne!(Stamp::of(&File::open(&held)?), as_scanned);
-        assert!(!copy_from_local(&held, &content, as_scanned, &dest)?);
+            // Changed since the scan (same size, other bytes, a new modification time): the
+            // record no longer matches, the check finds the changed chunk, and the copy is
+            // refused.
+            change_later(&held, &bytes, 3 << 20)?;
+            assert_ne!(Stamp::of(&File::open(&held)?), as_scanned);
+            assert!(!copy_from_local(&held, &content, as_scanned, &dest, large)?);
+        }
         Ok(())
     }
 

@@ -36,7 +36,8 @@ pub(crate) struct Shoal {
 
 impl Shoal {
     /// `shoal` with the environment every run uses: a private `HOME` under `base`, the
-    /// password, no colours, and `SHOAL_LOG=info` for agents (their log says what they did).
+    /// password, no colours, and `SHOAL_LOG=info` for agents (their log says what they did;
+    /// `SHOAL_BENCH_LOG` gives another filter, such as `shoal_agent=debug` for a timeline).
     pub(crate) fn spec(&self, base: &Path, info_log: bool) -> Spec {
         let home = base.join("userhome");
         let _ = fs::create_dir_all(&home);
@@ -47,7 +48,8 @@ impl Shoal {
             .env("SHOAL_PASSWORD", PASSWORD)
             .env("NO_COLOR", "1");
         if info_log {
-            spec.env("SHOAL_LOG", "info")
+            let filter = std::env::var("SHOAL_BENCH_LOG").unwrap_or_else(|_| "info".into());
+            spec.env("SHOAL_LOG", filter)
         } else {
             spec
         }

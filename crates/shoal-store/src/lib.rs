@@ -6,6 +6,7 @@
 
 mod chunks;
 mod db;
+mod direct;
 
 pub use chunks::{
     ChunkError, ChunkStore, OneWriter, chunk_bytes, chunk_reader, rechunk_reader, start_writeback,
@@ -13,4 +14,5 @@ pub use chunks::{
 pub use db::{
     ContentIndex, Identity, LocalFile, LocalRecords, LocalStat, Store, StoreError, Transaction,
 };
+pub use direct::LargeFile;
 pub use shoal_core::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkRef, ChunkedContent};
