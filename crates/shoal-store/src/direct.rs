@@ -296,6 +296,7 @@ fn gather(parts: &[&[u8]], from: u64, out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunks::tests::pseudo_random;
     use std::fs;
 
     /// Whether `path`'s filesystem takes direct writes.
@@ -307,25 +308,13 @@ mod tests {
             .is_ok()
     }
 
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
-    }
-
     /// Pieces of odd sizes at odd offsets, written by several threads in a scrambled order,
     /// some split into several parts: the file holds exactly the bytes, edges included.
     #[test]
     fn pieces_written_in_any_order_make_the_whole_file() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("big.part");
-        let data = noise(3 * 1024 * 1024 + 12_345, 7);
+        let data = pseudo_random(3 * 1024 * 1024 + 12_345, 7);
         let mut cuts = vec![0usize];
         let mut at = 0;
         let sizes = [1, 4095, 4096, 4097, 70_001, 300_000, 8191, 1_048_576, 12];
@@ -366,7 +355,7 @@ mod tests {
     -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("big.part");
-        let data = noise(1 << 20, 3);
+        let data = pseudo_random(1 << 20, 3);
         let file = LargeFile::create(&path, data.len() as u64 + 100)?;
         file.write_parts_at(&[&data[..100]], 0)?;
         file.write_parts_at(&[&data[100..]], 100)?;
@@ -386,7 +375,7 @@ mod tests {
     -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let earlier = dir.path().join("earlier");
-        let old = noise(2 << 20, 11);
+        let old = pseudo_random(2 << 20, 11);
         fs::write(&earlier, &old)?;
         let path = dir.path().join("big.part");
         let size = (3 << 20) as u64;
