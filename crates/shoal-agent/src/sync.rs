@@ -317,11 +317,8 @@ impl<'a> HubSource<'a> {
         let len = end - first.offset;
         if as_scanned(&source) {
             // A large file's run goes around the page cache where it can, else in the kernel.
-            let copied = match large.map(|l| l.copy_in(path, *start, len, first.offset)) {
-                Some(Ok(true)) => true,
-                Some(Err(_)) => false,
-                Some(Ok(false)) | None => copy_range(&source, *start, dest, first.offset, len),
-            };
+            let copied = large.is_some_and(|l| l.copy_in(path, *start, len, first.offset))
+                || copy_range(&source, *start, dest, first.offset, len);
             if copied && as_scanned(&source) {
                 return true;
             }

@@ -84,12 +84,8 @@ impl LargeFile {
             return self.buffered.write_parts_at(&self.file, parts, offset);
         };
         let mut buffer = self.take_scratch();
-        let (scratch, fits) = aligned(&mut buffer, SLICE);
-        let mut result = if fits {
-            Ok(())
-        } else {
-            Err(io::ErrorKind::OutOfMemory.into())
-        };
+        let scratch = aligned(&mut buffer, SLICE);
+        let mut result = Ok(());
         let mut at = lo;
         while result.is_ok() && at < hi {
             let body = &mut scratch[..(hi - at).min(SLICE as u64) as usize];
@@ -103,13 +99,8 @@ impl LargeFile {
             self.direct_failed.store(true, Ordering::Relaxed);
             return self.buffered.write_parts_at(&self.file, parts, offset);
         }
-        if lo > offset {
-            self.write_slice(parts, 0, lo - offset, offset)?;
-        }
-        if end > hi {
-            self.write_slice(parts, hi - offset, len, hi)?;
-        }
-        Ok(())
+        self.write_edge(parts, 0, lo - offset, offset)?;
+        self.write_edge(parts, hi - offset, len, hi)
     }
 
     /// Copies `len` bytes at `from` in the file at `source` to `to` in this file, reading
@@ -117,25 +108,26 @@ impl LargeFile {
     /// itself moves its unchanged bytes without a copy through this process's cache pages.
     /// Only where both sides lie alike within their blocks (a file changed in place, not
     /// shifted by an insertion), since the bytes are written from where they were read. False
-    /// when they could not be copied this way (the caller copies them otherwise).
-    pub fn copy_in(&self, source: &Path, from: u64, len: u64, to: u64) -> io::Result<bool> {
+    /// when they could not be copied this way, in part or at all (the caller copies them
+    /// otherwise).
+    pub fn copy_in(&self, source: &Path, from: u64, len: u64, to: u64) -> bool {
         let Some(direct) = self.direct.as_ref().filter(|_| !self.direct_off()) else {
-            return Ok(false);
+            return false;
         };
         if len == 0 || from % ALIGN != to % ALIGN {
-            return Ok(false);
+            return false;
         }
         let Ok(reader) = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECT)
             .open(source)
         else {
-            return Ok(false);
+            return false;
         };
         let mut buffer = self.take_scratch();
-        let (cover, fits) = aligned(&mut buffer, SLICE + ALIGN as usize);
+        let cover = aligned(&mut buffer, SLICE + ALIGN as usize);
         let mut done = 0;
-        let mut result = Ok(fits);
+        let mut result = Ok(true);
         while done < len && matches!(result, Ok(true)) {
             let (at, dest) = (from + done, to + done);
             let skip = at % ALIGN;
@@ -163,11 +155,11 @@ impl LargeFile {
             done += take;
         }
         self.give_back(buffer);
-        if result.is_err() {
+        result.unwrap_or_else(|_| {
+            // Refused: later pieces go through the cache.
             self.direct_failed.store(true, Ordering::Relaxed);
-            return Ok(false);
-        }
-        result
+            false
+        })
     }
 
     fn write_cached(&self, bytes: &[u8], at: u64) -> io::Result<()> {
@@ -194,11 +186,13 @@ impl LargeFile {
         Ok(())
     }
 
-    /// Writes bytes `from..to` of the concatenated `parts` at `at`, through the cache.
-    fn write_slice(&self, parts: &[&[u8]], from: u64, to: u64, at: u64) -> io::Result<()> {
-        let mut piece = vec![0u8; (to - from) as usize];
-        gather(parts, from, &mut piece);
-        self.buffered.write_parts_at(&self.file, &[&piece], at)
+    /// Writes bytes `from..to` of the concatenated `parts`, less than a block, at `at`
+    /// through the cache.
+    fn write_edge(&self, parts: &[&[u8]], from: u64, to: u64, at: u64) -> io::Result<()> {
+        let mut edge = [0u8; ALIGN as usize];
+        let edge = &mut edge[..(to - from) as usize];
+        gather(parts, from, edge);
+        self.write_cached(edge, at)
     }
 
     /// A scratch buffer, waiting for one when `SCRATCH_MAX` are in use.
@@ -260,18 +254,15 @@ fn read_direct(reader: &File, cover: &mut [u8], mut at: u64, need: usize) -> boo
 }
 
 /// `len` bytes of `buffer` starting at an address that is a multiple of `ALIGN`, growing the
-/// buffer as needed; false when the length cannot be had.
-fn aligned(buffer: &mut Vec<u8>, len: usize) -> (&mut [u8], bool) {
+/// buffer as needed.
+fn aligned(buffer: &mut Vec<u8>, len: usize) -> &mut [u8] {
     let need = len + ALIGN as usize;
     if buffer.len() < need {
-        // A fresh buffer: its address, and so the shift, is settled once it stops growing.
         *buffer = vec![0u8; need];
     }
+    // Less than ALIGN, and the buffer holds ALIGN bytes more than asked.
     let shift = buffer.as_ptr().align_offset(ALIGN as usize);
-    match buffer.get_mut(shift..shift + len) {
-        Some(body) => (body, true),
-        None => (&mut [], false),
-    }
+    &mut buffer[shift..shift + len]
 }
 
 /// Copies bytes `from..from + out.len()` of the concatenated `parts` into `out`.
@@ -381,8 +372,8 @@ mod tests {
         let size = (3 << 20) as u64;
         let file = LargeFile::create(&path, size)?;
         let (from, len, to) = (12_345u64, 1_500_000u64, 12_345 + 100 * 4096);
-        assert!(!file.copy_in(&earlier, from, len, to + 1)?);
-        let copied = file.copy_in(&earlier, from, len, to)?;
+        assert!(!file.copy_in(&earlier, from, len, to + 1));
+        let copied = file.copy_in(&earlier, from, len, to);
         assert_eq!(copied, takes_direct_writes(&path));
         if !copied {
             return Ok(());
@@ -394,7 +385,7 @@ mod tests {
         );
         assert!(written[..to as usize].iter().all(|b| *b == 0));
         // Past the end of the earlier file there is nothing to copy.
-        assert!(!file.copy_in(&earlier, (2 << 20) - 10, 100, 0)?);
+        assert!(!file.copy_in(&earlier, (2 << 20) - 10, 100, 0));
         Ok(())
     }
 
