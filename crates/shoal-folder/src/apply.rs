@@ -86,6 +86,25 @@ fn stat_matches(path: &Path, recorded: &LocalFile) -> bool {
 struct Ready<'a> {
     want: &'a Placement<'a>,
     from: ReadyFrom,
+    /// Its current mode, when known (a change is then made only if needed).
+    mode: Option<u32>,
+}
+
+impl Ready<'_> {
+    /// Where it is moved from.
+    fn source(&self, staging: &Path) -> PathBuf {
+        match &self.from {
+            ReadyFrom::Staged(_, id) => staging.join(staged_name(*id)),
+            ReadyFrom::Temp(temp) => temp.clone(),
+        }
+    }
+}
+
+/// A staged copy as found before it is put in place.
+struct StagedCopy {
+    id: u64,
+    mode: u32,
+    links: u64,
 }
 
 enum ReadyFrom {
@@ -301,6 +320,7 @@ impl FolderReplica {
                 files: Vec::new(),
             });
         }
+        let started = std::time::Instant::now();
         progress.start("transfer", wanted.values().sum());
         let staging = self.staging_dir();
         for shard in 0..rayon::current_num_threads().min(256) {
@@ -321,7 +341,14 @@ impl FolderReplica {
             })
             .collect();
         progress.finish();
+        let written_at = std::time::Instant::now();
         flush_filesystem(&self.root)?;
+        tracing::debug!(
+            files = fetched.len(),
+            write_ms = (written_at - started).as_millis() as u64,
+            flush_ms = written_at.elapsed().as_millis() as u64,
+            "stage: written and flushed"
+        );
         available.extend(fetched.iter().map(|(hash, _)| *hash));
         Ok(Staged {
             available,
@@ -527,7 +554,24 @@ impl FolderReplica {
             "write",
             wanted_files.iter().map(|w| w.version.entry.size).sum(),
         );
-        for want in wanted_files {
+        // The staged copy of each wanted content, looked up once and examined from every
+        // thread: a first sync has one per file.
+        let staging = self.staging_dir();
+        let staged_ids: HashMap<ContentHash, u64> = self.store.all_staged()?.into_iter().collect();
+        let staged_copies: Vec<Option<StagedCopy>> = wanted_files
+            .par_iter()
+            .map(|want| {
+                let id = *staged_ids.get(&want.version.entry.content?)?;
+                let meta = fs::symlink_metadata(staging.join(staged_name(id))).ok()?;
+                meta.is_file().then(|| StagedCopy {
+                    id,
+                    mode: meta.mode(),
+                    links: meta.nlink(),
+                })
+            })
+            .collect();
+        drop(staged_ids);
+        for (want, staged_copy) in wanted_files.into_iter().zip(staged_copies) {
             let path = &want.path;
             let target = self.absolute(path);
             let Some(hash) = want.version.entry.content else {
@@ -568,32 +612,26 @@ impl FolderReplica {
                 }
             }
             present_dirs.insert(parent_path(path));
-            let staged_id = self.store.staged(&hash)?;
-            let staged = staged_id.map(|id| self.staged_path(id));
-            let staged_meta = staged
-                .as_ref()
-                .and_then(|staged| fs::symlink_metadata(staged).ok())
-                .filter(|m| m.is_file());
             // The staged copy itself becomes the file, moved in when the others are (no copy,
             // and nothing left to delete). A crash after the move leaves it at its target,
             // where the next scan adopts it. Only one path may take it: any other path with
             // this content gets its own copy (made now, before the move), or an edit in place
             // of one file would show through the other.
-            if let (Some(meta), Some(staged), Some(id)) = (&staged_meta, &staged, staged_id)
-                && meta.nlink() == 1
+            if let Some(copy) = &staged_copy
+                && copy.links == 1
                 && taken.insert(hash)
             {
-                set_times_and_mode(staged, want.version, Some(meta.mode()))?;
                 progress.advance(want.version.entry.size);
                 ready.push(Ready {
                     want,
-                    from: ReadyFrom::Staged(hash, id),
+                    from: ReadyFrom::Staged(hash, copy.id),
+                    mode: Some(copy.mode),
                 });
                 continue;
             }
             let temp = temp_name(&dir);
-            let copied = if let (Some(staged), Some(_)) = (&staged, &staged_meta) {
-                fs::copy(staged, &temp).is_ok()
+            let copied = if let Some(copy) = &staged_copy {
+                fs::copy(staging.join(staged_name(copy.id)), &temp).is_ok()
             } else {
                 by_hash.get(&hash).into_iter().flatten().any(|source| {
                     let Some(have) = recorded.get(source) else {
@@ -605,7 +643,7 @@ impl FolderReplica {
                         && stat_matches(&from, have)
                 }) || ready.iter().any(|earlier| {
                     earlier.want.version.entry.content == Some(hash)
-                        && fs::copy(self.ready_source(earlier), &temp).is_ok()
+                        && fs::copy(earlier.source(&staging), &temp).is_ok()
                 }) || fallback.is_some_and(|source| source.copy_to(&hash, &temp))
             };
             if !copied {
@@ -616,13 +654,16 @@ impl FolderReplica {
                 });
                 continue;
             }
-            set_times_and_mode(&temp, want.version, None)?;
             progress.advance(want.version.entry.size);
             ready.push(Ready {
                 want,
                 from: ReadyFrom::Temp(temp),
+                mode: None,
             });
         }
+        ready.par_iter().try_for_each(|ready| {
+            set_times_and_mode(&ready.source(&staging), ready.want.version, ready.mode)
+        })?;
         progress.finish();
         if !ready.is_empty() {
             flush_filesystem(&self.root)?;
@@ -684,43 +725,58 @@ impl FolderReplica {
         // 5. Put the new files in place, if their targets are as recorded. A path with nothing
         //    recorded must still be empty: the rename refuses to replace what appeared.
         let removed: HashSet<&str> = removed_records.iter().map(String::as_str).collect();
+        // Each path is its own: they are put in place from every thread, and what became of
+        // each is gathered in layout order. What each holds once placed, or None if left.
+        let root = &self.root;
+        let placements: Vec<Result<Option<Found>, FolderError>> = ready
+            .par_iter()
+            .map(|ready| {
+                let path = &ready.want.path;
+                let from = ready.source(&staging);
+                let target = crate::absolute(root, path);
+                let replace = match recorded.get(path) {
+                    Some(have) if !removed.contains(path.as_str()) => {
+                        stat_matches(&target, have).then_some(true)
+                    }
+                    _ => Some(false),
+                };
+                let placed = match replace {
+                    None => false,
+                    Some(true) => {
+                        fs::rename(&from, &target).map_err(io_error(&from))?;
+                        true
+                    }
+                    Some(false) => place_new(&from, &target)?,
+                };
+                if !placed {
+                    // A staged copy stays for a later run; a temporary one goes.
+                    if matches!(ready.from, ReadyFrom::Temp(_)) {
+                        let _ = fs::remove_file(&from);
+                    }
+                    return Ok(None);
+                }
+                let found = stat(&target)?
+                    .ok_or_else(|| io_error(&target)(std::io::ErrorKind::NotFound.into()))?;
+                Ok(Some(found))
+            })
+            .collect();
         // Staged files that became files at their paths: no longer staged.
         let mut moved_in = Vec::new();
-        for ready in &ready {
-            let (want, path) = (ready.want, &ready.want.path);
-            let from = self.ready_source(ready);
-            let target = self.absolute(path);
-            let replace = match recorded.get(path) {
-                Some(have) if !removed.contains(path.as_str()) => {
-                    stat_matches(&target, have).then_some(true)
-                }
-                _ => Some(false),
-            };
-            let placed = match replace {
-                None => false,
-                Some(true) => {
-                    fs::rename(&from, &target).map_err(io_error(&from))?;
-                    true
-                }
-                Some(false) => place_new(&from, &target)?,
-            };
-            if !placed {
-                // A staged copy stays for a later run; a temporary one goes.
-                if matches!(ready.from, ReadyFrom::Temp(_)) {
-                    let _ = fs::remove_file(&from);
-                }
+        for (ready, placement) in ready.iter().zip(placements) {
+            let want = ready.want;
+            let Some(found) = placement? else {
                 report.skipped.push(Skipped {
-                    path: path.clone(),
+                    path: want.path.clone(),
                     reason: "changed since the last scan; not overwritten".into(),
                 });
                 continue;
-            }
+            };
             report.written += 1;
             report.bytes += want.version.entry.size;
             if let ReadyFrom::Staged(hash, _) = ready.from {
                 moved_in.push(hash);
             }
-            new_records.push(self.record_for(want)?);
+            new_records.push(NewRecord::Placed { want, found });
         }
         if report.written + report.renamed + report.deleted + report.folders > 0 {
             flush_filesystem(&self.root)?;
@@ -761,14 +817,6 @@ impl FolderReplica {
             None => recorded.get(path).map(|have| have.content),
         })?;
         Ok(report)
-    }
-
-    /// Where a ready file is moved from.
-    fn ready_source(&self, ready: &Ready) -> PathBuf {
-        match &ready.from {
-            ReadyFrom::Staged(_, id) => self.staged_path(*id),
-            ReadyFrom::Temp(temp) => temp.clone(),
-        }
     }
 
     fn record_for<'p>(&self, want: &'p Placement<'p>) -> Result<NewRecord<'p>, FolderError> {

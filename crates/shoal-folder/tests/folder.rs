@@ -294,3 +294,61 @@ fn an_unlisted_staged_file_is_never_trusted_and_is_cleared() -> TestResult {
     assert_eq!(fs::read_dir(&staging)?.count(), 0);
     Ok(())
 }
+
+#[test]
+fn many_files_land_with_their_times_and_modes_except_where_the_user_came_first() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dir, a, b) = two_folders()?;
+    let path = |n: usize| format!("d{}/f{n}.txt", n % 8);
+    for folder in 0..8 {
+        fs::create_dir_all(a.join(format!("d{folder}")))?;
+    }
+    for n in 0..300 {
+        fs::write(a.join(path(n)), format!("old {n}"))?;
+    }
+    mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
+
+    // On a: every file edited, as many new, every fifth one executable.
+    for n in 0..600 {
+        fs::write(a.join(path(n)), format!("new {n}"))?;
+        if n % 5 == 0 {
+            fs::set_permissions(a.join(path(n)), fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    let mut side_a = FolderReplica::open(&a, "a")?;
+    let mut side_b = FolderReplica::open(&b, "b")?;
+    side_a.scan(&ScanOptions::default(), &NoProgress)?;
+    side_b.scan(&ScanOptions::default(), &NoProgress)?;
+    side_b.receive_from(&side_a, BatchLimits::default(), &NoProgress)?;
+    // After b's scan the user edits one file and makes another where a new one is coming.
+    let (edited, made) = (path(3), path(401));
+    fs::write(b.join(&edited), "edited on b, late")?;
+    fs::write(b.join(&made), "made on b first")?;
+    let source = side_a.content_source()?;
+    let report = side_b.materialize(Some(&source), &NoProgress)?;
+
+    let mut skipped: Vec<&str> = report.skipped.iter().map(|s| s.path.as_str()).collect();
+    skipped.sort();
+    assert_eq!(skipped, [made.as_str(), edited.as_str()], "{report:?}");
+    assert_eq!(report.written, 598, "{report:?}");
+    for n in 0..600 {
+        let (from, to) = (a.join(path(n)), b.join(path(n)));
+        let landed = fs::read_to_string(&to)?;
+        if path(n) == edited {
+            assert_eq!(landed, "edited on b, late");
+        } else if path(n) == made {
+            assert_eq!(landed, "made on b first");
+        } else {
+            assert_eq!(landed, format!("new {n}"), "{}", path(n));
+            let (theirs, ours) = (fs::metadata(&from)?, fs::metadata(&to)?);
+            assert_eq!(theirs.modified()?, ours.modified()?, "{}", path(n));
+            assert_eq!(
+                theirs.permissions().mode() & 0o111 != 0,
+                ours.permissions().mode() & 0o111 != 0,
+                "{}",
+                path(n)
+            );
+        }
+    }
+    Ok(())
+}
