@@ -694,19 +694,20 @@ impl Store {
     /// Removes the refused versions from `versions`, in place (a first sync's versions are
     /// many); true when any was removed.
     pub fn drop_refused(&self, versions: &mut Vec<(ItemId, Version)>) -> Result<bool> {
-        let before = versions.len();
-        let mut failure = None;
-        versions.retain(|(_, version)| match self.is_refused(&version.dot) {
-            Ok(refused) => !refused,
-            Err(e) => {
-                failure.get_or_insert(e);
-                false
-            }
-        });
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(versions.len() < before),
+        // The refused versions (few, usually none) read once, not a query per version: each
+        // query outside a transaction takes and drops the database's read lock, and a first
+        // sync serves tens of thousands of versions.
+        let refused: std::collections::HashSet<Dot> = self
+            .refused()?
+            .into_iter()
+            .map(|(_, version, _)| version.dot)
+            .collect();
+        if refused.is_empty() {
+            return Ok(false);
         }
+        let before = versions.len();
+        versions.retain(|(_, version)| !refused.contains(&version.dot));
+        Ok(versions.len() < before)
     }
 
     /// Whether the version `dot` was refused.

@@ -178,3 +178,38 @@ fn a_new_item_written_without_reads_is_stored_like_any_write() {
         BTreeSet::from([(fresh, first.dot), (general, second.dot)])
     );
 }
+
+/// A version refused by a hub is dropped from what is offered, and only that one.
+#[test]
+fn refused_versions_are_dropped_from_an_offer_and_the_others_kept() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut store = Store::open(&dir.path().join("state.db"), "store").expect("open");
+    let mut tx = store.begin().expect("begin");
+    let written: Vec<_> = (0..5u8)
+        .map(|n| {
+            let item = ItemId([n + 1; 16]);
+            (
+                item,
+                tx.write_new(item, entry(n, 5, false), 11).expect("write"),
+            )
+        })
+        .collect();
+    tx.commit().expect("commit");
+
+    let mut offer = store
+        .missing_for(&shoal_core::Knowledge::new())
+        .expect("missing");
+    assert!(!store.drop_refused(&mut offer).expect("nothing refused yet"));
+    assert_eq!(offer.len(), 5);
+
+    let mut tx = store.begin().expect("begin");
+    for (item, version) in [&written[1], &written[3]] {
+        tx.put_refused(*item, version, "readers cannot write", 12)
+            .expect("refuse");
+    }
+    tx.commit().expect("commit");
+    assert!(store.drop_refused(&mut offer).expect("drop"));
+    let kept: BTreeSet<_> = offer.iter().map(|(_, v)| v.dot).collect();
+    let expected: BTreeSet<_> = [0, 2, 4].iter().map(|&n| written[n].1.dot).collect();
+    assert_eq!(kept, expected);
+}
