@@ -175,7 +175,7 @@ impl PeerServer {
             stores.insert(ws.to_owned(), Store::open(&path, &self.device_name)?);
         }
         let store = stores.get(ws).ok_or_else(not_found)?;
-        work(store)
+        store.reading(work)
     }
 
     fn plan_download(

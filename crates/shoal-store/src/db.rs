@@ -743,6 +743,29 @@ impl Store {
         Ok(epoch.map(|e| e as Epoch))
     }
 
+    /// Runs `work` in one read transaction: its queries see one state of the replica and take
+    /// the database's read lock once, not once each (a peer serving a batch asks thousands).
+    pub fn reading<T, E: From<StoreError>>(
+        &self,
+        work: impl FnOnce(&Store) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        if !self.conn.is_autocommit() {
+            return work(self);
+        }
+        self.conn.execute_batch("BEGIN").map_err(StoreError::from)?;
+        // Ended even if `work` panics, so the connection is never left inside it.
+        struct End<'c>(&'c Connection);
+        impl Drop for End<'_> {
+            fn drop(&mut self) {
+                if !self.0.is_autocommit() {
+                    let _ = self.0.execute_batch("ROLLBACK");
+                }
+            }
+        }
+        let _end = End(&self.conn);
+        work(self)
+    }
+
     /// Starts a transaction: every change to the replica goes through one.
     pub fn begin(&mut self) -> Result<Transaction<'_>> {
         let knowledge = self.knowledge()?;

@@ -213,3 +213,24 @@ fn refused_versions_are_dropped_from_an_offer_and_the_others_kept() {
     let expected: BTreeSet<_> = [0, 2, 4].iter().map(|&n| written[n].1.dot).collect();
     assert_eq!(kept, expected);
 }
+
+/// A read transaction ends however its work ends: the next write transaction starts.
+#[test]
+fn a_read_transaction_ends_however_its_work_ends() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut store = Store::open(&dir.path().join("state.db"), "store").expect("open");
+    let knowledge = store.reading(|store| store.knowledge()).expect("knowledge");
+    assert_eq!(knowledge, shoal_core::Knowledge::new());
+    let failed: Result<(), shoal_store::StoreError> =
+        store.reading(|_| Err(shoal_store::StoreError::TooNew { found: 9, known: 1 }));
+    assert!(failed.is_err());
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        store.reading(|_| -> Result<(), shoal_store::StoreError> { panic!("work failed") })
+    }));
+    assert!(panicked.is_err());
+    let mut tx = store.begin().expect("a write transaction after both");
+    tx.write_new(ItemId([1; 16]), entry(1, 5, false), 11)
+        .expect("write");
+    tx.commit().expect("commit");
+    assert_eq!(store.tick().expect("tick"), 1);
+}
