@@ -77,12 +77,9 @@ pub fn status(home: &Home, name: Option<&str>) -> Result<Vec<WorkspaceStatus>, A
         let (pending_upload, behind) = match &offer {
             Some(offer) => {
                 let hub = Knowledge::try_from(&offer.knowledge)?;
-                let mut pending = 0;
-                for (_, version) in store.missing_for(&hub)? {
-                    if !store.is_refused(&version.dot)? {
-                        pending += 1;
-                    }
-                }
+                let mut missing = store.missing_for(&hub)?;
+                store.drop_refused(&mut missing)?;
+                let pending = missing.len();
                 let behind = !store.knowledge()?.covers_knowledge(&hub);
                 (Some(pending), Some(behind))
             }

@@ -71,6 +71,11 @@ fn staged_name(id: u64) -> String {
     format!("{:02x}/{id:016x}", id & 0xff)
 }
 
+/// The staged file `id` in the staging folder `staging`.
+fn staged_file(staging: &Path, id: u64) -> PathBuf {
+    staging.join(staged_name(id))
+}
+
 /// A new staged file id in the shard of the calling thread.
 fn new_staged_id() -> u64 {
     let shard = rayon::current_thread_index().unwrap_or(0) as u64 & 0xff;
@@ -94,7 +99,7 @@ impl Ready<'_> {
     /// Where it is moved from.
     fn source(&self, staging: &Path) -> PathBuf {
         match &self.from {
-            ReadyFrom::Staged(_, id) => staging.join(staged_name(*id)),
+            ReadyFrom::Staged(_, id) => staged_file(staging, *id),
             ReadyFrom::Temp(temp) => temp.clone(),
         }
     }
@@ -205,6 +210,11 @@ fn place_new(from: &Path, target: &Path) -> Result<bool, FolderError> {
     }
 }
 
+/// What a file just put in place at `target` is, for its record.
+fn placed_at(target: &Path) -> Result<Found, FolderError> {
+    stat(target)?.ok_or_else(|| io_error(target)(std::io::ErrorKind::NotFound.into()))
+}
+
 fn parent_path(path: &str) -> &str {
     path.rsplit_once('/').map_or("", |(parent, _)| parent)
 }
@@ -285,10 +295,6 @@ impl Recorded {
 }
 
 impl FolderReplica {
-    fn staged_path(&self, id: u64) -> PathBuf {
-        self.staging_dir().join(staged_name(id))
-    }
-
     /// Fetches the content of `versions` that is not at hand from `source` into the staging
     /// area and flushes it. Returns the hashes now available, and the files just staged: the
     /// batch's transaction lists them (`Transaction::put_staged`), and only a listed file is
@@ -331,7 +337,7 @@ impl FolderReplica {
             .par_iter()
             .filter_map(|(hash, size)| {
                 let id = new_staged_id();
-                let part = staging.join(staged_name(id));
+                let part = staged_file(&staging, id);
                 let ok = source.copy_to(hash, &part);
                 if !ok {
                     let _ = fs::remove_file(&part);
@@ -562,7 +568,7 @@ impl FolderReplica {
             .par_iter()
             .map(|want| {
                 let id = *staged_ids.get(&want.version.entry.content?)?;
-                let meta = fs::symlink_metadata(staging.join(staged_name(id))).ok()?;
+                let meta = fs::symlink_metadata(staged_file(&staging, id)).ok()?;
                 meta.is_file().then(|| StagedCopy {
                     id,
                     mode: meta.mode(),
@@ -631,7 +637,7 @@ impl FolderReplica {
             }
             let temp = temp_name(&dir);
             let copied = if let Some(copy) = &staged_copy {
-                fs::copy(staging.join(staged_name(copy.id)), &temp).is_ok()
+                fs::copy(staged_file(&staging, copy.id), &temp).is_ok()
             } else {
                 by_hash.get(&hash).into_iter().flatten().any(|source| {
                     let Some(have) = recorded.get(source) else {
@@ -755,9 +761,7 @@ impl FolderReplica {
                     }
                     return Ok(None);
                 }
-                let found = stat(&target)?
-                    .ok_or_else(|| io_error(&target)(std::io::ErrorKind::NotFound.into()))?;
-                Ok(Some(found))
+                placed_at(&target).map(Some)
             })
             .collect();
         // Staged files that became files at their paths: no longer staged.
@@ -820,9 +824,7 @@ impl FolderReplica {
     }
 
     fn record_for<'p>(&self, want: &'p Placement<'p>) -> Result<NewRecord<'p>, FolderError> {
-        let absolute = self.absolute(&want.path);
-        let found = stat(&absolute)?
-            .ok_or_else(|| io_error(&absolute)(std::io::ErrorKind::NotFound.into()))?;
+        let found = placed_at(&self.absolute(&want.path))?;
         Ok(NewRecord::Placed { want, found })
     }
 
@@ -854,7 +856,7 @@ impl FolderReplica {
             .all_staged()?
             .into_iter()
             // A listing whose file is gone (an older shoal's layout) is no use either.
-            .partition(|(hash, id)| waiting.contains(hash) && self.staged_path(*id).is_file());
+            .partition(|(hash, id)| waiting.contains(hash) && staged_file(&dir, *id).is_file());
         if !unwanted.is_empty() {
             let mut tx = self.store.begin()?;
             for (hash, _) in &unwanted {
