@@ -19,10 +19,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use shoal_client::HubClient;
-use shoal_core::{ContentHash, STATE_DIR_NAME};
+use shoal_core::{ChunkRef, ContentHash, STATE_DIR_NAME};
 use shoal_protocol::{hex32, routes};
 
 use crate::AgentError;
+use crate::sinks::{GroupSink, PieceSink};
 use crate::sync::{PARALLEL_TRANSFERS, bundle_groups};
 
 /// At most this many contents are fetched early at once; others wait for their download.
@@ -213,6 +214,7 @@ fn fetch(
     let progress = Mutex::new(Instant::now());
     let location = routes::chunks(ws);
     let work = || {
+        let mut piece = shoal_store::Piece::default();
         while !failed.load(Ordering::Relaxed) && left.load(Ordering::Acquire) > 0 {
             let next = queue
                 .lock()
@@ -236,41 +238,38 @@ fn fetch(
             let mut wanted: Vec<ContentHash> = group.iter().map(|(_, c)| c.hash).collect();
             wanted.sort();
             wanted.dedup();
-            let got: HashMap<ContentHash, bytes::Bytes> = match client
-                .fetch_chunk_bundle(&location, &wanted)
+            let mut sink = PieceSink::new(&mut piece, &group);
+            match client
+                .fetch_chunks_into(&location, &wanted, &mut sink)
                 .map_err(AgentError::from)
             {
-                Ok(chunks) => chunks.into_iter().collect(),
-                // An unreachable or failing hub is asked again; a refusal ends the fetch.
-                Err(error) if error.is_transient() => HashMap::new(),
+                // What arrived before a transient fault is kept; the rest is asked again.
+                Ok(()) => {}
+                Err(error) if error.is_transient() => {}
                 Err(_) => {
                     failed.store(true, Ordering::Relaxed);
                     return;
                 }
+            }
+            let rest: Vec<(ContentHash, &ChunkRef)> = group
+                .iter()
+                .filter(|(_, chunk)| !sink.holds(&chunk.hash))
+                .copied()
+                .collect();
+            let arrived = rest.len() < group.len();
+            let written = if rest.is_empty() {
+                drop(sink);
+                file.write_piece(&piece)
+            } else {
+                sink.arrived_runs()
+                    .into_iter()
+                    .try_for_each(|(at, bytes)| file.write_parts_at(&[bytes], at))
             };
-            // The chunks that arrived, in runs that follow one another: one write per run.
-            let mut rest = Vec::new();
-            let mut runs: Vec<(u64, Vec<&[u8]>)> = Vec::new();
-            let mut run_end = None;
-            for (content, chunk) in group {
-                let Some(bytes) = got.get(&chunk.hash) else {
-                    rest.push((content, chunk));
-                    run_end = None;
-                    continue;
-                };
-                match runs.last_mut() {
-                    Some((_, parts)) if run_end == Some(chunk.offset) => parts.push(bytes),
-                    _ => runs.push((chunk.offset, vec![bytes])),
-                }
-                run_end = Some(chunk.offset + u64::from(chunk.len));
+            if written.is_err() {
+                failed.store(true, Ordering::Relaxed);
+                return;
             }
-            for (start, parts) in &runs {
-                if file.write_parts_at(parts, *start).is_err() {
-                    failed.store(true, Ordering::Relaxed);
-                    return;
-                }
-            }
-            if !runs.is_empty() {
+            if arrived {
                 *progress.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
             }
             if rest.is_empty() {
@@ -283,7 +282,7 @@ fn fetch(
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push_front(rest);
-            if got.is_empty() {
+            if !arrived {
                 if stalled() {
                     failed.store(true, Ordering::Relaxed);
                 }

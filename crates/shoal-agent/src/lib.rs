@@ -11,6 +11,7 @@ mod early;
 mod home;
 mod peer;
 mod peers;
+mod sinks;
 mod status;
 mod sync;
 mod tls;

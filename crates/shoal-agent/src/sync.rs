@@ -24,6 +24,7 @@ use shoal_store::{ChunkRef, ChunkedContent, ContentIndex, LocalFile};
 use crate::AgentError;
 use crate::early::Early;
 use crate::home::{DeviceConfig, WorkspaceEntry};
+use crate::sinks::{Counted, Fetched, GroupSink, PieceSink};
 use shoal_client::HubClient;
 
 /// What one sync round did.
@@ -374,7 +375,9 @@ impl<'a> HubSource<'a> {
                             let Some(group) = groups.get(index) else {
                                 break;
                             };
-                            got.extend(self.fetch_group(group));
+                            let mut fetched = Fetched::default();
+                            self.fetch_group(group, &mut fetched);
+                            got.extend(fetched.into_chunks());
                         }
                         got
                     })
@@ -390,21 +393,20 @@ impl<'a> HubSource<'a> {
     }
 
     /// One bundle's worth of chunks from the nearest holders: peers first, then the hub's
-    /// locations. Returns the chunks that arrived (each checked), by hash; the caller fetches
-    /// any others one by one.
-    fn fetch_group(&self, group: &[(ContentHash, &ChunkRef)]) -> HashMap<ContentHash, Bytes> {
+    /// locations, each chunk read into its place in `sink` and checked there. The caller
+    /// fetches any that did not arrive one by one.
+    fn fetch_group(&self, group: &[(ContentHash, &ChunkRef)], sink: &mut dyn GroupSink) {
         use std::sync::atomic::Ordering::Relaxed;
-        let mut got: HashMap<ContentHash, Bytes> = HashMap::new();
-        let missing = |got: &HashMap<ContentHash, Bytes>| -> Vec<(ContentHash, &ChunkRef)> {
+        let missing = |sink: &dyn GroupSink| -> Vec<(ContentHash, &ChunkRef)> {
             let mut asked = HashSet::new();
             group
                 .iter()
-                .filter(|(_, chunk)| !got.contains_key(&chunk.hash) && asked.insert(chunk.hash))
+                .filter(|(_, chunk)| !sink.holds(&chunk.hash) && asked.insert(chunk.hash))
                 .copied()
                 .collect()
         };
         for (index, peer) in self.peers.iter().enumerate() {
-            let wanted: Vec<(ContentHash, &ChunkRef)> = missing(&got)
+            let wanted: Vec<(ContentHash, &ChunkRef)> = missing(sink)
                 .into_iter()
                 .filter(|(content, _)| {
                     self.misses
@@ -417,34 +419,36 @@ impl<'a> HubSource<'a> {
                 continue;
             }
             let location = shoal_protocol::routes::peer_contents(self.workspace);
-            if let Ok(chunks) = peer.fetch_content_bundle(&location, &by_content(&wanted)) {
-                for (hash, bytes) in chunks {
-                    self.from_peers.fetch_add(bytes.len() as u64, Relaxed);
-                    got.insert(hash, bytes);
-                }
-            }
+            let mut counted = Counted::new(sink);
+            // A broken answer keeps the chunks that arrived before the fault.
+            let _ = peer.fetch_content_chunks_into(&location, &by_content(&wanted), &mut counted);
+            self.from_peers.fetch_add(counted.bytes, Relaxed);
             // A peer holds a content whole or not at all: don't ask it for the rest again.
             if let Ok(mut misses) = self.misses.lock() {
                 for (content, chunk) in &wanted {
-                    if !got.contains_key(&chunk.hash) {
+                    if !sink.holds(&chunk.hash) {
                         misses.insert((index, *content));
                     }
                 }
             }
         }
         for location in &self.locations {
-            let rest = missing(&got);
+            let rest = missing(sink);
             if rest.is_empty() {
                 break;
             }
-            let answer = match location.transport.as_str() {
+            let mut counted = Counted::new(sink);
+            let _ = match location.transport.as_str() {
                 "http" => {
                     let hashes: Vec<ContentHash> = rest.iter().map(|(_, c)| c.hash).collect();
-                    self.client.fetch_chunk_bundle(&location.url, &hashes)
+                    self.client
+                        .fetch_chunks_into(&location.url, &hashes, &mut counted)
                 }
-                "peer" => self
-                    .client
-                    .fetch_content_bundle(&location.url, &by_content(&rest)),
+                "peer" => self.client.fetch_content_chunks_into(
+                    &location.url,
+                    &by_content(&rest),
+                    &mut counted,
+                ),
                 _ => continue,
             };
             let counter = if location.transport == "peer" {
@@ -452,14 +456,8 @@ impl<'a> HubSource<'a> {
             } else {
                 &self.from_hub
             };
-            if let Ok(chunks) = answer {
-                for (hash, bytes) in chunks {
-                    counter.fetch_add(bytes.len() as u64, Relaxed);
-                    got.insert(hash, bytes);
-                }
-            }
+            counter.fetch_add(counted.bytes, Relaxed);
         }
-        got
     }
 
     fn fetch_from_peers(&self, content: &ContentHash, chunk: &ChunkRef) -> Option<Vec<u8>> {
@@ -548,6 +546,79 @@ impl<'a> HubSource<'a> {
         }
         None
     }
+
+    /// Puts `group` (consecutive chunks of content `hash`) together in `piece`: from this
+    /// device's files where they hold its chunks, else fetched straight into their places.
+    /// False when a chunk could not be had.
+    fn fill_piece(
+        &self,
+        hash: &ContentHash,
+        group: &[(ContentHash, &ChunkRef)],
+        piece: &mut shoal_store::Piece,
+    ) -> bool {
+        let mut sink = PieceSink::new(piece, group);
+        let mut open = HashMap::new();
+        for (_, chunk) in group {
+            if !sink.holds(&chunk.hash)
+                && let Some(bytes) = self.local_chunk(chunk, &mut open)
+            {
+                sink.fill(&chunk.hash, &bytes);
+            }
+        }
+        let remote: Vec<(ContentHash, &ChunkRef)> = group
+            .iter()
+            .filter(|(_, c)| !sink.holds(&c.hash) && !lock(&self.prefetched).contains_key(&c.hash))
+            .copied()
+            .collect();
+        if remote.len() > 1 {
+            self.fetch_group(&remote, &mut sink);
+        }
+        for (_, chunk) in group {
+            if sink.holds(&chunk.hash) {
+                continue;
+            }
+            match self.chunk(hash, chunk) {
+                Some(bytes) => sink.fill(&chunk.hash, &bytes),
+                None => return false,
+            }
+        }
+        sink.complete()
+    }
+
+    /// The chunks of `group` (of content `hash`) in order: from this device's files where
+    /// they hold them, fetched ahead, or fetched now. None when a chunk could not be had.
+    fn gather_group(
+        &self,
+        hash: &ContentHash,
+        group: &[(ContentHash, &ChunkRef)],
+    ) -> Option<Vec<Bytes>> {
+        let mut here: HashMap<ContentHash, Bytes> = HashMap::new();
+        let mut open = HashMap::new();
+        for (_, chunk) in group {
+            if let Some(bytes) = self.local_chunk(chunk, &mut open) {
+                here.insert(chunk.hash, bytes.into());
+            }
+        }
+        let remote: Vec<(ContentHash, &ChunkRef)> = group
+            .iter()
+            .filter(|(_, c)| {
+                !lock(&self.prefetched).contains_key(&c.hash) && !here.contains_key(&c.hash)
+            })
+            .copied()
+            .collect();
+        if remote.len() > 1 {
+            let mut fetched = Fetched::default();
+            self.fetch_group(&remote, &mut fetched);
+            here.extend(fetched.into_chunks());
+        }
+        group
+            .iter()
+            .map(|(_, chunk)| match here.get(&chunk.hash) {
+                Some(bytes) => Some(bytes.clone()),
+                None => self.chunk(hash, chunk),
+            })
+            .collect()
+    }
 }
 
 impl ContentSource for HubSource<'_> {
@@ -606,6 +677,7 @@ impl ContentSource for HubSource<'_> {
         let writer = shoal_store::OneWriter::default();
         let work = || {
             let mut run = Vec::new();
+            let mut piece = shoal_store::Piece::default();
             while !failed.load(Relaxed) {
                 let Some(group) = groups.get(next.fetch_add(1, Relaxed)) else {
                     return;
@@ -623,44 +695,23 @@ impl ContentSource for HubSource<'_> {
                     }
                     continue;
                 }
-                let mut here: HashMap<ContentHash, Bytes> = HashMap::new();
-                let mut open = HashMap::new();
-                for (_, chunk) in group {
-                    if let Some(bytes) = self.local_chunk(chunk, &mut open) {
-                        here.insert(chunk.hash, bytes.into());
-                    }
-                }
-                let remote: Vec<(ContentHash, &ChunkRef)> = group
-                    .iter()
-                    .filter(|(_, c)| {
-                        !lock(&self.prefetched).contains_key(&c.hash) && !here.contains_key(&c.hash)
-                    })
-                    .copied()
-                    .collect();
-                let fetched = if remote.len() > 1 {
-                    self.fetch_group(&remote)
-                } else {
-                    HashMap::new()
-                };
-                let mut parts = Vec::with_capacity(group.len());
-                for (_, chunk) in group {
-                    let bytes = match here.get(&chunk.hash).or(fetched.get(&chunk.hash)) {
-                        Some(bytes) => Some(std::borrow::Cow::Borrowed(bytes)),
-                        None => self.chunk(hash, chunk).map(std::borrow::Cow::Owned),
-                    };
-                    match bytes {
-                        Some(bytes) => parts.push(bytes),
-                        None => {
+                let written = match &large {
+                    Some(large) => {
+                        if !self.fill_piece(hash, group, &mut piece) {
                             failed.store(true, Relaxed);
                             return;
                         }
+                        large.write_piece(&piece)
                     }
-                }
-                // The group's chunks follow one another: one write for all of them.
-                let slices: Vec<&[u8]> = parts.iter().map(|b| &b[..]).collect();
-                let written = match &large {
-                    Some(large) => large.write_parts_at(&slices, span.0),
-                    None => writer.write_parts_at(file, &slices, span.0),
+                    None => {
+                        let Some(parts) = self.gather_group(hash, group) else {
+                            failed.store(true, Relaxed);
+                            return;
+                        };
+                        // The group's chunks follow one another: one write for all of them.
+                        let slices: Vec<&[u8]> = parts.iter().map(|b| &b[..]).collect();
+                        writer.write_parts_at(file, &slices, span.0)
+                    }
                 };
                 if written.is_err() {
                     failed.store(true, Relaxed);

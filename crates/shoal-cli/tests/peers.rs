@@ -374,8 +374,9 @@ fn content_comes_from_a_peer_before_the_hub() -> TestResult {
     desktop_agent.stop();
 
     let commits = hub_metric(&hub.url, &token, "upload_commits")?;
-    // Large enough for its chunk list to travel as an edit when it changes (64+ chunks).
-    let big = noise(6 << 20, 11);
+    // Large enough for its chunk list to travel as an edit when it changes (64+ chunks), and
+    // to be put together piece by piece around the page cache (8 MiB and up).
+    let big = noise(10 << 20, 11);
     std::fs::write(laptop.folder.join("big.bin"), &big)?;
     assert!(
         wait_for(Duration::from_secs(20), || {

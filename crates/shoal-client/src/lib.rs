@@ -17,6 +17,15 @@ use shoal_protocol::{
     WorkspaceInfo, WorkspaceRules, headers, hex16, hex32, routes,
 };
 
+/// Where the chunks of a bundle answer go as they arrive (`fetch_chunks_into`).
+pub trait ChunkSink {
+    /// The place for the bytes of chunk `hash` (`len` bytes), or `None` when it was not
+    /// asked for (which ends the answer as faulty).
+    fn place(&mut self, hash: &ContentHash, len: usize) -> Option<&mut [u8]>;
+    /// The bytes just read into the place for `hash` are whole and match it.
+    fn arrived(&mut self, hash: &ContentHash);
+}
+
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -378,10 +387,18 @@ impl HubClient {
         location: &str,
         hashes: &[ContentHash],
     ) -> Result<Vec<(ContentHash, bytes::Bytes)>, ClientError> {
-        let body = shoal_protocol::ChunkFetch {
-            chunks: hashes.iter().map(|h| hex32(&h.0)).collect(),
-        };
-        self.fetch_bundle(location, &body)
+        self.fetch_bundle(location, &chunk_fetch(hashes))
+    }
+
+    /// Like `fetch_chunk_bundle`, but each chunk is read from the answer straight into the
+    /// place `sink` gives it, as it arrives.
+    pub fn fetch_chunks_into(
+        &self,
+        location: &str,
+        hashes: &[ContentHash],
+        sink: &mut dyn ChunkSink,
+    ) -> Result<(), ClientError> {
+        self.fetch_bundle_into(location, &chunk_fetch(hashes), sink)
     }
 
     /// Gets many chunks of contents a peer holds in one answer, from its content location
@@ -391,16 +408,18 @@ impl HubClient {
         location: &str,
         wanted: &[(ContentHash, Vec<ContentHash>)],
     ) -> Result<Vec<(ContentHash, bytes::Bytes)>, ClientError> {
-        let body = shoal_protocol::ContentFetch {
-            contents: wanted
-                .iter()
-                .map(|(content, chunks)| shoal_protocol::ContentChunks {
-                    content: hex32(&content.0),
-                    chunks: chunks.iter().map(|h| hex32(&h.0)).collect(),
-                })
-                .collect(),
-        };
-        self.fetch_bundle(location, &body)
+        self.fetch_bundle(location, &content_fetch(wanted))
+    }
+
+    /// Like `fetch_content_bundle`, but each chunk is read from the answer straight into the
+    /// place `sink` gives it, as it arrives.
+    pub fn fetch_content_chunks_into(
+        &self,
+        location: &str,
+        wanted: &[(ContentHash, Vec<ContentHash>)],
+        sink: &mut dyn ChunkSink,
+    ) -> Result<(), ClientError> {
+        self.fetch_bundle_into(location, &content_fetch(wanted), sink)
     }
 
     fn fetch_bundle<B: Serialize>(
@@ -421,6 +440,42 @@ impl HubClient {
             .into_iter()
             .map(|(hash, chunk)| (hash, bytes.slice_ref(chunk)))
             .collect())
+    }
+
+    /// Reads a bundle answer frame by frame: each chunk's bytes go once, from the connection's
+    /// buffer to where `sink` places them, and are checked there. A fault ends the answer;
+    /// the chunks that arrived before it stay arrived.
+    fn fetch_bundle_into<B: Serialize>(
+        &self,
+        location: &str,
+        body: &B,
+        sink: &mut dyn ChunkSink,
+    ) -> Result<(), ClientError> {
+        let path = format!("{location}/fetch");
+        let mut response =
+            self.send(|| Self::with_body(self.request(reqwest::Method::POST, &path), body))?;
+        let broken = |e: std::io::Error| ClientError::Unreachable(e.to_string());
+        let invalid = |e: shoal_protocol::WireError| ClientError::Protocol(e.to_string());
+        let mut header = [0u8; shoal_protocol::FRAME_HEADER];
+        loop {
+            let got = read_up_to(&mut response, &mut header).map_err(broken)?;
+            if got == 0 {
+                return Ok(());
+            }
+            let (hash, len) = shoal_protocol::frame_header(&header[..got]).map_err(invalid)?;
+            let Some(place) = sink.place(&hash, len).filter(|p| p.len() == len) else {
+                return Err(ClientError::Protocol(format!(
+                    "the answer holds chunk {hash} ({len} bytes), which was not asked for"
+                )));
+            };
+            response.read_exact(place).map_err(broken)?;
+            if ContentHash::of(place) != hash {
+                return Err(ClientError::Protocol(format!(
+                    "chunk {hash} does not match its bytes"
+                )));
+            }
+            sink.arrived(&hash);
+        }
     }
 
     /// The chunk list of a content the hub holds or is receiving, checked against its name.
@@ -614,6 +669,40 @@ impl HubClient {
     }
 }
 
+/// The body of a chunk location's fetch.
+fn chunk_fetch(hashes: &[ContentHash]) -> shoal_protocol::ChunkFetch {
+    shoal_protocol::ChunkFetch {
+        chunks: hashes.iter().map(|h| hex32(&h.0)).collect(),
+    }
+}
+
+/// The body of a peer's content fetch.
+fn content_fetch(wanted: &[(ContentHash, Vec<ContentHash>)]) -> shoal_protocol::ContentFetch {
+    shoal_protocol::ContentFetch {
+        contents: wanted
+            .iter()
+            .map(|(content, chunks)| shoal_protocol::ContentChunks {
+                content: hex32(&content.0),
+                chunks: chunks.iter().map(|h| hex32(&h.0)).collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Fills `buffer` from `reader` unless it ends first; how many bytes were read.
+fn read_up_to(reader: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buffer.len() {
+        match reader.read(&mut buffer[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
 fn check(response: Response) -> Result<Response, ClientError> {
     let status = response.status();
     if status.is_success() || status == StatusCode::NOT_MODIFIED {
@@ -640,4 +729,106 @@ fn check(response: Response) -> Result<Response, ClientError> {
             message,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    /// Places every chunk it is told of in a buffer of its own.
+    #[derive(Default)]
+    struct Places {
+        expected: HashMap<ContentHash, Vec<u8>>,
+        arrived: Vec<ContentHash>,
+    }
+
+    impl ChunkSink for Places {
+        fn place(&mut self, hash: &ContentHash, len: usize) -> Option<&mut [u8]> {
+            let place = self.expected.get_mut(hash)?;
+            place.resize(len, 0);
+            Some(place)
+        }
+
+        fn arrived(&mut self, hash: &ContentHash) {
+            self.arrived.push(*hash);
+        }
+    }
+
+    /// Answers one request on 127.0.0.1 with `body` as a bundle; the address to fetch from.
+    fn answer_once(body: Vec<u8>) -> std::io::Result<String> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let address = listener.local_addr()?;
+        std::thread::spawn(move || {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            // The request is small; read what came and answer.
+            let mut request = [0u8; 8192];
+            let _ = stream.read(&mut request);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        });
+        Ok(format!("http://{address}"))
+    }
+
+    fn fetch(body: Vec<u8>, sink: &mut Places) -> Result<(), ClientError> {
+        let base = answer_once(body).map_err(|e| ClientError::Config(e.to_string()))?;
+        let client = HubClient::new(&base, None)?;
+        let hashes: Vec<ContentHash> = sink.expected.keys().copied().collect();
+        client.fetch_chunks_into("/v1/workspaces/w/chunks", &hashes, sink)
+    }
+
+    #[test]
+    fn chunks_land_in_their_places_and_a_fault_keeps_only_what_came_before()
+    -> Result<(), ClientError> {
+        let (first, second) = (vec![1u8; 70_000], vec![2u8; 5]);
+        let (a, b) = (ContentHash::of(&first), ContentHash::of(&second));
+        let wanted = || Places {
+            expected: [(a, Vec::new()), (b, Vec::new())].into(),
+            arrived: Vec::new(),
+        };
+        let mut bundle = Vec::new();
+        shoal_protocol::bundle_chunk(&mut bundle, &a, &first);
+        shoal_protocol::bundle_chunk(&mut bundle, &b, &second);
+
+        let mut whole = wanted();
+        fetch(bundle.clone(), &mut whole)?;
+        assert_eq!(whole.arrived, vec![a, b]);
+        assert_eq!(whole.expected[&a], first);
+        assert_eq!(whole.expected[&b], second);
+
+        // The second chunk's bytes changed on the way: refused, the first kept.
+        let mut tampered = bundle.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        let mut some = wanted();
+        let fault = fetch(tampered, &mut some);
+        assert!(matches!(fault, Err(ClientError::Protocol(_))), "{fault:?}");
+        assert_eq!(some.arrived, vec![a]);
+
+        // Cut inside the second chunk, or inside its header.
+        for cut in [bundle.len() - 2, 36 + first.len() + 10] {
+            let mut some = wanted();
+            assert!(fetch(bundle[..cut].to_vec(), &mut some).is_err());
+            assert_eq!(some.arrived, vec![a]);
+        }
+
+        // A chunk that was not asked for ends the answer.
+        let mut only_b = Places {
+            expected: [(b, Vec::new())].into(),
+            arrived: Vec::new(),
+        };
+        let fault = fetch(bundle, &mut only_b);
+        assert!(matches!(fault, Err(ClientError::Protocol(_))), "{fault:?}");
+        assert!(only_b.arrived.is_empty());
+        Ok(())
+    }
 }

@@ -156,7 +156,7 @@ pub fn parse_held(list: &[String]) -> Result<HashSet<ContentHash>, crate::WireEr
 pub const CHUNK_BUNDLE_MAX: usize = 16 << 20;
 
 /// A bundle frame's header: the chunk's BLAKE3 hash (32 bytes) and its length (4 bytes).
-const FRAME_HEADER: usize = 36;
+pub const FRAME_HEADER: usize = 36;
 
 /// The bytes a chunk of `len` bytes takes in a bundle, header included.
 pub fn frame_len(len: u32) -> usize {
@@ -181,6 +181,29 @@ pub fn bundle_frame(bundle: &mut Vec<u8>, hash: &shoal_core::ContentHash, len: u
     at
 }
 
+/// The chunk hash and length a bundle frame's header (`FRAME_HEADER` bytes) announces,
+/// checked against the chunk size limit.
+pub fn frame_header(header: &[u8]) -> Result<(shoal_core::ContentHash, usize), crate::WireError> {
+    let (Some(hash), Some(len)) = (header.get(..32), header.get(32..FRAME_HEADER)) else {
+        return Err(crate::WireError::Invalid(format!(
+            "a chunk bundle ends inside a frame header ({} bytes left)",
+            header.len()
+        )));
+    };
+    let mut name = [0u8; 32];
+    name.copy_from_slice(hash);
+    let mut be = [0u8; 4];
+    be.copy_from_slice(len);
+    let len = u32::from_be_bytes(be) as usize;
+    if len == 0 || len > shoal_core::CHUNK_MAX {
+        return Err(crate::WireError::Invalid(format!(
+            "a chunk of {len} bytes: chunks are 1 to {} bytes",
+            shoal_core::CHUNK_MAX
+        )));
+    }
+    Ok((shoal_core::ContentHash(name), len))
+}
+
 /// The chunks of a bundle, each checked against its hash and the chunk size limit; any fault
 /// rejects the whole bundle.
 pub fn unbundle_chunks(
@@ -190,27 +213,10 @@ pub fn unbundle_chunks(
     let mut chunks = Vec::new();
     let mut rest = body;
     while !rest.is_empty() {
-        if rest.len() < FRAME_HEADER {
-            return Err(bad(format!(
-                "a chunk bundle ends inside a frame header ({} bytes left)",
-                rest.len()
-            )));
-        }
-        let mut hash = [0u8; 32];
-        hash.copy_from_slice(&rest[..32]);
-        let mut len = [0u8; 4];
-        len.copy_from_slice(&rest[32..FRAME_HEADER]);
-        let len = u32::from_be_bytes(len) as usize;
-        if len == 0 || len > shoal_core::CHUNK_MAX {
-            return Err(bad(format!(
-                "a chunk of {len} bytes: chunks are 1 to {} bytes",
-                shoal_core::CHUNK_MAX
-            )));
-        }
+        let (hash, len) = frame_header(rest)?;
         let Some(bytes) = rest.get(FRAME_HEADER..FRAME_HEADER + len) else {
             return Err(bad("a chunk bundle ends inside a chunk".into()));
         };
-        let hash = shoal_core::ContentHash(hash);
         if shoal_core::ContentHash::of(bytes) != hash {
             return Err(bad(format!("chunk {hash} does not match its bytes")));
         }

@@ -103,6 +103,32 @@ impl LargeFile {
         self.write_edge(parts, hi - offset, len, hi)
     }
 
+    /// Writes `piece` at its offset: its whole blocks straight from its buffer to the disk,
+    /// without a copy.
+    pub fn write_piece(&self, piece: &Piece) -> io::Result<()> {
+        let (offset, len) = (piece.offset, piece.len as u64);
+        let end = offset + len;
+        let (lo, hi) = (offset.next_multiple_of(ALIGN), end / ALIGN * ALIGN);
+        let bytes = piece.bytes();
+        let Some(direct) = self
+            .direct
+            .as_ref()
+            .filter(|_| hi > lo && !self.direct_off())
+        else {
+            return self.buffered.write_parts_at(&self.file, &[bytes], offset);
+        };
+        let index = |position: u64| (position - offset) as usize;
+        if self
+            .write_direct(direct, &bytes[index(lo)..index(hi)], lo)
+            .is_err()
+        {
+            self.direct_failed.store(true, Ordering::Relaxed);
+            return self.buffered.write_parts_at(&self.file, &[bytes], offset);
+        }
+        self.write_cached(&bytes[..index(lo)], offset)?;
+        self.write_cached(&bytes[index(hi)..], hi)
+    }
+
     /// Copies `len` bytes at `from` in the file at `source` to `to` in this file, reading
     /// and writing around the page cache: a large file rebuilt from the earlier version of
     /// itself moves its unchanged bytes without a copy through this process's cache pages.
@@ -226,6 +252,49 @@ impl LargeFile {
     }
 }
 
+/// A piece of a large file put together in memory before it is written
+/// (`LargeFile::write_piece`). Its bytes lie alike within their blocks in memory and in the
+/// file, so its whole blocks can go to the disk from where they are. One buffer serves piece
+/// after piece.
+#[derive(Debug, Default)]
+pub struct Piece {
+    buffer: Vec<u8>,
+    /// Where byte `offset` of the file lies in `buffer`.
+    start: usize,
+    offset: u64,
+    len: usize,
+}
+
+impl Piece {
+    /// Makes this the piece of `len` bytes at `offset` (its bytes are left as they were).
+    pub fn reset(&mut self, offset: u64, len: usize) {
+        let need = len + 2 * ALIGN as usize;
+        if self.buffer.len() < need {
+            self.buffer = vec![0u8; need];
+        }
+        // Less than ALIGN each, and the buffer holds 2 * ALIGN bytes more than asked.
+        let block = self.buffer.as_ptr().align_offset(ALIGN as usize);
+        self.start = block + (offset % ALIGN) as usize;
+        self.offset = offset;
+        self.len = len;
+    }
+
+    /// Where the piece starts in the file.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The piece's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buffer[self.start..self.start + self.len]
+    }
+
+    /// The piece's bytes, to fill.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buffer[self.start..self.start + self.len]
+    }
+}
+
 /// The scratch buffers made, and those not in use.
 #[derive(Debug, Default)]
 struct Scratch {
@@ -299,6 +368,58 @@ mod tests {
             .is_ok()
     }
 
+    /// Cuts `len` bytes into pieces of odd sizes at odd offsets, in a scrambled order.
+    fn scrambled_pieces(len: usize) -> Vec<(usize, usize)> {
+        let mut cuts = vec![0usize];
+        let mut at = 0;
+        let sizes = [1, 4095, 4096, 4097, 70_001, 300_000, 8191, 1_048_576, 12];
+        for size in sizes.iter().cycle() {
+            at += size;
+            if at >= len {
+                break;
+            }
+            cuts.push(at);
+        }
+        cuts.push(len);
+        let mut pieces: Vec<(usize, usize)> = cuts.windows(2).map(|w| (w[0], w[1])).collect();
+        pieces.reverse();
+        let third = pieces.len() / 3;
+        pieces.rotate_left(third);
+        pieces
+    }
+
+    /// Pieces put together in memory, one buffer per thread reused at every alignment, land
+    /// whole: their blocks from where they lie, their edges through the cache.
+    #[test]
+    fn pieces_put_together_in_memory_land_whole() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("big.part");
+        let data = pseudo_random(3 * 1024 * 1024 + 12_345, 9);
+        let pieces = scrambled_pieces(data.len());
+        let file = LargeFile::create(&path, data.len() as u64)?;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..3 {
+                scope.spawn(|| {
+                    let mut piece = Piece::default();
+                    while let Some(&(from, to)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        piece.reset(from as u64, to - from);
+                        piece.bytes_mut().copy_from_slice(&data[from..to]);
+                        file.write_piece(&piece).expect("write");
+                    }
+                });
+            }
+        });
+        file.file().sync_all()?;
+        // A misaligned block would have been refused and everything sent through the cache.
+        assert_eq!(
+            file.direct.is_some() && !file.direct_off(),
+            takes_direct_writes(&path)
+        );
+        assert_eq!(fs::read(&path)?, data);
+        Ok(())
+    }
+
     /// Pieces of odd sizes at odd offsets, written by several threads in a scrambled order,
     /// some split into several parts: the file holds exactly the bytes, edges included.
     #[test]
@@ -306,21 +427,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("big.part");
         let data = pseudo_random(3 * 1024 * 1024 + 12_345, 7);
-        let mut cuts = vec![0usize];
-        let mut at = 0;
-        let sizes = [1, 4095, 4096, 4097, 70_001, 300_000, 8191, 1_048_576, 12];
-        for size in sizes.iter().cycle() {
-            at += size;
-            if at >= data.len() {
-                break;
-            }
-            cuts.push(at);
-        }
-        cuts.push(data.len());
-        let mut pieces: Vec<(usize, usize)> = cuts.windows(2).map(|w| (w[0], w[1])).collect();
-        pieces.reverse();
-        let third = pieces.len() / 3;
-        pieces.rotate_left(third);
+        let pieces = scrambled_pieces(data.len());
         let file = LargeFile::create(&path, data.len() as u64)?;
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|scope| {

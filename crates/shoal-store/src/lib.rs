@@ -14,5 +14,5 @@ pub use chunks::{
 pub use db::{
     ContentIndex, Identity, LocalFile, LocalRecords, LocalStat, Store, StoreError, Transaction,
 };
-pub use direct::LargeFile;
+pub use direct::{LargeFile, Piece};
 pub use shoal_core::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkRef, ChunkedContent};
