@@ -947,9 +947,9 @@ async fn fetch_chunk_bundle(
         let mut bundle = Vec::with_capacity(shoal_protocol::CHUNK_BUNDLE_MAX);
         let mut count = 0u64;
         for hash in &wanted {
-            // Unchecked: the receiver checks every chunk of a bundle and refuses it whole on
-            // any fault, then asks chunk by chunk (a checked read). Read straight into the
-            // bundle: a download of 512 MiB is then not copied once more.
+            // Unchecked: the receiver checks every chunk as it arrives and asks again, chunk
+            // by chunk (a checked read), for any that fails. Read straight into the bundle: a
+            // download of 512 MiB is then not copied once more.
             let frames = &mut bundle;
             let read = store.read_unchecked_into(hash, move |len| {
                 let frames = frames; // moved, so the slice may outlive the call
