@@ -257,7 +257,9 @@ fn fetch(
                 .copied()
                 .collect();
             let arrived = rest.len() < group.len();
-            let written = if rest.is_empty() {
+            // A group asked again may have gaps (its chunks that came the first time): only
+            // a gapless one is written as one piece.
+            let written = if sink.whole() {
                 drop(sink);
                 file.write_piece(&piece)
             } else {

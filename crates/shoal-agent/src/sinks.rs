@@ -54,10 +54,13 @@ pub(crate) struct PieceSink<'p> {
     /// Each chunk's places in the piece (a chunk may recur), its length, and whether it has
     /// arrived.
     places: HashMap<ContentHash, (Vec<usize>, usize, bool)>,
+    /// Whether the group's chunks cover the whole span, with no gap between them.
+    gapless: bool,
 }
 
 impl<'p> PieceSink<'p> {
-    /// Makes `piece` the span of `group` (chunks following one another) and expects them.
+    /// Makes `piece` the span of `group` (chunks in the order of their offsets) and expects
+    /// them.
     pub(crate) fn new(piece: &'p mut Piece, group: &[(ContentHash, &ChunkRef)]) -> Self {
         let (start, end) = match (group.first(), group.last()) {
             (Some((_, first)), Some((_, last))) => {
@@ -74,7 +77,14 @@ impl<'p> PieceSink<'p> {
                 .0
                 .push((chunk.offset - start) as usize);
         }
-        PieceSink { piece, places }
+        let gapless = group
+            .windows(2)
+            .all(|w| w[0].1.offset + u64::from(w[0].1.len) == w[1].1.offset);
+        PieceSink {
+            piece,
+            places,
+            gapless,
+        }
     }
 
     /// Puts `bytes` (chunk `hash`, already checked) in all its places.
@@ -117,6 +127,12 @@ impl<'p> PieceSink<'p> {
     /// Whether every chunk of the group has arrived.
     pub(crate) fn complete(&self) -> bool {
         self.places.values().all(|(_, _, arrived)| *arrived)
+    }
+
+    /// Whether the whole piece holds arrived chunks, so it may be written as one: every chunk
+    /// arrived and they leave no gap between them.
+    pub(crate) fn whole(&self) -> bool {
+        self.gapless && self.complete()
     }
 }
 
@@ -248,8 +264,29 @@ mod tests {
         );
         assert!(land(&mut sink, &b));
         assert!(sink.complete());
+        assert!(sink.whole());
         let whole = [a.clone(), b, a, c].concat();
         assert_eq!(piece.offset(), 10_000);
         assert_eq!(piece.bytes(), &whole[..]);
+    }
+
+    /// What is left of a group to ask again may have gaps (chunks written already): all of
+    /// it arriving does not make the span between them whole.
+    #[test]
+    fn a_group_with_gaps_is_never_whole() {
+        let (a, c) = (vec![1u8; 5000], vec![3u8; 100]);
+        let chunks = [chunk(&a, 0), chunk(&c, 8000)];
+        let content = ContentHash::of(b"content");
+        let group: Vec<(ContentHash, &ChunkRef)> = chunks.iter().map(|c| (content, c)).collect();
+        let mut piece = Piece::default();
+        let mut sink = PieceSink::new(&mut piece, &group);
+        assert!(land(&mut sink, &a) && land(&mut sink, &c));
+        assert!(sink.complete() && !sink.whole());
+        let runs: Vec<(u64, usize)> = sink
+            .arrived_runs()
+            .into_iter()
+            .map(|(at, bytes)| (at, bytes.len()))
+            .collect();
+        assert_eq!(runs, vec![(0, 5000), (8000, 100)]);
     }
 }

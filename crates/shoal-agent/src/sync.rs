@@ -582,7 +582,7 @@ impl<'a> HubSource<'a> {
                 None => return false,
             }
         }
-        sink.complete()
+        sink.whole()
     }
 
     /// The chunks of `group` (of content `hash`) in order: from this device's files where
