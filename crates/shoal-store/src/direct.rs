@@ -388,6 +388,33 @@ mod tests {
         pieces
     }
 
+    /// Writes `data` into a new large file at `path` piece by piece (odd sizes at odd
+    /// offsets, in a scrambled order) from `threads` threads, each with its own `state`, and
+    /// flushes it.
+    fn write_scrambled<S>(
+        path: &Path,
+        data: &[u8],
+        threads: usize,
+        state: impl Fn() -> S + Sync,
+        write: impl Fn(&LargeFile, &mut S, usize, usize) + Sync,
+    ) -> io::Result<LargeFile> {
+        let pieces = scrambled_pieces(data.len());
+        let file = LargeFile::create(path, data.len() as u64)?;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    let mut own = state();
+                    while let Some(&(from, to)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        write(&file, &mut own, from, to);
+                    }
+                });
+            }
+        });
+        file.file().sync_all()?;
+        Ok(file)
+    }
+
     /// Pieces put together in memory, one buffer per thread reused at every alignment, land
     /// whole: their blocks from where they lie, their edges through the cache.
     #[test]
@@ -395,22 +422,11 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("big.part");
         let data = pseudo_random(3 * 1024 * 1024 + 12_345, 9);
-        let pieces = scrambled_pieces(data.len());
-        let file = LargeFile::create(&path, data.len() as u64)?;
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|scope| {
-            for _ in 0..3 {
-                scope.spawn(|| {
-                    let mut piece = Piece::default();
-                    while let Some(&(from, to)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        piece.reset(from as u64, to - from);
-                        piece.bytes_mut().copy_from_slice(&data[from..to]);
-                        file.write_piece(&piece).expect("write");
-                    }
-                });
-            }
-        });
-        file.file().sync_all()?;
+        let file = write_scrambled(&path, &data, 3, Piece::default, |file, piece, from, to| {
+            piece.reset(from as u64, to - from);
+            piece.bytes_mut().copy_from_slice(&data[from..to]);
+            file.write_piece(piece).expect("write");
+        })?;
         // A misaligned block would have been refused and everything sent through the cache.
         assert_eq!(
             file.direct.is_some() && !file.direct_off(),
@@ -427,21 +443,17 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("big.part");
         let data = pseudo_random(3 * 1024 * 1024 + 12_345, 7);
-        let pieces = scrambled_pieces(data.len());
-        let file = LargeFile::create(&path, data.len() as u64)?;
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|scope| {
-            for _ in 0..4 {
-                scope.spawn(|| {
-                    while let Some(&(from, to)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        let middle = from + (to - from) / 3;
-                        let parts = [&data[from..middle], &data[middle..to]];
-                        file.write_parts_at(&parts, from as u64).expect("write");
-                    }
-                });
-            }
-        });
-        file.file().sync_all()?;
+        write_scrambled(
+            &path,
+            &data,
+            4,
+            || (),
+            |file, (), from, to| {
+                let middle = from + (to - from) / 3;
+                let parts = [&data[from..middle], &data[middle..to]];
+                file.write_parts_at(&parts, from as u64).expect("write");
+            },
+        )?;
         assert_eq!(fs::read(&path)?, data);
         Ok(())
     }
