@@ -17,7 +17,8 @@ use shoal_protocol::{
     WorkspaceInfo, WorkspaceRules, headers, hex16, hex32, routes,
 };
 
-/// Where the chunks of a bundle answer go as they arrive (`fetch_chunks_into`).
+/// Where the chunks of a bundle answer go as they arrive (`fetch_chunks_into`,
+/// `fetch_content_chunks_into`).
 pub trait ChunkSink {
     /// The place for the bytes of chunk `hash` (`len` bytes), or `None` when it was not
     /// asked for (which ends the answer as faulty).
@@ -381,17 +382,8 @@ impl HubClient {
     }
 
     /// Gets many chunks in one answer from the chunk location `location`: those held, each
-    /// checked against its hash (a bundle with any fault is refused whole).
-    pub fn fetch_chunk_bundle(
-        &self,
-        location: &str,
-        hashes: &[ContentHash],
-    ) -> Result<Vec<(ContentHash, bytes::Bytes)>, ClientError> {
-        self.fetch_bundle(location, &chunk_fetch(hashes))
-    }
-
-    /// Like `fetch_chunk_bundle`, but each chunk is read from the answer straight into the
-    /// place `sink` gives it, as it arrives.
+    /// read from the answer straight into the place `sink` gives it, as it arrives, and
+    /// checked there against its hash.
     pub fn fetch_chunks_into(
         &self,
         location: &str,
