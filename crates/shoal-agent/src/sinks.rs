@@ -51,9 +51,7 @@ impl GroupSink for Fetched {
 #[derive(Debug)]
 pub(crate) struct PieceSink<'p> {
     piece: &'p mut Piece,
-    /// Each chunk's places in the piece (a chunk may recur), its length, and whether it has
-    /// arrived.
-    places: HashMap<ContentHash, (Vec<usize>, usize, bool)>,
+    places: HashMap<ContentHash, Places>,
     /// Whether the group's chunks cover the whole span, with no gap between them.
     gapless: bool,
 }
@@ -69,12 +67,16 @@ impl<'p> PieceSink<'p> {
             _ => (0, 0),
         };
         piece.reset(start, (end - start) as usize);
-        let mut places: HashMap<ContentHash, (Vec<usize>, usize, bool)> = HashMap::new();
+        let mut places: HashMap<ContentHash, Places> = HashMap::new();
         for (_, chunk) in group {
             places
                 .entry(chunk.hash)
-                .or_insert_with(|| (Vec::new(), chunk.len as usize, false))
-                .0
+                .or_insert_with(|| Places {
+                    at: Vec::new(),
+                    len: chunk.len as usize,
+                    arrived: false,
+                })
+                .at
                 .push((chunk.offset - start) as usize);
         }
         let gapless = group
@@ -89,16 +91,10 @@ impl<'p> PieceSink<'p> {
 
     /// Puts `bytes` (chunk `hash`, already checked) in all its places.
     pub(crate) fn fill(&mut self, hash: &ContentHash, bytes: &[u8]) {
-        let Some((at, len, arrived)) = self.places.get_mut(hash) else {
-            return;
-        };
-        if bytes.len() != *len {
-            return;
+        if let Some(place) = self.place(hash, bytes.len()) {
+            place.copy_from_slice(bytes);
+            self.arrived(hash);
         }
-        for &at in at.iter() {
-            self.piece.bytes_mut()[at..at + bytes.len()].copy_from_slice(bytes);
-        }
-        *arrived = true;
     }
 
     /// The stretches of the piece whose chunks have arrived, each as (its offset in the
@@ -107,8 +103,8 @@ impl<'p> PieceSink<'p> {
         let mut spans: Vec<(usize, usize)> = self
             .places
             .values()
-            .filter(|(_, _, arrived)| *arrived)
-            .flat_map(|(at, len, _)| at.iter().map(move |&at| (at, at + len)))
+            .filter(|places| places.arrived)
+            .flat_map(|places| places.at.iter().map(|&at| (at, at + places.len)))
             .collect();
         spans.sort_unstable();
         let mut runs: Vec<(usize, usize)> = Vec::new();
@@ -126,7 +122,7 @@ impl<'p> PieceSink<'p> {
 
     /// Whether every chunk of the group has arrived.
     pub(crate) fn complete(&self) -> bool {
-        self.places.values().all(|(_, _, arrived)| *arrived)
+        self.places.values().all(|places| places.arrived)
     }
 
     /// Whether the whole piece holds arrived chunks, so it may be written as one: every chunk
@@ -136,36 +132,43 @@ impl<'p> PieceSink<'p> {
     }
 }
 
+/// Where one chunk goes in a piece.
+#[derive(Debug)]
+struct Places {
+    /// Its offsets in the piece (a chunk may recur).
+    at: Vec<usize>,
+    len: usize,
+    arrived: bool,
+}
+
 impl ChunkSink for PieceSink<'_> {
     fn place(&mut self, hash: &ContentHash, len: usize) -> Option<&mut [u8]> {
-        let (at, expected, arrived) = self.places.get(hash)?;
-        let first = *at.first()?;
-        if *arrived || *expected != len {
+        let places = self.places.get(hash)?;
+        let first = *places.at.first()?;
+        if places.arrived || places.len != len {
             return None;
         }
         Some(&mut self.piece.bytes_mut()[first..first + len])
     }
 
     fn arrived(&mut self, hash: &ContentHash) {
-        let Some((at, len, arrived)) = self.places.get_mut(hash) else {
+        let Some(places) = self.places.get_mut(hash) else {
             return;
         };
-        if let Some((&first, others)) = at.split_first() {
+        if let Some((&first, others)) = places.at.split_first() {
             for &other in others {
                 self.piece
                     .bytes_mut()
-                    .copy_within(first..first + *len, other);
+                    .copy_within(first..first + places.len, other);
             }
         }
-        *arrived = true;
+        places.arrived = true;
     }
 }
 
 impl GroupSink for PieceSink<'_> {
     fn holds(&self, hash: &ContentHash) -> bool {
-        self.places
-            .get(hash)
-            .is_some_and(|(_, _, arrived)| *arrived)
+        self.places.get(hash).is_some_and(|places| places.arrived)
     }
 }
 
