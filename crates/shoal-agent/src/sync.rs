@@ -12,7 +12,7 @@ use shoal_core::{
     VersionVector, plan_batches,
 };
 use shoal_folder::{
-    ContentSource, FolderReplica, MaterializeReport, Progress, ScanOptions, ScanReport,
+    ContentSource, FolderReplica, MaterializeReport, Progress, ScanOptions, ScanReport, Staged,
 };
 use shoal_protocol::{
     CommitRequest, DownloadRequest, DownloadResult, ItemDot, ItemResult, Location, RecoveryRequest,
@@ -1588,6 +1588,10 @@ fn download(
     let mut locations: Vec<Location> = Vec::new();
     // The next batch's contents and chunks, fetched while this one was written.
     let mut fetched_ahead: Option<(Vec<ChunkedContent>, HubSource)> = None;
+    // Each batch is staged while the one before it commits: the disk takes the new files while
+    // the database takes the batch before.
+    let stager = folder.stager()?;
+    let mut uncommitted: Option<(Batch, Vec<ChunkedContent>, Staged)> = None;
     let mut batch_started = std::time::Instant::now();
     loop {
         let batch = batch_from_wire(&wire)?;
@@ -1598,6 +1602,10 @@ fn download(
                 (contents, source)
             }
             None => {
+                // Its chunk lists need the replica, which must hold the batch before first.
+                if let Some(before) = uncommitted.take() {
+                    commit(folder, &mut session, &before, &mut results, report)?;
+                }
                 let contents = resolve_contents(folder, &wire)?;
                 let source = batch_source(
                     client,
@@ -1616,12 +1624,26 @@ fn download(
         // The next batch is asked for, and its small files' chunks fetched, while this one
         // is written: the sender reads while the receiver writes.
         let next = wire.next.take();
-        let (applied, ahead) = std::thread::scope(|scope| {
+        let (staged, committed, ahead) = std::thread::scope(|scope| {
             let ahead = next.as_ref().map(|next| {
                 let locations = &locations;
                 scope.spawn(move || fetch_ahead(client, next, locations, &entry.id, peers))
             });
-            let applied = folder.apply_batch(&mut session, &batch, &contents, &source, progress);
+            let (stager, before, batch, source) = (&stager, uncommitted.as_ref(), &batch, &source);
+            let staging = scope.spawn(move || {
+                stager.stage(
+                    &batch.versions,
+                    source,
+                    progress,
+                    before.map(|(_, _, staged)| staged),
+                )
+            });
+            let committed =
+                before.map(|before| commit(folder, &mut session, before, &mut results, report));
+            // A panic while staging is a bug: it goes on up as one.
+            let staged = staging
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             let ahead = ahead.map(|handle| {
                 handle.join().unwrap_or_else(|_| {
                     Err(AgentError::Protocol(
@@ -1629,34 +1651,20 @@ fn download(
                     ))
                 })
             });
-            (applied, ahead)
+            (staged, committed, ahead)
         });
-        let applied = applied?;
+        committed.transpose()?;
+        let staged = staged?;
         tracing::debug!(
             items = batch.versions.len(),
             fetch_ms = (fetched_at - batch_started).as_millis() as u64,
             apply_ms = fetched_at.elapsed().as_millis() as u64,
-            "download: batch"
+            "download: batch staged, the one before committed"
         );
         report.bytes_from_peers += source.from_peers.load(std::sync::atomic::Ordering::Relaxed);
         report.bytes_from_hub += source.from_hub.load(std::sync::atomic::Ordering::Relaxed);
-        report.downloaded += applied.received;
-        report.conflicts += applied.conflicts;
-        report.download_failed += applied.failed;
-        let knowledge = folder.store().knowledge()?;
-        for (_, version) in &batch.versions {
-            let ok = knowledge.contains(&version.dot);
-            results.push(ItemResult {
-                dot: WireDot::from(&version.dot),
-                status: if ok {
-                    "applied".into()
-                } else {
-                    "failed".into()
-                },
-                error: (!ok).then(|| "content could not be fetched".into()),
-            });
-        }
         drop(source);
+        uncommitted = Some((batch, contents, staged));
         release_freed_memory();
         batch_started = std::time::Instant::now();
         match ahead {
@@ -1667,6 +1675,9 @@ fn download(
             }
             None => break,
         }
+    }
+    if let Some(last) = uncommitted.take() {
+        commit(folder, &mut session, &last, &mut results, report)?;
     }
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -1697,6 +1708,34 @@ fn download(
     )?;
     if let Some(materialized) = materialized {
         report.materialize = materialized?;
+    }
+    Ok(())
+}
+
+/// Commits a staged batch, and notes per version whether it was applied.
+fn commit(
+    folder: &mut FolderReplica,
+    session: &mut Receiving,
+    (batch, contents, staged): &(Batch, Vec<ChunkedContent>, Staged),
+    results: &mut Vec<ItemResult>,
+    report: &mut SyncReport,
+) -> Result<(), AgentError> {
+    let applied = folder.commit_batch(session, batch, contents, staged)?;
+    report.downloaded += applied.received;
+    report.conflicts += applied.conflicts;
+    report.download_failed += applied.failed;
+    let knowledge = folder.store().knowledge()?;
+    for (_, version) in &batch.versions {
+        let ok = knowledge.contains(&version.dot);
+        results.push(ItemResult {
+            dot: WireDot::from(&version.dot),
+            status: if ok {
+                "applied".into()
+            } else {
+                "failed".into()
+            },
+            error: (!ok).then(|| "content could not be fetched".into()),
+        });
     }
     Ok(())
 }

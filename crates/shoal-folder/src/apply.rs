@@ -56,8 +56,9 @@ fn temp_name(dir: &Path) -> PathBuf {
     dir.join(format!("{TEMP_PREFIX}{:016x}.tmp", rand::random::<u64>()))
 }
 
-/// What a batch's staging made available.
-pub(crate) struct Staged {
+/// What a batch's staging made available, for the batch's transaction
+/// ([`FolderReplica::commit_batch`]).
+pub struct Staged {
     /// Contents at hand: staged before, recorded at some path, or just fetched.
     pub(crate) available: HashSet<ContentHash>,
     /// Files just fetched and flushed, with their ids, for the batch's transaction to list.
@@ -305,63 +306,133 @@ impl FolderReplica {
         source: &dyn ContentSource,
         progress: &dyn Progress,
     ) -> Result<Staged, FolderError> {
-        let mut wanted: BTreeMap<ContentHash, u64> = BTreeMap::new();
-        let mut available = HashSet::new();
-        for (_, version) in versions {
-            let Some(hash) = version.entry.content.filter(|_| !version.entry.deleted) else {
-                continue;
-            };
-            if available.contains(&hash) || wanted.contains_key(&hash) {
-                continue;
-            }
-            if self.store.staged(&hash)?.is_some() || self.store.local_file_with(&hash)?.is_some() {
-                available.insert(hash);
-            } else {
-                wanted.insert(hash, version.entry.size);
-            }
-        }
-        if wanted.is_empty() {
-            return Ok(Staged {
-                available,
-                files: Vec::new(),
-            });
-        }
-        let started = std::time::Instant::now();
-        progress.start("transfer", wanted.values().sum());
-        let staging = self.staging_dir();
-        for shard in 0..rayon::current_num_threads().min(256) {
-            let dir = staging.join(format!("{shard:02x}"));
-            fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-        }
-        let fetched: Vec<(ContentHash, u64)> = wanted
-            .par_iter()
-            .filter_map(|(hash, size)| {
-                let id = new_staged_id();
-                let part = staged_file(&staging, id);
-                let ok = source.copy_to(hash, &part);
-                if !ok {
-                    let _ = fs::remove_file(&part);
-                }
-                progress.advance(*size);
-                ok.then_some((*hash, id))
-            })
-            .collect();
-        progress.finish();
-        let written_at = std::time::Instant::now();
-        flush_filesystem(&self.root)?;
-        tracing::debug!(
-            files = fetched.len(),
-            write_ms = (written_at - started).as_millis() as u64,
-            flush_ms = written_at.elapsed().as_millis() as u64,
-            "stage: written and flushed"
-        );
-        available.extend(fetched.iter().map(|(hash, _)| *hash));
-        Ok(Staged {
-            available,
-            files: fetched,
-        })
+        stage(
+            &self.root,
+            &self.staging_dir(),
+            versions,
+            source,
+            progress,
+            |hash| {
+                Ok(self.store.staged(hash)?.is_some()
+                    || self.store.local_file_with(hash)?.is_some())
+            },
+        )
     }
 
+    /// A stager for this replica's next batches, usable on another thread while this replica
+    /// commits the batch before.
+    pub fn stager(&self) -> Result<Stager, FolderError> {
+        Ok(Stager {
+            root: self.root.clone(),
+            staging: self.staging_dir(),
+            index: self.content_index()?,
+        })
+    }
+}
+
+/// Stages a replica's incoming batches apart from the replica, so that one batch's content is
+/// written while the batch before it commits. It reads what the replica has committed through
+/// its own connection; what the uncommitted batch staged is passed in.
+pub struct Stager {
+    root: PathBuf,
+    staging: PathBuf,
+    index: shoal_store::ContentIndex,
+}
+
+impl Stager {
+    /// Stages the content of `versions` as [`FolderReplica::apply_batch`] does, taking what
+    /// `uncommitted` (the batch before, still committing) made available as at hand.
+    pub fn stage(
+        &self,
+        versions: &[(ItemId, Version)],
+        source: &dyn ContentSource,
+        progress: &dyn Progress,
+        uncommitted: Option<&Staged>,
+    ) -> Result<Staged, FolderError> {
+        stage(
+            &self.root,
+            &self.staging,
+            versions,
+            source,
+            progress,
+            |hash| {
+                Ok(
+                    uncommitted.is_some_and(|batch| batch.available.contains(hash))
+                        || self.index.is_staged(hash)?
+                        || self.index.file_with(hash)?.is_some(),
+                )
+            },
+        )
+    }
+}
+
+/// Fetches the content of `versions` that `at_hand` does not find from `source` into the
+/// staging folder, and flushes the file system.
+fn stage(
+    root: &Path,
+    staging: &Path,
+    versions: &[(ItemId, Version)],
+    source: &dyn ContentSource,
+    progress: &dyn Progress,
+    at_hand: impl Fn(&ContentHash) -> Result<bool, FolderError>,
+) -> Result<Staged, FolderError> {
+    let mut wanted: BTreeMap<ContentHash, u64> = BTreeMap::new();
+    let mut available = HashSet::new();
+    for (_, version) in versions {
+        let Some(hash) = version.entry.content.filter(|_| !version.entry.deleted) else {
+            continue;
+        };
+        if available.contains(&hash) || wanted.contains_key(&hash) {
+            continue;
+        }
+        if at_hand(&hash)? {
+            available.insert(hash);
+        } else {
+            wanted.insert(hash, version.entry.size);
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(Staged {
+            available,
+            files: Vec::new(),
+        });
+    }
+    let started = std::time::Instant::now();
+    progress.start("transfer", wanted.values().sum());
+    for shard in 0..rayon::current_num_threads().min(256) {
+        let dir = staging.join(format!("{shard:02x}"));
+        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+    }
+    let fetched: Vec<(ContentHash, u64)> = wanted
+        .par_iter()
+        .filter_map(|(hash, size)| {
+            let id = new_staged_id();
+            let part = staged_file(staging, id);
+            let ok = source.copy_to(hash, &part);
+            if !ok {
+                let _ = fs::remove_file(&part);
+            }
+            progress.advance(*size);
+            ok.then_some((*hash, id))
+        })
+        .collect();
+    progress.finish();
+    let written_at = std::time::Instant::now();
+    flush_filesystem(root)?;
+    tracing::debug!(
+        files = fetched.len(),
+        write_ms = (written_at - started).as_millis() as u64,
+        flush_ms = written_at.elapsed().as_millis() as u64,
+        "stage: written and flushed"
+    );
+    available.extend(fetched.iter().map(|(hash, _)| *hash));
+    Ok(Staged {
+        available,
+        files: fetched,
+    })
+}
+
+impl FolderReplica {
     /// Brings the disk in line with the layout. Never touches a path that changed since it was
     /// last recorded; those are picked up by the next scan as local changes. Content not at
     /// hand locally is copied from `fallback` when given.

@@ -16,7 +16,7 @@ pub use shoal_core::BatchLimits;
 use shoal_core::{NameError, STATE_DIR_NAME};
 use shoal_store::{Store, StoreError};
 
-pub use apply::{ContentSource, MaterializeReport};
+pub use apply::{ContentSource, MaterializeReport, Staged, Stager};
 pub use conflicts::{Conflict, ConflictKind, ConflictVersion, Resolution, ResolveReport};
 pub use mirror::{FolderSource, MirrorOptions, MirrorReport, ReceiveReport, SideReport, mirror};
 pub use progress::{NoProgress, Progress};

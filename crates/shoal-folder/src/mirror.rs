@@ -291,10 +291,22 @@ impl FolderReplica {
         source: &dyn ContentSource,
         progress: &dyn Progress,
     ) -> Result<ReceiveReport, FolderError> {
-        let crate::apply::Staged { available, files } =
-            self.stage(&batch.versions, source, progress)?;
+        let staged = self.stage(&batch.versions, source, progress)?;
+        self.commit_batch(session, batch, contents, &staged)
+    }
+
+    /// Commits a batch whose content `staged` holds, in one transaction. Batches are
+    /// committed in the order they were received.
+    pub fn commit_batch(
+        &mut self,
+        session: &mut Receiving,
+        batch: &shoal_core::Batch,
+        contents: &[shoal_store::ChunkedContent],
+        staged: &crate::apply::Staged,
+    ) -> Result<ReceiveReport, FolderError> {
+        let crate::apply::Staged { available, files } = staged;
         let mut tx = self.store_mut().begin()?;
-        for (hash, id) in &files {
+        for (hash, id) in files {
             tx.put_staged(hash, *id)?;
         }
         // In key order, as the table is (see the scan's commit).

@@ -352,3 +352,133 @@ fn many_files_land_with_their_times_and_modes_except_where_the_user_came_first()
     }
     Ok(())
 }
+
+/// Counts what is copied from another replica's files.
+struct Counting {
+    inner: shoal_folder::FolderSource,
+    copied: std::sync::Mutex<Vec<shoal_core::ContentHash>>,
+}
+
+impl shoal_folder::ContentSource for Counting {
+    fn copy_to(&self, hash: &shoal_core::ContentHash, dest: &std::path::Path) -> bool {
+        let copied = self.inner.copy_to(hash, dest);
+        if copied {
+            self.copied
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(*hash);
+        }
+        copied
+    }
+}
+
+/// The files under `dir`, at any depth.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// A batch is staged while the one before it commits (as a download does): content that
+/// batch staged, or that an earlier batch committed, is at hand and not copied again; a batch
+/// staged but never committed (a crash) leaves nothing that is trusted, and the next sync
+/// brings the rest.
+#[test]
+fn a_batch_staged_while_the_one_before_commits_copies_no_content_twice() -> TestResult {
+    let (_dir, a, b) = two_folders()?;
+    // Thirteen files in batches of five: twelve hold six contents, each twice, so that every
+    // content comes again in a later batch; the thirteenth has a content of its own.
+    let body = |i: usize| match i {
+        12 => "only here ".repeat(200),
+        _ => format!("content {} ", i % 6).repeat(200),
+    };
+    for i in 0..13 {
+        fs::write(a.join(format!("f{i:02}.txt")), body(i))?;
+    }
+    let mut side_a = FolderReplica::open(&a, "a")?;
+    let mut side_b = FolderReplica::open(&b, "b")?;
+    side_a.scan(&ScanOptions::default(), &NoProgress)?;
+    side_b.scan(&ScanOptions::default(), &NoProgress)?;
+    let offer = shoal_core::SyncOffer {
+        knowledge: side_a.store().knowledge()?,
+        forgotten: side_a.store().forgotten()?,
+    };
+    let missing = side_a.store().missing_for(&side_b.store().knowledge()?)?;
+    let limits = BatchLimits {
+        max_items: 5,
+        ..BatchLimits::default()
+    };
+    let batches = shoal_core::plan_batches(missing, &offer, limits);
+    assert_eq!(batches.len(), 3);
+    let contents = |batch: &shoal_core::Batch| -> Result<Vec<_>, Box<dyn std::error::Error>> {
+        let mut lists = Vec::new();
+        for (_, version) in &batch.versions {
+            if let Some(hash) = version.entry.content {
+                lists.extend(side_a.store().content(&hash)?);
+            }
+        }
+        Ok(lists)
+    };
+    let source = Counting {
+        inner: side_a.content_source()?,
+        copied: std::sync::Mutex::new(Vec::new()),
+    };
+    let stager = side_b.stager()?;
+    let mut session = shoal_core::Receiving::new();
+
+    let first = stager.stage(&batches[0].versions, &source, &NoProgress, None)?;
+    let second = stager.stage(&batches[1].versions, &source, &NoProgress, Some(&first))?;
+    let report = side_b.commit_batch(&mut session, &batches[0], &contents(&batches[0])?, &first)?;
+    assert_eq!(report.received, 5);
+    let third = stager.stage(&batches[2].versions, &source, &NoProgress, Some(&second))?;
+    side_b.commit_batch(&mut session, &batches[1], &contents(&batches[1])?, &second)?;
+    let copied = source
+        .copied
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let distinct: std::collections::HashSet<_> = copied.iter().collect();
+    assert_eq!(copied.len(), distinct.len(), "a content was copied twice");
+    assert_eq!(copied.len(), 7);
+
+    // The third batch is never committed: its files are not laid out, and what it staged is
+    // cleared.
+    let third_names: std::collections::HashSet<String> = batches[2]
+        .versions
+        .iter()
+        .map(|(_, version)| version.entry.name.clone())
+        .collect();
+    drop(third);
+    drop(side_b);
+    let mut side_b = FolderReplica::open(&b, "b")?;
+    side_b.materialize(None, &NoProgress)?;
+    for i in 0..13 {
+        let name = format!("f{i:02}.txt");
+        if third_names.contains(&name) {
+            assert!(
+                !b.join(&name).exists(),
+                "{name} came from an uncommitted batch"
+            );
+        } else {
+            assert_eq!(fs::read_to_string(b.join(&name))?, body(i));
+        }
+    }
+    assert_eq!(
+        files_under(&b.join(".shoal").join("tmp")),
+        Vec::<std::path::PathBuf>::new()
+    );
+
+    drop(side_b);
+    mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
+    for i in 0..13 {
+        assert_eq!(fs::read_to_string(b.join(format!("f{i:02}.txt")))?, body(i));
+    }
+    Ok(())
+}

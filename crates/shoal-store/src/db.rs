@@ -626,12 +626,7 @@ impl Store {
 
     /// The id of the staged file holding the content `hash`, if one is staged.
     pub fn staged(&self, hash: &ContentHash) -> Result<Option<u64>> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT id FROM staged WHERE hash = ?1")?
-            .query_row(params![hash.0.to_vec()], |row| row.get::<_, i64>(0))
-            .optional()?
-            .map(|id| id as u64))
+        staged_id(&self.conn, hash)
     }
 
     /// Every staged content and its file's id.
@@ -826,6 +821,14 @@ fn local_file_from(row: &rusqlite::Row<'_>) -> Result<LocalFile> {
     })
 }
 
+fn staged_id(conn: &Connection, hash: &ContentHash) -> Result<Option<u64>> {
+    Ok(conn
+        .prepare_cached("SELECT id FROM staged WHERE hash = ?1")?
+        .query_row(params![hash.0.to_vec()], |row| row.get::<_, i64>(0))
+        .optional()?
+        .map(|id| id as u64))
+}
+
 fn local_file_with(conn: &Connection, hash: &ContentHash) -> Result<Option<LocalFile>> {
     let mut statement = conn.prepare_cached(&format!(
         "SELECT {LOCAL_FILE_COLUMNS} FROM local_files WHERE content = ?1 LIMIT 1"
@@ -862,6 +865,11 @@ impl ContentIndex {
     /// The chunk list of the content `hash`, if the store knows it.
     pub fn content(&self, hash: &ContentHash) -> Result<Option<ChunkedContent>> {
         read_content(&self.connection(), hash)
+    }
+
+    /// Whether the content `hash` has a listed staged copy.
+    pub fn is_staged(&self, hash: &ContentHash) -> Result<bool> {
+        Ok(staged_id(&self.connection(), hash)?.is_some())
     }
 
     /// The connection; one read at a time (a read that panicked left nothing half done).
