@@ -1699,10 +1699,25 @@ fn download(
     } else {
         None
     };
+    // Spelled out for the wire only now: a large download's results, as sent, would take
+    // several times the memory while materialize holds the whole layout.
+    let items = results
+        .iter()
+        .map(|(dot, applied)| ItemResult {
+            dot: WireDot::from(dot),
+            status: if *applied {
+                "applied".into()
+            } else {
+                "failed".into()
+            },
+            error: (!applied).then(|| "content could not be fetched".into()),
+        })
+        .collect();
+    drop(results);
     client.download_result(
         &response.result,
         &DownloadResult {
-            items: results,
+            items,
             knowledge: WireKnowledge::from(&folder.store().knowledge()?),
         },
     )?;
@@ -1717,7 +1732,7 @@ fn commit(
     folder: &mut FolderReplica,
     session: &mut Receiving,
     (batch, contents, staged): &(Batch, Vec<ChunkedContent>, Staged),
-    results: &mut Vec<ItemResult>,
+    results: &mut Vec<(Dot, bool)>,
     report: &mut SyncReport,
 ) -> Result<(), AgentError> {
     let applied = folder.commit_batch(session, batch, contents, staged)?;
@@ -1725,18 +1740,12 @@ fn commit(
     report.conflicts += applied.conflicts;
     report.download_failed += applied.failed;
     let knowledge = folder.store().knowledge()?;
-    for (_, version) in &batch.versions {
-        let ok = knowledge.contains(&version.dot);
-        results.push(ItemResult {
-            dot: WireDot::from(&version.dot),
-            status: if ok {
-                "applied".into()
-            } else {
-                "failed".into()
-            },
-            error: (!ok).then(|| "content could not be fetched".into()),
-        });
-    }
+    results.extend(
+        batch
+            .versions
+            .iter()
+            .map(|(_, version)| (version.dot, knowledge.contains(&version.dot))),
+    );
     Ok(())
 }
 
