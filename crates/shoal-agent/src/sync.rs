@@ -1602,7 +1602,8 @@ fn download(
                 (contents, source)
             }
             None => {
-                // Its chunk lists need the replica, which must hold the batch before first.
+                // Its chunk lists are read from the replica. What they name was held before
+                // this download began, but the replica is read only once the batch before is in.
                 if let Some(before) = uncommitted.take() {
                     commit(folder, &mut session, &before, &mut results, report)?;
                 }

@@ -356,3 +356,43 @@ fn a_large_file_changed_in_the_middle_moves_only_the_changed_chunks() -> TestRes
     assert_eq!(ask(vec!["not hex".into()])?.status().as_u16(), 400);
     Ok(())
 }
+
+/// A download of several batches whose last batch holds an edit of a large file this device
+/// holds: that batch's chunk lists are read from the replica (the download otherwise commits
+/// one batch while staging the next), and the edit still travels as its changed chunks.
+#[test]
+fn a_later_batch_that_edits_a_held_file_follows_the_batches_before_it() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let (_hub, laptop, desktop, _bob) = team(root.path())?;
+    let mut big = noise(4 << 20, 11);
+    std::fs::write(laptop.folder.join("big.bin"), &big)?;
+    laptop.sync()?;
+    desktop.sync()?;
+    assert_eq!(std::fs::read(desktop.folder.join("big.bin"))?, big);
+
+    // More files than a batch holds (2,000), recorded before the edit, so the edit comes in
+    // the last batch.
+    let count = 2_100;
+    let staging = root.path().join("many");
+    for i in 0..count {
+        let dir = staging.join(format!("d{:02}", i % 21));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(format!("f{i}.txt")), format!("file {i}"))?;
+    }
+    std::fs::rename(&staging, laptop.folder.join("many"))?;
+    laptop.sync()?;
+    big[2 << 20..(2 << 20) + (64 << 10)].copy_from_slice(&noise(64 << 10, 12));
+    std::fs::write(laptop.folder.join("big.bin"), &big)?;
+    laptop.sync()?;
+
+    let summary = desktop.sync()?;
+    assert_eq!(std::fs::read(desktop.folder.join("big.bin"))?, big);
+    for i in 0..count {
+        let path = desktop.folder.join(format!("many/d{:02}/f{i}.txt", i % 21));
+        assert_eq!(std::fs::read_to_string(&path)?, format!("file {i}"));
+    }
+    // The edit came as its changed chunks, read against the desktop's own copy.
+    let fetched = bytes_fetched(&summary);
+    assert!(fetched < 1 << 20, "{fetched} bytes fetched: {summary}");
+    Ok(())
+}
