@@ -13,6 +13,7 @@ use shoal_core::{
 };
 use shoal_folder::{
     ContentSource, FolderReplica, MaterializeReport, Progress, ScanOptions, ScanReport, Staged,
+    Stager,
 };
 use shoal_protocol::{
     CommitRequest, DownloadRequest, DownloadResult, ItemDot, ItemResult, Location, RecoveryRequest,
@@ -1589,8 +1590,9 @@ fn download(
     // The next batch's contents and chunks, fetched while this one was written.
     let mut fetched_ahead: Option<(Vec<ChunkedContent>, HubSource)> = None;
     // Each batch is staged while the one before it commits: the disk takes the new files while
-    // the database takes the batch before.
-    let stager = folder.stager()?;
+    // the database takes the batch before. Opened with the first batch that brings anything
+    // (most rounds bring nothing).
+    let mut stager: Option<Stager> = None;
     let mut uncommitted: Option<(Batch, Vec<ChunkedContent>, Staged)> = None;
     let mut batch_started = std::time::Instant::now();
     loop {
@@ -1621,6 +1623,9 @@ fn download(
         };
         let local = local_chunks(folder, entry, &batch, &contents)?;
         let source = source.with_local(local).with_early(early);
+        if stager.is_none() && !batch.versions.is_empty() {
+            stager = Some(folder.stager()?);
+        }
         let fetched_at = std::time::Instant::now();
         // The next batch is asked for, and its small files' chunks fetched, while this one
         // is written: the sender reads while the receiver writes.
@@ -1630,14 +1635,16 @@ fn download(
                 let locations = &locations;
                 scope.spawn(move || fetch_ahead(client, next, locations, &entry.id, peers))
             });
-            let (stager, before, batch, source) = (&stager, uncommitted.as_ref(), &batch, &source);
-            let staging = scope.spawn(move || {
-                stager.stage(
+            let (stager, before, batch, source) =
+                (stager.as_ref(), uncommitted.as_ref(), &batch, &source);
+            let staging = scope.spawn(move || match stager {
+                Some(stager) => stager.stage(
                     &batch.versions,
                     source,
                     progress,
                     before.map(|(_, _, staged)| staged),
-                )
+                ),
+                None => Ok(Staged::default()),
             });
             let committed =
                 before.map(|before| commit(folder, &mut session, before, &mut results, report));

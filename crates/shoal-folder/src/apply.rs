@@ -57,7 +57,8 @@ fn temp_name(dir: &Path) -> PathBuf {
 }
 
 /// What a batch's staging made available, for the batch's transaction
-/// ([`FolderReplica::commit_batch`]).
+/// ([`FolderReplica::commit_batch`]). The default is a batch that brought no content.
+#[derive(Default)]
 pub struct Staged {
     /// Contents at hand: staged before, recorded at some path, or just fetched.
     pub(crate) available: HashSet<ContentHash>,

@@ -372,20 +372,6 @@ impl shoal_folder::ContentSource for Counting {
     }
 }
 
-/// The files under `dir`, at any depth.
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            found.extend(files_under(&path));
-        } else {
-            found.push(path);
-        }
-    }
-    found
-}
-
 /// A batch is staged while the one before it commits (as a download does): content that
 /// batch staged, or that an earlier batch committed, is at hand and not copied again; a batch
 /// staged but never committed (a crash) leaves nothing that is trusted, and the next sync
@@ -470,10 +456,7 @@ fn a_batch_staged_while_the_one_before_commits_copies_no_content_twice() -> Test
             assert_eq!(fs::read_to_string(b.join(&name))?, body(i));
         }
     }
-    assert_eq!(
-        files_under(&b.join(".shoal").join("tmp")),
-        Vec::<std::path::PathBuf>::new()
-    );
+    assert_eq!(tree(&b.join(".shoal").join("tmp"))?, Tree::new());
 
     drop(side_b);
     mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
