@@ -274,7 +274,8 @@ impl FolderReplica {
         let merged = match how {
             Resolution::Merged(file) => {
                 let handle = std::fs::File::open(file).map_err(io_error(file))?;
-                let content = shoal_store::chunk_reader(handle).map_err(io_error(file))?;
+                let len = handle.metadata().map_err(io_error(file))?.len();
+                let content = shoal_store::chunk_reader(handle, len).map_err(io_error(file))?;
                 Some((file.clone(), content))
             }
             _ => None,

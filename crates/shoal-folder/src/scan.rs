@@ -12,7 +12,8 @@ use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use rayon::prelude::*;
@@ -21,7 +22,9 @@ use shoal_core::{
     Entry, ItemId, ItemKind, ItemState, Knowledge, Role, STATE_DIR_NAME, TEMP_PREFIX, layout,
     validate_name,
 };
-use shoal_store::{ChunkedContent, LocalFile, LocalStat, Store, chunk_reader, rechunk_reader};
+use shoal_store::{
+    ChunkedContent, LocalFile, LocalStat, Transaction, chunk_reader, rechunk_reader,
+};
 
 use crate::{FolderError, FolderReplica, Progress, io_error, now_ns};
 
@@ -409,11 +412,13 @@ fn hash_file(
 ) -> Option<ChunkedContent> {
     let file = fs::File::open(path).ok()?;
     let content = match earlier {
-        Some(earlier) => rechunk_reader(file, earlier).ok()?,
-        None => chunk_reader(file).ok()?,
+        Some(earlier) => rechunk_reader(&file, earlier).ok()?,
+        None => chunk_reader(&file, expected.size).ok()?,
     };
-    let after = found_from(&fs::symlink_metadata(path).ok()?)?;
-    (after.size == expected.size
+    // The file read, not the path: one that replaced it meanwhile has another inode.
+    let after = found_from(&file.metadata().ok()?)?;
+    (after.inode == expected.inode
+        && after.size == expected.size
         && after.mtime_ns == expected.mtime_ns
         && content.size == expected.size)
         .then_some(content)
@@ -426,9 +431,14 @@ struct StateCache {
 }
 
 impl StateCache {
-    fn get(&mut self, store: &Store, id: &ItemId) -> Result<Option<&ItemState>, FolderError> {
+    fn get(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        id: &ItemId,
+    ) -> Result<Option<&ItemState>, FolderError> {
         if !self.states.contains_key(id) {
-            self.states.insert(*id, store.item(id)?);
+            self.states
+                .insert(*id, shoal_core::ItemAccess::get(tx, id)?);
         }
         Ok(self.cached(id))
     }
@@ -447,23 +457,31 @@ struct Pending {
     at: Option<usize>,
     /// A new item under a new random id: no state to read or merge.
     created: bool,
+    /// The chunk list of a file's new content.
+    content: Option<ChunkedContent>,
 }
 
 impl Pending {
-    fn new(entry: Entry, base: Knowledge, at: Option<usize>) -> Pending {
+    fn new(
+        entry: Entry,
+        base: Knowledge,
+        at: Option<usize>,
+        content: Option<ChunkedContent>,
+    ) -> Pending {
         Pending {
             entry,
             base,
             resolves: Vec::new(),
             at,
             created: false,
+            content,
         }
     }
 
-    fn created(entry: Entry, at: usize) -> Pending {
+    fn created(entry: Entry, at: usize, content: Option<ChunkedContent>) -> Pending {
         Pending {
             created: true,
-            ..Pending::new(entry, Knowledge::new(), Some(at))
+            ..Pending::new(entry, Knowledge::new(), Some(at), content)
         }
     }
 }
@@ -604,39 +622,11 @@ impl FolderReplica {
                 earlier.insert(i, content);
             }
         }
-        let root = &self.root;
-        let hashed: HashMap<usize, ChunkedContent> = to_hash
-            .par_iter()
-            .filter_map(|&i| {
-                let (path, info) = &found[i];
-                let content = hash_file(&crate::absolute(root, path), info, earlier.get(&i));
-                progress.advance(info.size);
-                Some((i, content?))
-            })
-            .collect();
-        progress.finish();
-        report.hashed_bytes = hashed.values().map(|c| c.size).sum();
-        for &i in &to_hash {
-            if !hashed.contains_key(&i) {
-                let (path, info) = &found[i];
-                report.skipped.push(Skipped {
-                    path: path.clone(),
-                    reason: format!("changed while being read ({} bytes); will retry", info.size),
-                });
-            }
-        }
-
-        tracing::debug!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            unchanged,
-            "compared"
-        );
         if unchanged && to_hash.is_empty() {
+            progress.finish();
             return Ok(report);
         }
 
-        // Item states are read one by one, for the few items that changed.
-        let mut items = StateCache::default();
         // Files put in place before a crash can only exist while the disk lags the states.
         let laid_out = if self.store.needs_materialize()? {
             Some(self.store.load_items()?)
@@ -649,253 +639,422 @@ impl FolderReplica {
                 .flat_map(|items| layout(items).placements)
                 .collect(),
         );
+        let removed_paths: Vec<&str> = stats
+            .iter()
+            .zip(&present)
+            .filter(|(_, present)| !**present)
+            .map(|(file, _)| file.path.as_str())
+            .collect();
+        // New items get random ids, handed out in ascending order along the walk: their
+        // versions then go to the end of the item index, not to random places in it.
+        let mut fresh_ids: Vec<ItemId> = record_of
+            .iter()
+            .filter(|r| r.is_none())
+            .map(|_| ItemId(rand::random()))
+            .collect();
+        fresh_ids.sort_unstable_by(|a, b| b.cmp(a));
 
-        let mut path_items: HashMap<&str, ItemId> = HashMap::new();
-        path_items.insert("", ItemId::ROOT);
-        let mut pending: BTreeMap<ItemId, Pending> = BTreeMap::new();
-        let mut records: Vec<LocalFile> = Vec::new();
-        let mut moved_from: HashSet<usize> = HashSet::new();
-        let mut resolves: BTreeMap<ItemId, Vec<Knowledge>> = BTreeMap::new();
-
-        for (i, (path, info)) in found.iter().enumerate() {
-            let Some(parent) = path_items.get(parent_path(path)).copied() else {
-                report.skipped.push(Skipped {
-                    path: path.clone(),
-                    reason: "its folder is not synced".into(),
-                });
-                continue;
-            };
-            let content = hashed.get(&i);
-            if info.kind == ItemKind::File
-                && content.is_none()
-                && !record_at(i).is_some_and(|r| same_stat_as(info, r))
-                && !renamed.contains_key(&i)
-            {
-                continue; // changed while hashing: next scan
-            }
-            let content_hash = content
-                .map(|c| c.hash)
-                .or_else(|| record_at(i).and_then(|r| r.content))
-                .or_else(|| renamed.get(&i).and_then(|&j| stats[j].content));
-            let entry = Entry {
-                parent,
-                name: file_name(path).to_owned(),
-                kind: info.kind,
-                deleted: false,
-                content: content_hash,
-                size: info.size,
-                mtime_ns: info.mtime_ns,
-                executable: info.executable,
-            };
-            // What the layout wants here: adopt it when the disk already holds exactly that.
-            if let Some(want) = desired.get(path.as_str()) {
-                let same = want.version.entry.kind == info.kind
-                    && (info.kind == ItemKind::Directory
-                        || want.version.entry.content == content_hash
-                            && want.version.entry.executable == info.executable);
-                let already = match record_at(i) {
-                    Some(r) => same_stat_as(info, r) && recorded.dot(r)? == want.version.dot,
-                    None => false,
-                };
-                if same && !already {
-                    records.push(info.record(path.clone(), want.item, want.role, want.version));
-                    if want.role == Role::Main {
-                        path_items.insert(path, want.item);
-                    }
-                    continue;
+        // The files are hashed on threads of their own, block by block along the walk, while
+        // this thread decides what each entry is and writes it: the one transaction is open
+        // while files are still being read.
+        let root = &self.root;
+        let blocks: Vec<&[usize]> = to_hash.chunks(HASH_BLOCK).collect();
+        let next_block = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let (sender, receiver) = mpsc::channel();
+        let hash_blocks = |sender: mpsc::Sender<(usize, Vec<Option<ChunkedContent>>)>| {
+            loop {
+                let b = next_block.fetch_add(1, Ordering::Relaxed);
+                let Some(block) = blocks.get(b) else { break };
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let contents: Vec<Option<ChunkedContent>> = block
+                    .iter()
+                    .map(|&i| {
+                        let (path, info) = &found[i];
+                        let content =
+                            hash_file(&crate::absolute(root, path), info, earlier.get(&i));
+                        progress.advance(info.size);
+                        content
+                    })
+                    .collect();
+                if sender.send((b, contents)).is_err() {
+                    break;
                 }
             }
-            match record_at(i).filter(|r| r.kind == info.kind) {
-                Some(previous) if previous.role == Role::Main => {
-                    path_items.insert(path, previous.item);
-                    if info.kind == ItemKind::File && !same_stat_as(info, previous) {
-                        let previous = recorded.full(previous)?;
-                        if previous.content != content_hash
-                            || previous.executable != info.executable
-                        {
-                            report.modified += 1;
-                            pending.insert(
-                                previous.item,
-                                Pending::new(entry, previous.history, Some(i)),
-                            );
-                        } else {
-                            records.push(LocalFile {
-                                size: info.size,
-                                mtime_ns: info.mtime_ns,
-                                inode: info.inode,
-                                ..previous
-                            });
-                        }
-                    }
+        };
+        let store = &mut self.store;
+        std::thread::scope(|scope| {
+            for _ in 0..rayon::current_num_threads().max(1).min(blocks.len()) {
+                let (sender, hash_blocks) = (sender.clone(), &hash_blocks);
+                scope.spawn(move || hash_blocks(sender));
+            }
+            drop(sender);
+            let mut hashes = Hashes::new(receiver, &to_hash, found.len());
+            let written = (|| {
+                let bytes = to_hash.iter().map(|&i| found[i].1.size).sum();
+                if !write_while_hashing(to_hash.len(), bytes) {
+                    hashes.wait_for_all();
                 }
-                Some(previous) => {
-                    // A conflict copy: unchanged, or changed by the user (then it becomes a file
-                    // of its own and the conflict is settled).
-                    if same_stat_as(info, previous) {
-                        continue;
-                    }
-                    resolves
-                        .entry(previous.item)
-                        .or_default()
-                        .push(recorded.full(previous)?.history);
-                    report.created += 1;
-                    pending.insert(ItemId(rand::random()), Pending::created(entry, i));
+                let now = now_ns();
+                let mut tx = store.begin()?;
+                // Removed first: a path whose kind changed gets its new record below.
+                for path in &removed_paths {
+                    tx.remove_local_file(path)?;
                 }
-                None => {
-                    let moved = vanished_by_inode
-                        .get(&(info.inode, info.kind))
-                        .copied()
-                        .filter(|&old| {
-                            info.kind == ItemKind::Directory || stats[old].content == content_hash
+                let mut items = StateCache::default();
+                let mut path_items: HashMap<&str, ItemId> = HashMap::new();
+                path_items.insert("", ItemId::ROOT);
+                let mut pending: BTreeMap<ItemId, Pending> = BTreeMap::new();
+                let mut records: Vec<LocalFile> = Vec::new();
+                let mut new_contents: Vec<ChunkedContent> = Vec::new();
+                let mut moved_from: HashSet<usize> = HashSet::new();
+                let mut resolves: BTreeMap<ItemId, Vec<Knowledge>> = BTreeMap::new();
+
+                for (i, (path, info)) in found.iter().enumerate() {
+                    let hashed = hashes.take(i);
+                    if let Some(Some(content)) = &hashed {
+                        report.hashed_bytes += content.size;
+                    }
+                    if matches!(hashed, Some(None)) {
+                        report.skipped.push(Skipped {
+                            path: path.clone(),
+                            reason: format!(
+                                "changed while being read ({} bytes); will retry",
+                                info.size
+                            ),
                         });
-                    match moved {
-                        Some(old) => {
-                            vanished_by_inode.remove(&(info.inode, info.kind));
-                            moved_from.insert(old);
-                            let old = recorded.full(&stats[old])?;
-                            path_items.insert(path, old.item);
-                            let state = items.get(&self.store, &old.item)?;
-                            let unchanged_place = state.is_some_and(|s| {
-                                let w = s.winner();
-                                w.entry.parent == parent && w.entry.name == entry.name
-                            });
-                            if unchanged_place {
-                                // Moved along with its folder: same parent id and name.
-                                records.push(LocalFile {
-                                    path: path.clone(),
-                                    inode: info.inode,
-                                    mtime_ns: info.mtime_ns,
-                                    ..old
-                                });
-                            } else {
-                                report.moved += 1;
-                                pending.insert(old.item, Pending::new(entry, old.history, Some(i)));
-                            }
-                        }
-                        None => {
-                            let item = ItemId(rand::random());
-                            path_items.insert(path, item);
-                            report.created += 1;
-                            pending.insert(item, Pending::created(entry, i));
-                        }
+                        continue; // changed while hashing: next scan
                     }
-                }
-            }
-        }
-
-        // Vanished paths: deletions, or settled conflicts.
-        let mut removed_paths = Vec::new();
-        for (j, previous) in stats.iter().enumerate() {
-            if present[j] {
-                continue;
-            }
-            removed_paths.push(previous.path.as_str());
-            if moved_from.contains(&j) {
-                continue;
-            }
-            if previous.role == Role::ConflictCopy {
-                resolves
-                    .entry(previous.item)
-                    .or_default()
-                    .push(recorded.full(previous)?.history);
-                continue;
-            }
-            if pending.contains_key(&previous.item) {
-                continue;
-            }
-            let Some(state) = items.get(&self.store, &previous.item)? else {
-                continue;
-            };
-            let mut entry = state.winner().entry.clone();
-            entry.deleted = true;
-            entry.content = None;
-            report.deleted += 1;
-            pending.insert(
-                previous.item,
-                Pending::new(entry, recorded.full(previous)?.history, None),
-            );
-        }
-        for (item, histories) in resolves {
-            report.resolved += histories.len();
-            match pending.get_mut(&item) {
-                Some(change) => change.resolves.extend(histories),
-                None => {
-                    let Some(state) = items.get(&self.store, &item)? else {
+                    let content = hashed.flatten();
+                    let Some(parent) = path_items.get(parent_path(path)).copied() else {
+                        report.skipped.push(Skipped {
+                            path: path.clone(),
+                            reason: "its folder is not synced".into(),
+                        });
                         continue;
                     };
-                    let winner = state.winner();
-                    let mut change = Pending::new(winner.entry.clone(), winner.history(), None);
-                    change.resolves = histories;
-                    pending.insert(item, change);
-                }
-            }
-        }
-
-        for (item, _) in pending.iter().filter(|(_, change)| !change.created) {
-            items.get(&self.store, item)?;
-        }
-        // One transaction for every new version and record.
-        let now = now_ns();
-        let mut tx = self.store.begin()?;
-        let writer = tx.identity().writer();
-        let mut disk_lags = false;
-        let mut new_contents = Vec::new();
-        for (item, change) in pending {
-            if let Some(content) = change.at.and_then(|i| hashed.get(&i)) {
-                new_contents.push(content);
-            }
-            let version = if change.created {
-                tx.write_new(item, change.entry, now)?
-            } else {
-                let mut base = change.base;
-                // Follow the deletions the shown version beat, and every settled conflict.
-                if let Some(state) = items.cached(&item) {
-                    for loser in state.losers().iter().filter(|v| v.entry.deleted) {
-                        base.merge(&loser.history());
+                    let content_hash = content
+                        .as_ref()
+                        .map(|c| c.hash)
+                        .or_else(|| record_at(i).and_then(|r| r.content))
+                        .or_else(|| renamed.get(&i).and_then(|&j| stats[j].content));
+                    let entry = Entry {
+                        parent,
+                        name: file_name(path).to_owned(),
+                        kind: info.kind,
+                        deleted: false,
+                        content: content_hash,
+                        size: info.size,
+                        mtime_ns: info.mtime_ns,
+                        executable: info.executable,
+                    };
+                    // What the layout wants here: adopt it when the disk already holds exactly
+                    // that.
+                    if let Some(want) = desired.get(path.as_str()) {
+                        let same = want.version.entry.kind == info.kind
+                            && (info.kind == ItemKind::Directory
+                                || want.version.entry.content == content_hash
+                                    && want.version.entry.executable == info.executable);
+                        let already = match record_at(i) {
+                            Some(r) => {
+                                same_stat_as(info, r) && recorded.dot(r)? == want.version.dot
+                            }
+                            None => false,
+                        };
+                        if same && !already {
+                            records.push(info.record(
+                                path.clone(),
+                                want.item,
+                                want.role,
+                                want.version,
+                            ));
+                            if want.role == Role::Main {
+                                path_items.insert(path, want.item);
+                            }
+                            continue;
+                        }
+                    }
+                    match record_at(i).filter(|r| r.kind == info.kind) {
+                        Some(previous) if previous.role == Role::Main => {
+                            path_items.insert(path, previous.item);
+                            if info.kind == ItemKind::File && !same_stat_as(info, previous) {
+                                let previous = recorded.full(previous)?;
+                                if previous.content != content_hash
+                                    || previous.executable != info.executable
+                                {
+                                    report.modified += 1;
+                                    pending.insert(
+                                        previous.item,
+                                        Pending::new(entry, previous.history, Some(i), content),
+                                    );
+                                } else {
+                                    records.push(LocalFile {
+                                        size: info.size,
+                                        mtime_ns: info.mtime_ns,
+                                        inode: info.inode,
+                                        ..previous
+                                    });
+                                }
+                            }
+                        }
+                        Some(previous) => {
+                            // A conflict copy: unchanged, or changed by the user (then it
+                            // becomes a file of its own and the conflict is settled).
+                            if same_stat_as(info, previous) {
+                                continue;
+                            }
+                            resolves
+                                .entry(previous.item)
+                                .or_default()
+                                .push(recorded.full(previous)?.history);
+                            report.created += 1;
+                            pending.insert(
+                                ItemId(rand::random()),
+                                Pending::created(entry, i, content),
+                            );
+                        }
+                        None => {
+                            let moved = vanished_by_inode
+                                .get(&(info.inode, info.kind))
+                                .copied()
+                                .filter(|&old| {
+                                    info.kind == ItemKind::Directory
+                                        || stats[old].content == content_hash
+                                });
+                            match moved {
+                                Some(old) => {
+                                    vanished_by_inode.remove(&(info.inode, info.kind));
+                                    moved_from.insert(old);
+                                    let old = recorded.full(&stats[old])?;
+                                    path_items.insert(path, old.item);
+                                    let state = items.get(&mut tx, &old.item)?;
+                                    let unchanged_place = state.is_some_and(|s| {
+                                        let w = s.winner();
+                                        w.entry.parent == parent && w.entry.name == entry.name
+                                    });
+                                    if unchanged_place {
+                                        // Moved along with its folder: same parent id and
+                                        // name.
+                                        records.push(LocalFile {
+                                            path: path.clone(),
+                                            inode: info.inode,
+                                            mtime_ns: info.mtime_ns,
+                                            ..old
+                                        });
+                                    } else {
+                                        report.moved += 1;
+                                        pending.insert(
+                                            old.item,
+                                            Pending::new(entry, old.history, Some(i), content),
+                                        );
+                                    }
+                                }
+                                None => {
+                                    // A new item: nothing else in this scan can change it, so
+                                    // it is written now.
+                                    let item =
+                                        fresh_ids.pop().unwrap_or_else(|| ItemId(rand::random()));
+                                    path_items.insert(path, item);
+                                    report.created += 1;
+                                    let version = tx.write_new(item, entry, now)?;
+                                    tx.put_local_file(&info.record(
+                                        path.clone(),
+                                        item,
+                                        Role::Main,
+                                        &version,
+                                    ))?;
+                                    new_contents.extend(content);
+                                }
+                            }
+                        }
                     }
                 }
-                for history in &change.resolves {
-                    base.merge(history);
+                drop(hashes);
+                progress.finish();
+                tracing::debug!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "hashed and decided"
+                );
+
+                // Vanished paths: deletions, or settled conflicts.
+                for (j, previous) in stats.iter().enumerate() {
+                    if present[j] || moved_from.contains(&j) {
+                        continue;
+                    }
+                    if previous.role == Role::ConflictCopy {
+                        resolves
+                            .entry(previous.item)
+                            .or_default()
+                            .push(recorded.full(previous)?.history);
+                        continue;
+                    }
+                    if pending.contains_key(&previous.item) {
+                        continue;
+                    }
+                    let Some(state) = items.get(&mut tx, &previous.item)? else {
+                        continue;
+                    };
+                    let mut entry = state.winner().entry.clone();
+                    entry.deleted = true;
+                    entry.content = None;
+                    report.deleted += 1;
+                    pending.insert(
+                        previous.item,
+                        Pending::new(entry, recorded.full(previous)?.history, None, None),
+                    );
                 }
-                let context = match items.cached(&item) {
-                    Some(state) => state.compact_context(base, writer),
-                    None => base,
-                };
-                let version = tx.write_local(item, change.entry, context, now)?;
-                // The disk already shows a local change, unless it stands beside a concurrent
-                // version (a conflict to show, or an edit that beats this deletion).
-                disk_lags |= shoal_core::ItemAccess::get(&mut tx, &item)?.is_some_and(|state| {
-                    state.versions().len() > 1 || state.winner().dot != version.dot
-                });
-                version
-            };
-            if let Some((path, info)) = change.at.map(|i| &found[i]) {
-                records.push(info.record(path.clone(), item, Role::Main, &version));
+                for (item, histories) in resolves {
+                    report.resolved += histories.len();
+                    match pending.get_mut(&item) {
+                        Some(change) => change.resolves.extend(histories),
+                        None => {
+                            let Some(state) = items.get(&mut tx, &item)? else {
+                                continue;
+                            };
+                            let winner = state.winner();
+                            let mut change =
+                                Pending::new(winner.entry.clone(), winner.history(), None, None);
+                            change.resolves = histories;
+                            pending.insert(item, change);
+                        }
+                    }
+                }
+
+                for (item, _) in pending.iter().filter(|(_, change)| !change.created) {
+                    items.get(&mut tx, item)?;
+                }
+                let writer = tx.identity().writer();
+                let mut disk_lags = false;
+                for (item, change) in pending {
+                    new_contents.extend(change.content);
+                    let version = if change.created {
+                        tx.write_new(item, change.entry, now)?
+                    } else {
+                        let mut base = change.base;
+                        // Follow the deletions the shown version beat, and every settled
+                        // conflict.
+                        if let Some(state) = items.cached(&item) {
+                            for loser in state.losers().iter().filter(|v| v.entry.deleted) {
+                                base.merge(&loser.history());
+                            }
+                        }
+                        for history in &change.resolves {
+                            base.merge(history);
+                        }
+                        let context = match items.cached(&item) {
+                            Some(state) => state.compact_context(base, writer),
+                            None => base,
+                        };
+                        let version = tx.write_local(item, change.entry, context, now)?;
+                        // The disk already shows a local change, unless it stands beside a
+                        // concurrent version (a conflict to show, or an edit that beats this
+                        // deletion).
+                        disk_lags |=
+                            shoal_core::ItemAccess::get(&mut tx, &item)?.is_some_and(|state| {
+                                state.versions().len() > 1 || state.winner().dot != version.dot
+                            });
+                        version
+                    };
+                    if let Some((path, info)) = change.at.map(|i| &found[i]) {
+                        records.push(info.record(path.clone(), item, Role::Main, &version));
+                    }
+                }
+                if disk_lags {
+                    tx.set_needs_materialize(true)?;
+                }
+                // In key order: tens of thousands of inserts at random places in a table larger
+                // than SQLite's page cache read and spill pages all the time.
+                new_contents.sort_unstable_by_key(|c| c.hash);
+                new_contents.dedup_by_key(|c| c.hash);
+                for content in &new_contents {
+                    tx.put_content(content)?;
+                }
+                for index in crate::path_order(&records, |file| &file.path) {
+                    tx.put_local_file(&records[index])?;
+                }
+                tx.commit()?;
+                Ok::<(), FolderError>(())
+            })();
+            if written.is_err() {
+                stop.store(true, Ordering::Relaxed);
             }
-        }
-        if disk_lags {
-            tx.set_needs_materialize(true)?;
-        }
-        for path in removed_paths {
-            tx.remove_local_file(path)?;
-        }
-        // In key order: tens of thousands of inserts at random places in a table larger than
-        // SQLite's page cache read and spill pages all the time.
-        new_contents.sort_unstable_by_key(|c| c.hash);
-        new_contents.dedup_by_key(|c| c.hash);
-        for content in new_contents {
-            tx.put_content(content)?;
-        }
-        for index in crate::path_order(&records, |file| &file.path) {
-            tx.put_local_file(&records[index])?;
-        }
-        tx.commit()?;
+            written
+        })?;
         tracing::debug!(
             versions = report.created + report.modified + report.moved + report.deleted,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "committed"
         );
         Ok(report)
+    }
+}
+
+/// Files hashed per block handed from the hashing threads to the scan's writer.
+const HASH_BLOCK: usize = 64;
+
+/// Whether the scan's transaction may be open while `files` files of `bytes` in all are still
+/// being hashed: only when that should take a few seconds at most, since other writers of the
+/// replica (a `shoal resolve` beside the agent) wait meanwhile, and give up after 10 s.
+fn write_while_hashing(files: usize, bytes: u64) -> bool {
+    // About twice what hashing takes on a 2-core machine: 20 µs a file, 500 MB/s.
+    const LIMIT_NS: u64 = 3_000_000_000;
+    (files as u64)
+        .saturating_mul(20_000)
+        .saturating_add(bytes.saturating_mul(2))
+        < LIMIT_NS
+}
+
+/// The hashes of a scan's files as the hashing threads deliver them, block by block.
+struct Hashes {
+    receiver: mpsc::Receiver<(usize, Vec<Option<ChunkedContent>>)>,
+    arrived: HashMap<usize, std::vec::IntoIter<Option<ChunkedContent>>>,
+    /// For each entry found, its place among the files to hash.
+    place: Vec<Option<usize>>,
+}
+
+impl Hashes {
+    fn new(
+        receiver: mpsc::Receiver<(usize, Vec<Option<ChunkedContent>>)>,
+        to_hash: &[usize],
+        found: usize,
+    ) -> Hashes {
+        let mut place = vec![None; found];
+        for (k, &i) in to_hash.iter().enumerate() {
+            place[i] = Some(k);
+        }
+        Hashes {
+            receiver,
+            arrived: HashMap::new(),
+            place,
+        }
+    }
+
+    /// Waits until every file is hashed.
+    fn wait_for_all(&mut self) {
+        while let Ok((b, contents)) = self.receiver.recv() {
+            self.arrived.insert(b, contents.into_iter());
+        }
+    }
+
+    /// The content of found entry `i`, once hashed: `None` when it was not to be hashed,
+    /// `Some(None)` when it changed while being read. Entries must be taken in order.
+    fn take(&mut self, i: usize) -> Option<Option<ChunkedContent>> {
+        let k = self.place.get(i).copied().flatten()?;
+        let block = k / HASH_BLOCK;
+        while !self.arrived.contains_key(&block) {
+            let Ok((b, contents)) = self.receiver.recv() else {
+                return Some(None); // a hashing thread ended early
+            };
+            self.arrived.insert(b, contents.into_iter());
+        }
+        let contents = self.arrived.get_mut(&block)?;
+        let content = contents.next().flatten();
+        if k % HASH_BLOCK == HASH_BLOCK - 1 || contents.len() == 0 {
+            self.arrived.remove(&block);
+        }
+        Some(content)
     }
 }
 

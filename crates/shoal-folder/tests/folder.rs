@@ -256,6 +256,55 @@ fn every_kind_of_local_change_is_found_and_follows_the_recorded_version() -> Tes
 }
 
 #[test]
+fn each_path_gets_its_own_hash_when_many_blocks_are_hashed_while_written() -> TestResult {
+    // Several hundred files, so the scan's hashing hands over many blocks; every third one
+    // edited and new ones between the old, so hashed and unhashed entries interleave.
+    let (_dir, a, b) = two_folders()?;
+    for n in 0..600 {
+        fs::create_dir_all(a.join(format!("d{}", n % 7)))?;
+        fs::write(a.join(format!("d{}/f{n:04}", n % 7)), format!("first {n}"))?;
+    }
+    let mut replica = FolderReplica::open(&a, "a")?;
+    let first = replica.scan(&ScanOptions::default(), &NoProgress)?;
+    assert_eq!(first.created, 607, "{first:?}");
+    for n in (0..600).step_by(3) {
+        fs::write(
+            a.join(format!("d{}/f{n:04}", n % 7)),
+            format!("edited {n}, longer"),
+        )?;
+    }
+    for n in 0..400 {
+        fs::write(a.join(format!("d{}/f{n:04}b", n % 7)), format!("new {n}"))?;
+    }
+    fs::remove_file(a.join("d3/f0003"))?;
+    let second = replica.scan(&ScanOptions::default(), &NoProgress)?;
+    assert_eq!(
+        (second.modified, second.created, second.deleted),
+        (199, 400, 1),
+        "{second:?}"
+    );
+    for file in replica.store().local_files()? {
+        if file.kind != ItemKind::File {
+            continue;
+        }
+        let bytes = fs::read(a.join(&file.path))?;
+        assert_eq!(
+            file.content,
+            Some(shoal_store::chunk_bytes(&bytes).hash),
+            "{}",
+            file.path
+        );
+        assert_eq!(file.size, bytes.len() as u64, "{}", file.path);
+    }
+    let again = replica.scan(&ScanOptions::default(), &NoProgress)?;
+    assert!(!again.changed(), "{again:?}");
+    drop(replica);
+    mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
+    assert_eq!(tree(&a)?, tree(&b)?);
+    Ok(())
+}
+
+#[test]
 fn a_new_replica_lays_out_only_after_it_receives_something() -> TestResult {
     let (_dir, a, b) = two_folders()?;
     fs::write(a.join("doc.txt"), "written on a")?;
