@@ -93,8 +93,10 @@ fn stat_matches(path: &Path, recorded: &LocalFile) -> bool {
 struct Ready<'a> {
     want: &'a Placement<'a>,
     from: ReadyFrom,
-    /// Its current mode, when known (a change is then made only if needed).
+    /// Its current mode and modification time, when known (a change is then made only if
+    /// needed).
     mode: Option<u32>,
+    mtime_ns: Option<i64>,
 }
 
 impl Ready<'_> {
@@ -111,6 +113,7 @@ impl Ready<'_> {
 struct StagedCopy {
     id: u64,
     mode: u32,
+    mtime_ns: i64,
     links: u64,
 }
 
@@ -161,17 +164,38 @@ impl NewRecord<'_> {
     }
 }
 
-/// Gives `path` the modification time and mode of `version` (`mode` is the current one, when
-/// known: a change is then made only if needed).
+/// Gives `path` the modification time and mode of `version` (`mode` and `mtime_ns` are the
+/// current ones, when known: a change is then made only if needed). True when it changed
+/// anything.
 fn set_times_and_mode(
     path: &Path,
     version: &Version,
     mode: Option<u32>,
-) -> Result<(), FolderError> {
+    mtime_ns: Option<i64>,
+) -> Result<bool, FolderError> {
     let mtime = version.entry.mtime_ns.max(0);
+    let mut changed = false;
+    if mtime_ns != Some(mtime) {
+        set_mtime(path, mtime).map_err(|e| io_error(path)(e.into()))?;
+        changed = true;
+    }
+    let wanted = if version.entry.executable {
+        0o755
+    } else {
+        0o644
+    };
+    if mode.is_none_or(|m| m & 0o7777 != wanted) {
+        fs::set_permissions(path, fs::Permissions::from_mode(wanted)).map_err(io_error(path))?;
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// Sets the access and modification times of `path` to `mtime_ns`.
+fn set_mtime(path: &Path, mtime_ns: i64) -> rustix::io::Result<()> {
     let at = rustix::fs::Timespec {
-        tv_sec: mtime / 1_000_000_000,
-        tv_nsec: (mtime % 1_000_000_000) as _,
+        tv_sec: mtime_ns / 1_000_000_000,
+        tv_nsec: (mtime_ns % 1_000_000_000) as _,
     };
     let times = rustix::fs::Timestamps {
         last_access: at,
@@ -183,16 +207,6 @@ fn set_times_and_mode(
         &times,
         rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
     )
-    .map_err(|e| io_error(path)(e.into()))?;
-    let wanted = if version.entry.executable {
-        0o755
-    } else {
-        0o644
-    };
-    if mode.is_none_or(|m| m & 0o7777 != wanted) {
-        fs::set_permissions(path, fs::Permissions::from_mode(wanted)).map_err(io_error(path))?;
-    }
-    Ok(())
 }
 
 /// Moves `from` to `target` by a rename that never replaces; false when something appeared at
@@ -377,7 +391,8 @@ fn stage(
     progress: &dyn Progress,
     at_hand: impl Fn(&ContentHash) -> Result<bool, FolderError>,
 ) -> Result<Staged, FolderError> {
-    let mut wanted: BTreeMap<ContentHash, u64> = BTreeMap::new();
+    // Each wanted content's size and the modification time of the first version wanting it.
+    let mut wanted: BTreeMap<ContentHash, (u64, i64)> = BTreeMap::new();
     let mut available = HashSet::new();
     for (_, version) in versions {
         let Some(hash) = version.entry.content.filter(|_| !version.entry.deleted) else {
@@ -389,7 +404,7 @@ fn stage(
         if at_hand(&hash)? {
             available.insert(hash);
         } else {
-            wanted.insert(hash, version.entry.size);
+            wanted.insert(hash, (version.entry.size, version.entry.mtime_ns.max(0)));
         }
     }
     if wanted.is_empty() {
@@ -399,18 +414,23 @@ fn stage(
         });
     }
     let started = std::time::Instant::now();
-    progress.start("transfer", wanted.values().sum());
+    progress.start("transfer", wanted.values().map(|(size, _)| size).sum());
     for shard in 0..rayon::current_num_threads().min(256) {
         let dir = staging.join(format!("{shard:02x}"));
         fs::create_dir_all(&dir).map_err(io_error(&dir))?;
     }
     let fetched: Vec<(ContentHash, u64)> = wanted
         .par_iter()
-        .filter_map(|(hash, size)| {
+        .filter_map(|(hash, (size, mtime_ns))| {
             let id = new_staged_id();
             let part = staged_file(staging, id);
             let ok = source.copy_to(hash, &part);
-            if !ok {
+            if ok {
+                // Set now, its inode not yet written: the batch's flush writes it once, and the
+                // file is put in place later with nothing left to change (if only this version
+                // wants it). Should this fail, putting it in place sets it.
+                let _ = set_mtime(&part, *mtime_ns);
+            } else {
                 let _ = fs::remove_file(&part);
             }
             progress.advance(*size);
@@ -644,11 +664,16 @@ impl FolderReplica {
                 meta.is_file().then(|| StagedCopy {
                     id,
                     mode: meta.mode(),
+                    mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
                     links: meta.nlink(),
                 })
             })
             .collect();
         drop(staged_ids);
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "materialize: looked up staged copies"
+        );
         for (want, staged_copy) in wanted_files.into_iter().zip(staged_copies) {
             let path = &want.path;
             let target = self.absolute(path);
@@ -704,6 +729,7 @@ impl FolderReplica {
                     want,
                     from: ReadyFrom::Staged(hash, copy.id),
                     mode: Some(copy.mode),
+                    mtime_ns: Some(copy.mtime_ns),
                 });
                 continue;
             }
@@ -737,15 +763,30 @@ impl FolderReplica {
                 want,
                 from: ReadyFrom::Temp(temp),
                 mode: None,
+                mtime_ns: None,
             });
         }
-        ready.par_iter().try_for_each(|ready| {
-            set_times_and_mode(&ready.source(&staging), ready.want.version, ready.mode)
-        })?;
+        let changed = ready
+            .par_iter()
+            .map(|ready| {
+                set_times_and_mode(
+                    &ready.source(&staging),
+                    ready.want.version,
+                    ready.mode,
+                    ready.mtime_ns,
+                )
+            })
+            .try_reduce(|| false, |a, b| Ok(a || b))?;
         progress.finish();
-        if !ready.is_empty() {
+        // A temporary copy was just written; a staged one was flushed with its batch, and needs
+        // flushing again only if its time or mode changed.
+        if changed || ready.iter().any(|r| matches!(r.from, ReadyFrom::Temp(_))) {
             flush_filesystem(&self.root)?;
         }
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "materialize: times set and flushed"
+        );
 
         // 4. Removals: what is recorded but no longer wanted, files first, deepest first.
         // `ready` follows the layout's path order.
@@ -854,9 +895,17 @@ impl FolderReplica {
             }
             new_records.push(NewRecord::Placed { want, found });
         }
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "materialize: put in place"
+        );
         if report.written + report.renamed + report.deleted + report.folders > 0 {
             flush_filesystem(&self.root)?;
         }
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "materialize: flushed"
+        );
 
         let mut tx = self.store.begin()?;
         for path in &removed_records {

@@ -345,6 +345,51 @@ fn an_unlisted_staged_file_is_never_trusted_and_is_cleared() -> TestResult {
 }
 
 #[test]
+fn paths_sharing_a_content_land_each_with_its_own_time() -> TestResult {
+    // One staged copy for eight paths: the time set while staging is one version's, and each
+    // path must still end up with its own.
+    let (_dir, a, b) = two_folders()?;
+    let base = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    let names = [
+        "1.txt",
+        "2.txt",
+        "3.txt",
+        "4.txt",
+        "5.txt",
+        "6.txt",
+        "7.txt",
+        "8.txt",
+        "alone.txt",
+    ];
+    // Made and scanned one by one, last path first: the versions do not come in path order.
+    let mut side_a = FolderReplica::open(&a, "a")?;
+    for (n, name) in names.iter().enumerate().rev() {
+        let body = if *name == "alone.txt" {
+            "another content"
+        } else {
+            "the same bytes"
+        };
+        fs::write(a.join(name), body)?;
+        let at = base + std::time::Duration::from_nanos(n as u64 * 1_000_000_123);
+        fs::File::options()
+            .write(true)
+            .open(a.join(name))?
+            .set_modified(at)?;
+        side_a.scan(&ScanOptions::default(), &NoProgress)?;
+    }
+    drop(side_a);
+    mirror(&a, &b, &MirrorOptions::default(), &NoProgress)?;
+    for name in names {
+        let (theirs, ours) = (fs::metadata(a.join(name))?, fs::metadata(b.join(name))?);
+        assert_eq!(ours.modified()?, theirs.modified()?, "{name}");
+        assert_eq!(fs::read(a.join(name))?, fs::read(b.join(name))?, "{name}");
+    }
+    let again = FolderReplica::open(&b, "b")?.scan(&ScanOptions::default(), &NoProgress)?;
+    assert!(!again.changed(), "{again:?}");
+    Ok(())
+}
+
+#[test]
 fn many_files_land_with_their_times_and_modes_except_where_the_user_came_first() -> TestResult {
     use std::os::unix::fs::PermissionsExt;
     let (_dir, a, b) = two_folders()?;
