@@ -12,7 +12,7 @@ use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
@@ -23,7 +23,8 @@ use shoal_core::{
     validate_name,
 };
 use shoal_store::{
-    ChunkedContent, LocalFile, LocalStat, Transaction, chunk_reader, rechunk_reader,
+    ChunkedContent, LocalFile, LocalRecords, LocalStat, Store, Transaction, chunk_reader,
+    rechunk_reader,
 };
 
 use crate::{FolderError, FolderReplica, Progress, io_error, now_ns};
@@ -660,15 +661,11 @@ impl FolderReplica {
         let root = &self.root;
         let blocks: Vec<&[usize]> = to_hash.chunks(HASH_BLOCK).collect();
         let next_block = AtomicUsize::new(0);
-        let stop = AtomicBool::new(false);
         let (sender, receiver) = mpsc::channel();
         let hash_blocks = |sender: mpsc::Sender<(usize, Vec<Option<ChunkedContent>>)>| {
             loop {
                 let b = next_block.fetch_add(1, Ordering::Relaxed);
                 let Some(block) = blocks.get(b) else { break };
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
                 let contents: Vec<Option<ChunkedContent>> = block
                     .iter()
                     .map(|&i| {
@@ -679,10 +676,24 @@ impl FolderReplica {
                         content
                     })
                     .collect();
+                // The receiver is gone when the scan failed: no use hashing on.
                 if sender.send((b, contents)).is_err() {
                     break;
                 }
             }
+        };
+        let walked = Walked {
+            found: &found,
+            stats,
+            record_of: &record_of,
+            present: &present,
+            recorded: &recorded,
+            renamed: &renamed,
+            desired: &desired,
+            to_hash: &to_hash,
+            removed_paths,
+            vanished_by_inode,
+            fresh_ids,
         };
         let store = &mut self.store;
         std::thread::scope(|scope| {
@@ -691,296 +702,8 @@ impl FolderReplica {
                 scope.spawn(move || hash_blocks(sender));
             }
             drop(sender);
-            let mut hashes = Hashes::new(receiver, &to_hash, found.len());
-            let written = (|| {
-                let bytes = to_hash.iter().map(|&i| found[i].1.size).sum();
-                if !write_while_hashing(to_hash.len(), bytes) {
-                    hashes.wait_for_all();
-                }
-                let now = now_ns();
-                let mut tx = store.begin()?;
-                // Removed first: a path whose kind changed gets its new record below.
-                for path in &removed_paths {
-                    tx.remove_local_file(path)?;
-                }
-                let mut items = StateCache::default();
-                let mut path_items: HashMap<&str, ItemId> = HashMap::new();
-                path_items.insert("", ItemId::ROOT);
-                let mut pending: BTreeMap<ItemId, Pending> = BTreeMap::new();
-                let mut records: Vec<LocalFile> = Vec::new();
-                let mut new_contents: Vec<ChunkedContent> = Vec::new();
-                let mut moved_from: HashSet<usize> = HashSet::new();
-                let mut resolves: BTreeMap<ItemId, Vec<Knowledge>> = BTreeMap::new();
-
-                for (i, (path, info)) in found.iter().enumerate() {
-                    let hashed = hashes.take(i);
-                    if let Some(Some(content)) = &hashed {
-                        report.hashed_bytes += content.size;
-                    }
-                    if matches!(hashed, Some(None)) {
-                        report.skipped.push(Skipped {
-                            path: path.clone(),
-                            reason: format!(
-                                "changed while being read ({} bytes); will retry",
-                                info.size
-                            ),
-                        });
-                        continue; // changed while hashing: next scan
-                    }
-                    let content = hashed.flatten();
-                    let Some(parent) = path_items.get(parent_path(path)).copied() else {
-                        report.skipped.push(Skipped {
-                            path: path.clone(),
-                            reason: "its folder is not synced".into(),
-                        });
-                        continue;
-                    };
-                    let content_hash = content
-                        .as_ref()
-                        .map(|c| c.hash)
-                        .or_else(|| record_at(i).and_then(|r| r.content))
-                        .or_else(|| renamed.get(&i).and_then(|&j| stats[j].content));
-                    let entry = Entry {
-                        parent,
-                        name: file_name(path).to_owned(),
-                        kind: info.kind,
-                        deleted: false,
-                        content: content_hash,
-                        size: info.size,
-                        mtime_ns: info.mtime_ns,
-                        executable: info.executable,
-                    };
-                    // What the layout wants here: adopt it when the disk already holds exactly
-                    // that.
-                    if let Some(want) = desired.get(path.as_str()) {
-                        let same = want.version.entry.kind == info.kind
-                            && (info.kind == ItemKind::Directory
-                                || want.version.entry.content == content_hash
-                                    && want.version.entry.executable == info.executable);
-                        let already = match record_at(i) {
-                            Some(r) => {
-                                same_stat_as(info, r) && recorded.dot(r)? == want.version.dot
-                            }
-                            None => false,
-                        };
-                        if same && !already {
-                            records.push(info.record(
-                                path.clone(),
-                                want.item,
-                                want.role,
-                                want.version,
-                            ));
-                            if want.role == Role::Main {
-                                path_items.insert(path, want.item);
-                            }
-                            continue;
-                        }
-                    }
-                    match record_at(i).filter(|r| r.kind == info.kind) {
-                        Some(previous) if previous.role == Role::Main => {
-                            path_items.insert(path, previous.item);
-                            if info.kind == ItemKind::File && !same_stat_as(info, previous) {
-                                let previous = recorded.full(previous)?;
-                                if previous.content != content_hash
-                                    || previous.executable != info.executable
-                                {
-                                    report.modified += 1;
-                                    pending.insert(
-                                        previous.item,
-                                        Pending::new(entry, previous.history, Some(i), content),
-                                    );
-                                } else {
-                                    records.push(LocalFile {
-                                        size: info.size,
-                                        mtime_ns: info.mtime_ns,
-                                        inode: info.inode,
-                                        ..previous
-                                    });
-                                }
-                            }
-                        }
-                        Some(previous) => {
-                            // A conflict copy: unchanged, or changed by the user (then it
-                            // becomes a file of its own and the conflict is settled).
-                            if same_stat_as(info, previous) {
-                                continue;
-                            }
-                            resolves
-                                .entry(previous.item)
-                                .or_default()
-                                .push(recorded.full(previous)?.history);
-                            report.created += 1;
-                            pending.insert(
-                                ItemId(rand::random()),
-                                Pending::created(entry, i, content),
-                            );
-                        }
-                        None => {
-                            let moved = vanished_by_inode
-                                .get(&(info.inode, info.kind))
-                                .copied()
-                                .filter(|&old| {
-                                    info.kind == ItemKind::Directory
-                                        || stats[old].content == content_hash
-                                });
-                            match moved {
-                                Some(old) => {
-                                    vanished_by_inode.remove(&(info.inode, info.kind));
-                                    moved_from.insert(old);
-                                    let old = recorded.full(&stats[old])?;
-                                    path_items.insert(path, old.item);
-                                    let state = items.get(&mut tx, &old.item)?;
-                                    let unchanged_place = state.is_some_and(|s| {
-                                        let w = s.winner();
-                                        w.entry.parent == parent && w.entry.name == entry.name
-                                    });
-                                    if unchanged_place {
-                                        // Moved along with its folder: same parent id and
-                                        // name.
-                                        records.push(LocalFile {
-                                            path: path.clone(),
-                                            inode: info.inode,
-                                            mtime_ns: info.mtime_ns,
-                                            ..old
-                                        });
-                                    } else {
-                                        report.moved += 1;
-                                        pending.insert(
-                                            old.item,
-                                            Pending::new(entry, old.history, Some(i), content),
-                                        );
-                                    }
-                                }
-                                None => {
-                                    // A new item: nothing else in this scan can change it, so
-                                    // it is written now.
-                                    let item =
-                                        fresh_ids.pop().unwrap_or_else(|| ItemId(rand::random()));
-                                    path_items.insert(path, item);
-                                    report.created += 1;
-                                    let version = tx.write_new(item, entry, now)?;
-                                    tx.put_local_file(&info.record(
-                                        path.clone(),
-                                        item,
-                                        Role::Main,
-                                        &version,
-                                    ))?;
-                                    new_contents.extend(content);
-                                }
-                            }
-                        }
-                    }
-                }
-                drop(hashes);
-                progress.finish();
-                tracing::debug!(
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "hashed and decided"
-                );
-
-                // Vanished paths: deletions, or settled conflicts.
-                for (j, previous) in stats.iter().enumerate() {
-                    if present[j] || moved_from.contains(&j) {
-                        continue;
-                    }
-                    if previous.role == Role::ConflictCopy {
-                        resolves
-                            .entry(previous.item)
-                            .or_default()
-                            .push(recorded.full(previous)?.history);
-                        continue;
-                    }
-                    if pending.contains_key(&previous.item) {
-                        continue;
-                    }
-                    let Some(state) = items.get(&mut tx, &previous.item)? else {
-                        continue;
-                    };
-                    let mut entry = state.winner().entry.clone();
-                    entry.deleted = true;
-                    entry.content = None;
-                    report.deleted += 1;
-                    pending.insert(
-                        previous.item,
-                        Pending::new(entry, recorded.full(previous)?.history, None, None),
-                    );
-                }
-                for (item, histories) in resolves {
-                    report.resolved += histories.len();
-                    match pending.get_mut(&item) {
-                        Some(change) => change.resolves.extend(histories),
-                        None => {
-                            let Some(state) = items.get(&mut tx, &item)? else {
-                                continue;
-                            };
-                            let winner = state.winner();
-                            let mut change =
-                                Pending::new(winner.entry.clone(), winner.history(), None, None);
-                            change.resolves = histories;
-                            pending.insert(item, change);
-                        }
-                    }
-                }
-
-                for (item, _) in pending.iter().filter(|(_, change)| !change.created) {
-                    items.get(&mut tx, item)?;
-                }
-                let writer = tx.identity().writer();
-                let mut disk_lags = false;
-                for (item, change) in pending {
-                    new_contents.extend(change.content);
-                    let version = if change.created {
-                        tx.write_new(item, change.entry, now)?
-                    } else {
-                        let mut base = change.base;
-                        // Follow the deletions the shown version beat, and every settled
-                        // conflict.
-                        if let Some(state) = items.cached(&item) {
-                            for loser in state.losers().iter().filter(|v| v.entry.deleted) {
-                                base.merge(&loser.history());
-                            }
-                        }
-                        for history in &change.resolves {
-                            base.merge(history);
-                        }
-                        let context = match items.cached(&item) {
-                            Some(state) => state.compact_context(base, writer),
-                            None => base,
-                        };
-                        let version = tx.write_local(item, change.entry, context, now)?;
-                        // The disk already shows a local change, unless it stands beside a
-                        // concurrent version (a conflict to show, or an edit that beats this
-                        // deletion).
-                        disk_lags |=
-                            shoal_core::ItemAccess::get(&mut tx, &item)?.is_some_and(|state| {
-                                state.versions().len() > 1 || state.winner().dot != version.dot
-                            });
-                        version
-                    };
-                    if let Some((path, info)) = change.at.map(|i| &found[i]) {
-                        records.push(info.record(path.clone(), item, Role::Main, &version));
-                    }
-                }
-                if disk_lags {
-                    tx.set_needs_materialize(true)?;
-                }
-                // In key order: tens of thousands of inserts at random places in a table larger
-                // than SQLite's page cache read and spill pages all the time.
-                new_contents.sort_unstable_by_key(|c| c.hash);
-                new_contents.dedup_by_key(|c| c.hash);
-                for content in &new_contents {
-                    tx.put_content(content)?;
-                }
-                for index in crate::path_order(&records, |file| &file.path) {
-                    tx.put_local_file(&records[index])?;
-                }
-                tx.commit()?;
-                Ok::<(), FolderError>(())
-            })();
-            if written.is_err() {
-                stop.store(true, Ordering::Relaxed);
-            }
-            written
+            let hashes = Hashes::new(receiver, &to_hash, found.len());
+            record_changes(walked, store, hashes, &mut report, progress, started)
         })?;
         tracing::debug!(
             versions = report.created + report.modified + report.moved + report.deleted,
@@ -989,6 +712,307 @@ impl FolderReplica {
         );
         Ok(report)
     }
+}
+
+/// What a scan's walk found, paired with the records: what `record_changes` decides from.
+struct Walked<'a> {
+    found: &'a [(String, Found)],
+    stats: &'a [LocalStat],
+    record_of: &'a [Option<usize>],
+    present: &'a [bool],
+    recorded: &'a LocalRecords,
+    renamed: &'a HashMap<usize, usize>,
+    desired: &'a crate::Desired<'a>,
+    to_hash: &'a [usize],
+    removed_paths: Vec<&'a str>,
+    vanished_by_inode: HashMap<(u64, ItemKind), usize>,
+    /// Ids for new items, the smallest last.
+    fresh_ids: Vec<ItemId>,
+}
+
+/// Decides what each entry found is, as its hash arrives, and records every new version and
+/// record in one transaction.
+fn record_changes(
+    walked: Walked<'_>,
+    store: &mut Store,
+    mut hashes: Hashes,
+    report: &mut ScanReport,
+    progress: &dyn Progress,
+    started: std::time::Instant,
+) -> Result<(), FolderError> {
+    let Walked {
+        found,
+        stats,
+        record_of,
+        present,
+        recorded,
+        renamed,
+        desired,
+        to_hash,
+        removed_paths,
+        mut vanished_by_inode,
+        mut fresh_ids,
+    } = walked;
+    let record_at = |i: usize| record_of[i].map(|j| &stats[j]);
+    let bytes = to_hash.iter().map(|&i| found[i].1.size).sum();
+    if !write_while_hashing(to_hash.len(), bytes) {
+        hashes.wait_for_all();
+    }
+    let now = now_ns();
+    let mut tx = store.begin()?;
+    // Removed first: a path whose kind changed gets its new record below.
+    for path in &removed_paths {
+        tx.remove_local_file(path)?;
+    }
+    let mut items = StateCache::default();
+    let mut path_items: HashMap<&str, ItemId> = HashMap::new();
+    path_items.insert("", ItemId::ROOT);
+    let mut pending: BTreeMap<ItemId, Pending> = BTreeMap::new();
+    let mut records: Vec<LocalFile> = Vec::new();
+    let mut new_contents: Vec<ChunkedContent> = Vec::new();
+    let mut moved_from: HashSet<usize> = HashSet::new();
+    let mut resolves: BTreeMap<ItemId, Vec<Knowledge>> = BTreeMap::new();
+
+    for (i, (path, info)) in found.iter().enumerate() {
+        let hashed = hashes.take(i);
+        if let Some(Some(content)) = &hashed {
+            report.hashed_bytes += content.size;
+        }
+        if matches!(hashed, Some(None)) {
+            report.skipped.push(Skipped {
+                path: path.clone(),
+                reason: format!("changed while being read ({} bytes); will retry", info.size),
+            });
+            continue; // changed while hashing: next scan
+        }
+        let content = hashed.flatten();
+        let Some(parent) = path_items.get(parent_path(path)).copied() else {
+            report.skipped.push(Skipped {
+                path: path.clone(),
+                reason: "its folder is not synced".into(),
+            });
+            continue;
+        };
+        let content_hash = content
+            .as_ref()
+            .map(|c| c.hash)
+            .or_else(|| record_at(i).and_then(|r| r.content))
+            .or_else(|| renamed.get(&i).and_then(|&j| stats[j].content));
+        let entry = Entry {
+            parent,
+            name: file_name(path).to_owned(),
+            kind: info.kind,
+            deleted: false,
+            content: content_hash,
+            size: info.size,
+            mtime_ns: info.mtime_ns,
+            executable: info.executable,
+        };
+        // What the layout wants here: adopt it when the disk already holds exactly
+        // that.
+        if let Some(want) = desired.get(path.as_str()) {
+            let same = want.version.entry.kind == info.kind
+                && (info.kind == ItemKind::Directory
+                    || want.version.entry.content == content_hash
+                        && want.version.entry.executable == info.executable);
+            let already = match record_at(i) {
+                Some(r) => same_stat_as(info, r) && recorded.dot(r)? == want.version.dot,
+                None => false,
+            };
+            if same && !already {
+                records.push(info.record(path.clone(), want.item, want.role, want.version));
+                if want.role == Role::Main {
+                    path_items.insert(path, want.item);
+                }
+                continue;
+            }
+        }
+        match record_at(i).filter(|r| r.kind == info.kind) {
+            Some(previous) if previous.role == Role::Main => {
+                path_items.insert(path, previous.item);
+                if info.kind == ItemKind::File && !same_stat_as(info, previous) {
+                    let previous = recorded.full(previous)?;
+                    if previous.content != content_hash || previous.executable != info.executable {
+                        report.modified += 1;
+                        pending.insert(
+                            previous.item,
+                            Pending::new(entry, previous.history, Some(i), content),
+                        );
+                    } else {
+                        records.push(LocalFile {
+                            size: info.size,
+                            mtime_ns: info.mtime_ns,
+                            inode: info.inode,
+                            ..previous
+                        });
+                    }
+                }
+            }
+            Some(previous) => {
+                // A conflict copy: unchanged, or changed by the user (then it
+                // becomes a file of its own and the conflict is settled).
+                if same_stat_as(info, previous) {
+                    continue;
+                }
+                resolves
+                    .entry(previous.item)
+                    .or_default()
+                    .push(recorded.full(previous)?.history);
+                report.created += 1;
+                pending.insert(ItemId(rand::random()), Pending::created(entry, i, content));
+            }
+            None => {
+                let moved = vanished_by_inode
+                    .get(&(info.inode, info.kind))
+                    .copied()
+                    .filter(|&old| {
+                        info.kind == ItemKind::Directory || stats[old].content == content_hash
+                    });
+                match moved {
+                    Some(old) => {
+                        vanished_by_inode.remove(&(info.inode, info.kind));
+                        moved_from.insert(old);
+                        let old = recorded.full(&stats[old])?;
+                        path_items.insert(path, old.item);
+                        let state = items.get(&mut tx, &old.item)?;
+                        let unchanged_place = state.is_some_and(|s| {
+                            let w = s.winner();
+                            w.entry.parent == parent && w.entry.name == entry.name
+                        });
+                        if unchanged_place {
+                            // Moved along with its folder: same parent id and
+                            // name.
+                            records.push(LocalFile {
+                                path: path.clone(),
+                                inode: info.inode,
+                                mtime_ns: info.mtime_ns,
+                                ..old
+                            });
+                        } else {
+                            report.moved += 1;
+                            pending.insert(
+                                old.item,
+                                Pending::new(entry, old.history, Some(i), content),
+                            );
+                        }
+                    }
+                    None => {
+                        // A new item: nothing else in this scan can change it, so
+                        // it is written now.
+                        let item = fresh_ids.pop().unwrap_or_else(|| ItemId(rand::random()));
+                        path_items.insert(path, item);
+                        report.created += 1;
+                        let version = tx.write_new(item, entry, now)?;
+                        tx.put_local_file(&info.record(path.clone(), item, Role::Main, &version))?;
+                        new_contents.extend(content);
+                    }
+                }
+            }
+        }
+    }
+    drop(hashes);
+    progress.finish();
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "hashed and decided"
+    );
+
+    // Vanished paths: deletions, or settled conflicts.
+    for (j, previous) in stats.iter().enumerate() {
+        if present[j] || moved_from.contains(&j) {
+            continue;
+        }
+        if previous.role == Role::ConflictCopy {
+            resolves
+                .entry(previous.item)
+                .or_default()
+                .push(recorded.full(previous)?.history);
+            continue;
+        }
+        if pending.contains_key(&previous.item) {
+            continue;
+        }
+        let Some(state) = items.get(&mut tx, &previous.item)? else {
+            continue;
+        };
+        let mut entry = state.winner().entry.clone();
+        entry.deleted = true;
+        entry.content = None;
+        report.deleted += 1;
+        pending.insert(
+            previous.item,
+            Pending::new(entry, recorded.full(previous)?.history, None, None),
+        );
+    }
+    for (item, histories) in resolves {
+        report.resolved += histories.len();
+        match pending.get_mut(&item) {
+            Some(change) => change.resolves.extend(histories),
+            None => {
+                let Some(state) = items.get(&mut tx, &item)? else {
+                    continue;
+                };
+                let winner = state.winner();
+                let mut change = Pending::new(winner.entry.clone(), winner.history(), None, None);
+                change.resolves = histories;
+                pending.insert(item, change);
+            }
+        }
+    }
+
+    for (item, _) in pending.iter().filter(|(_, change)| !change.created) {
+        items.get(&mut tx, item)?;
+    }
+    let writer = tx.identity().writer();
+    let mut disk_lags = false;
+    for (item, change) in pending {
+        new_contents.extend(change.content);
+        let version = if change.created {
+            tx.write_new(item, change.entry, now)?
+        } else {
+            let mut base = change.base;
+            // Follow the deletions the shown version beat, and every settled
+            // conflict.
+            if let Some(state) = items.cached(&item) {
+                for loser in state.losers().iter().filter(|v| v.entry.deleted) {
+                    base.merge(&loser.history());
+                }
+            }
+            for history in &change.resolves {
+                base.merge(history);
+            }
+            let context = match items.cached(&item) {
+                Some(state) => state.compact_context(base, writer),
+                None => base,
+            };
+            let version = tx.write_local(item, change.entry, context, now)?;
+            // The disk already shows a local change, unless it stands beside a
+            // concurrent version (a conflict to show, or an edit that beats this
+            // deletion).
+            disk_lags |= shoal_core::ItemAccess::get(&mut tx, &item)?.is_some_and(|state| {
+                state.versions().len() > 1 || state.winner().dot != version.dot
+            });
+            version
+        };
+        if let Some((path, info)) = change.at.map(|i| &found[i]) {
+            records.push(info.record(path.clone(), item, Role::Main, &version));
+        }
+    }
+    if disk_lags {
+        tx.set_needs_materialize(true)?;
+    }
+    // In key order: tens of thousands of inserts at random places in a table larger
+    // than SQLite's page cache read and spill pages all the time.
+    new_contents.sort_unstable_by_key(|c| c.hash);
+    new_contents.dedup_by_key(|c| c.hash);
+    for content in &new_contents {
+        tx.put_content(content)?;
+    }
+    for index in crate::path_order(&records, |file| &file.path) {
+        tx.put_local_file(&records[index])?;
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 /// Files hashed per block handed from the hashing threads to the scan's writer.
