@@ -2,7 +2,10 @@
 //! or a hub talking to a partner hub. It speaks the routes of `shoal-protocol` and nothing
 //! else: no replica, no disk.
 
+mod bulk;
+
 use std::io::Read;
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -74,6 +77,12 @@ pub fn install_default_provider() {
     });
 }
 
+/// How long a connection may take to open, to a hub and to a peer (nearby, or not there).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Talks to one hub as one device.
 #[derive(Clone)]
 pub struct HubClient {
@@ -84,6 +93,8 @@ pub struct HubClient {
     device: Option<String>,
     workspace: Option<String>,
     correlation: String,
+    /// Chunk bundles go over connections of their own where the base allows.
+    bulk: Option<Arc<bulk::Bulk>>,
 }
 
 impl HubClient {
@@ -91,18 +102,21 @@ impl HubClient {
     pub fn new(base: &str, token: Option<&str>) -> Result<HubClient, ClientError> {
         install_default_provider();
         let http = Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(300))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
             .build()
             .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let base = base.trim_end_matches('/').to_owned();
+        let bulk = bulk::Bulk::for_base(&base, None, CONNECT_TIMEOUT, REQUEST_TIMEOUT);
         Ok(HubClient {
-            base: base.trim_end_matches('/').to_owned(),
+            base,
             token: token.map(str::to_owned),
             http,
             identity: None,
             device: None,
             workspace: None,
             correlation: hex16(&rand::random()),
+            bulk: bulk.map(Arc::new),
         })
     }
 
@@ -110,19 +124,27 @@ impl HubClient {
     /// `tls` (which decides whom to trust and which certificate to show).
     pub fn for_peer(address: &str, tls: rustls::ClientConfig) -> Result<HubClient, ClientError> {
         let http = Client::builder()
-            .use_preconfigured_tls(tls)
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(300))
+            .use_preconfigured_tls(tls.clone())
+            .connect_timeout(PEER_CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
             .build()
             .map_err(|e| ClientError::Config(e.to_string()))?;
+        let base = format!("https://{address}");
+        let bulk = bulk::Bulk::for_base(
+            &base,
+            Some(Arc::new(tls)),
+            PEER_CONNECT_TIMEOUT,
+            REQUEST_TIMEOUT,
+        );
         Ok(HubClient {
-            base: format!("https://{address}"),
+            base,
             token: None,
             http,
             identity: None,
             device: None,
             workspace: None,
             correlation: hex16(&rand::random()),
+            bulk: bulk.map(Arc::new),
         })
     }
 
@@ -156,29 +178,36 @@ impl HubClient {
         } else {
             format!("{}{}", self.base, path)
         };
-        let mut builder = self
-            .http
-            .request(method, url)
-            .header(
+        let mut builder = self.http.request(method, url);
+        for (name, value) in self.request_headers() {
+            builder = builder.header(name, value);
+        }
+        builder
+    }
+
+    /// The headers every request carries: protocol, correlation, credentials, identity.
+    fn request_headers(&self) -> Vec<(&'static str, String)> {
+        let mut pairs = vec![
+            (
                 headers::PROTOCOL,
                 shoal_protocol::PROTOCOL_VERSION.to_string(),
-            )
-            .header(headers::CORRELATION, &self.correlation);
+            ),
+            (headers::CORRELATION, self.correlation.clone()),
+        ];
         if let Some(token) = &self.token {
-            builder = builder.bearer_auth(token);
+            pairs.push(("authorization", format!("Bearer {token}")));
         }
         if let Some((replica, epoch)) = self.identity {
-            builder = builder
-                .header(headers::REPLICA, replica.to_string())
-                .header(headers::EPOCH, epoch.to_string());
+            pairs.push((headers::REPLICA, replica.to_string()));
+            pairs.push((headers::EPOCH, epoch.to_string()));
             if let Some(workspace) = &self.workspace {
-                builder = builder.header(headers::PARTNERSHIP, format!("{replica}@{workspace}"));
+                pairs.push((headers::PARTNERSHIP, format!("{replica}@{workspace}")));
             }
         }
         if let Some(device) = &self.device {
-            builder = builder.header(headers::DEVICE, device);
+            pairs.push((headers::DEVICE, device.clone()));
         }
-        builder
+        pairs
     }
 
     /// Sends, retrying while the hub answers 202 (busy).
@@ -434,9 +463,8 @@ impl HubClient {
             .collect())
     }
 
-    /// Reads a bundle answer frame by frame: each chunk's bytes go once, from the connection's
-    /// buffer to where `sink` places them, and are checked there. A fault ends the answer;
-    /// the chunks that arrived before it stay arrived.
+    /// Reads a bundle answer into `sink` (see `read_frames`), over a connection of its own
+    /// where the base allows (see `bulk`).
     fn fetch_bundle_into<B: Serialize>(
         &self,
         location: &str,
@@ -444,30 +472,16 @@ impl HubClient {
         sink: &mut dyn ChunkSink,
     ) -> Result<(), ClientError> {
         let path = format!("{location}/fetch");
+        if let Some(bulk) = self.bulk.as_ref().filter(|_| !path.starts_with("http")) {
+            let body = serde_json::to_vec(body)
+                .map_err(|e| ClientError::Config(format!("a request that is not JSON: {e}")))?;
+            return bulk.post(&path, &self.request_headers(), &body, &mut |answer| {
+                read_frames(answer, sink)
+            });
+        }
         let mut response =
             self.send(|| Self::with_body(self.request(reqwest::Method::POST, &path), body))?;
-        let broken = |e: std::io::Error| ClientError::Unreachable(e.to_string());
-        let invalid = |e: shoal_protocol::WireError| ClientError::Protocol(e.to_string());
-        let mut header = [0u8; shoal_protocol::FRAME_HEADER];
-        loop {
-            let got = read_up_to(&mut response, &mut header).map_err(broken)?;
-            if got == 0 {
-                return Ok(());
-            }
-            let (hash, len) = shoal_protocol::frame_header(&header[..got]).map_err(invalid)?;
-            let Some(place) = sink.place(&hash, len).filter(|p| p.len() == len) else {
-                return Err(ClientError::Protocol(format!(
-                    "the answer holds chunk {hash} ({len} bytes), which was not asked for"
-                )));
-            };
-            response.read_exact(place).map_err(broken)?;
-            if ContentHash::of(place) != hash {
-                return Err(ClientError::Protocol(format!(
-                    "chunk {hash} does not match its bytes"
-                )));
-            }
-            sink.arrived(&hash);
-        }
+        read_frames(&mut response, sink)
     }
 
     /// The chunk list of a content the hub holds or is receiving, checked against its name.
@@ -681,8 +695,36 @@ fn content_fetch(wanted: &[(ContentHash, Vec<ContentHash>)]) -> shoal_protocol::
     }
 }
 
+/// Reads a bundle answer frame by frame: each chunk's bytes go once, from the connection's
+/// buffer to where `sink` places them, and are checked there. A fault ends the answer; the
+/// chunks that arrived before it stay arrived.
+fn read_frames(response: &mut dyn Read, sink: &mut dyn ChunkSink) -> Result<(), ClientError> {
+    let broken = |e: std::io::Error| ClientError::Unreachable(e.to_string());
+    let invalid = |e: shoal_protocol::WireError| ClientError::Protocol(e.to_string());
+    let mut header = [0u8; shoal_protocol::FRAME_HEADER];
+    loop {
+        let got = read_up_to(response, &mut header).map_err(broken)?;
+        if got == 0 {
+            return Ok(());
+        }
+        let (hash, len) = shoal_protocol::frame_header(&header[..got]).map_err(invalid)?;
+        let Some(place) = sink.place(&hash, len).filter(|p| p.len() == len) else {
+            return Err(ClientError::Protocol(format!(
+                "the answer holds chunk {hash} ({len} bytes), which was not asked for"
+            )));
+        };
+        response.read_exact(place).map_err(broken)?;
+        if ContentHash::of(place) != hash {
+            return Err(ClientError::Protocol(format!(
+                "chunk {hash} does not match its bytes"
+            )));
+        }
+        sink.arrived(&hash);
+    }
+}
+
 /// Fills `buffer` from `reader` unless it ends first; how many bytes were read.
-fn read_up_to(reader: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<usize> {
+fn read_up_to(reader: &mut (impl Read + ?Sized), buffer: &mut [u8]) -> std::io::Result<usize> {
     let mut got = 0;
     while got < buffer.len() {
         match reader.read(&mut buffer[got..]) {
@@ -705,14 +747,22 @@ fn check(response: Response) -> Result<Response, ClientError> {
         .get(headers::EPOCH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u32>().ok());
+    let body = response.bytes().unwrap_or_default();
+    Err(error_for(status.as_u16(), known_epoch, &body))
+}
+
+/// The error an answer with a failing `status` stands for, its message from its JSON body
+/// (`ErrorBody`) where it has one.
+pub(crate) fn error_for(status: u16, known_epoch: Option<u32>, body: &[u8]) -> ClientError {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if let (StatusCode::CONFLICT, Some(known)) = (status, known_epoch) {
-        return Err(ClientError::StaleEpoch { known });
+        return ClientError::StaleEpoch { known };
     }
-    let message = match response.json::<ErrorBody>() {
+    let message = match serde_json::from_slice::<ErrorBody>(body) {
         Ok(body) => body.error,
         Err(_) => status.canonical_reason().unwrap_or("error").to_owned(),
     };
-    Err(match status {
+    match status {
         StatusCode::UNAUTHORIZED => ClientError::Unauthorized(message),
         StatusCode::NOT_FOUND => ClientError::NotFound(message),
         StatusCode::CONFLICT => ClientError::Conflict(message),
@@ -720,7 +770,7 @@ fn check(response: Response) -> Result<Response, ClientError> {
             status: status.as_u16(),
             message,
         },
-    })
+    }
 }
 
 #[cfg(test)]
@@ -769,6 +819,63 @@ mod tests {
             let _ = stream.write_all(&body);
         });
         Ok(format!("http://{address}"))
+    }
+
+    /// Serves `status` answers with `body` on 127.0.0.1, each connection answering at most
+    /// `per_connection` requests and then closing without saying so; the address, and how
+    /// many connections were opened.
+    fn serve(
+        status: &'static str,
+        body: Vec<u8>,
+        per_connection: usize,
+    ) -> std::io::Result<(String, Arc<std::sync::atomic::AtomicUsize>)> {
+        use std::io::BufRead;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let address = listener.local_addr()?;
+        let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = opened.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut reader = std::io::BufReader::new(stream);
+                for _ in 0..per_connection {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) if line == "\r\n" => break,
+                            Ok(_) => {}
+                        }
+                        if let Some(value) =
+                            line.to_ascii_lowercase().strip_prefix("content-length:")
+                        {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    if line != "\r\n" {
+                        break;
+                    }
+                    let mut request = vec![0u8; length];
+                    if reader.read_exact(&mut request).is_err() {
+                        break;
+                    }
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    let stream = reader.get_mut();
+                    if stream.write_all(head.as_bytes()).is_err()
+                        || stream.write_all(&body).is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        });
+        Ok((format!("http://{address}"), opened))
     }
 
     fn fetch(body: Vec<u8>, sink: &mut Places) -> Result<(), ClientError> {
@@ -821,6 +928,49 @@ mod tests {
         let fault = fetch(bundle, &mut only_b);
         assert!(matches!(fault, Err(ClientError::Protocol(_))), "{fault:?}");
         assert!(only_b.arrived.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn bundles_share_a_kept_connection_and_one_closed_meanwhile_is_replaced()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let chunk = vec![7u8; 20_000];
+        let hash = ContentHash::of(&chunk);
+        let mut bundle = Vec::new();
+        shoal_protocol::bundle_chunk(&mut bundle, &hash, &chunk);
+        for (per_connection, connections) in [(usize::MAX, 1), (1, 3)] {
+            let (base, opened) = serve("200 OK", bundle.clone(), per_connection)?;
+            let client = HubClient::new(&base, Some("token"))?;
+            for _ in 0..3 {
+                let mut sink = Places {
+                    expected: [(hash, Vec::new())].into(),
+                    arrived: Vec::new(),
+                };
+                client.fetch_chunks_into("/v1/workspaces/w/chunks", &[hash], &mut sink)?;
+                assert_eq!(sink.arrived, vec![hash]);
+                assert_eq!(sink.expected[&hash], chunk);
+            }
+            assert_eq!(
+                opened.load(std::sync::atomic::Ordering::SeqCst),
+                connections,
+                "{per_connection} answer(s) per connection"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_refused_bundle_fetch_says_why() -> Result<(), Box<dyn std::error::Error>> {
+        let body = br#"{"error":"no such workspace","request":"r1"}"#.to_vec();
+        let (base, _) = serve("404 Not Found", body, usize::MAX)?;
+        let client = HubClient::new(&base, None)?;
+        let hash = ContentHash::of(b"x");
+        let mut sink = Places::default();
+        let fault = client.fetch_chunks_into("/v1/workspaces/w/chunks", &[hash], &mut sink);
+        assert!(
+            matches!(&fault, Err(ClientError::NotFound(m)) if m == "no such workspace"),
+            "{fault:?}"
+        );
         Ok(())
     }
 }
