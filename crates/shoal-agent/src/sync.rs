@@ -878,8 +878,8 @@ fn send_contents(
         let workers: Vec<_> = (0..PARALLEL_TRANSFERS.min(pieces.len().max(1)))
             .map(|_| {
                 scope.spawn(|| -> Result<(), AgentError> {
-                    // One bundle per worker at a time: the next is allocated only once the
-                    // last is sent, so its memory is reused instead of doubled.
+                    // One bundle buffer per worker, refilled once sent: a fresh one each time
+                    // would be fresh pages each time, faulted in and zeroed by the kernel.
                     let mut bundle = Vec::new();
                     while let Some(&(index, chunks)) =
                         pieces.get(next.fetch_add(1, Ordering::Relaxed))
@@ -897,7 +897,8 @@ fn send_contents(
                             .map(|c| shoal_protocol::frame_len(c.len))
                             .sum();
                         if !bundle.is_empty() && bundle.len() + frames > BUNDLE_CAPACITY {
-                            client.put_chunk_bundle(location, std::mem::take(&mut bundle))?;
+                            client.put_chunk_bundle(location, &bundle)?;
+                            bundle.clear();
                         }
                         if bundle.capacity() == 0 {
                             bundle.reserve_exact(BUNDLE_CAPACITY.max(frames));
@@ -913,11 +914,12 @@ fn send_contents(
                             Ordering::Relaxed,
                         );
                         if bundle.len() >= BUNDLE_TARGET {
-                            client.put_chunk_bundle(location, std::mem::take(&mut bundle))?;
+                            client.put_chunk_bundle(location, &bundle)?;
+                            bundle.clear();
                         }
                     }
                     if !bundle.is_empty() {
-                        client.put_chunk_bundle(location, bundle)?;
+                        client.put_chunk_bundle(location, &bundle)?;
                     }
                     Ok(())
                 })

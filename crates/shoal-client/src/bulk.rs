@@ -15,6 +15,10 @@ use rustls::pki_types::ServerName;
 
 use crate::ClientError;
 
+/// The connection's read buffer: enough for an answer's head and a frame's header. A chunk
+/// (16 KiB to 256 KiB) is then read past it, straight from the socket (or the TLS session's
+/// plaintext) into its place, instead of being copied once more through the buffer.
+const READ_BUFFER: usize = 8 << 10;
 /// Idle connections kept per client (a device fetches with a few threads at once).
 const IDLE_MAX: usize = 8;
 /// The most of an error answer that is read.
@@ -126,8 +130,7 @@ impl Bulk {
                             Stream::Tls(Box::new(rustls::StreamOwned::new(session, tcp)))
                         }
                     };
-                    // Room for many TLS records or socket reads per refill.
-                    return Ok(BufReader::with_capacity(256 << 10, stream));
+                    return Ok(BufReader::with_capacity(READ_BUFFER, stream));
                 }
                 Err(error) => last = error,
             }
@@ -135,17 +138,18 @@ impl Bulk {
         Err(last)
     }
 
-    /// POSTs `body` (JSON) to `path` with `headers`, and hands a successful answer's body to
-    /// `read`. A kept connection the server has closed meanwhile is replaced once; a busy
-    /// server is asked again as the reqwest path does.
+    /// POSTs `body` (of `content_type`) to `path` with `headers`, and hands a successful
+    /// answer's body to `read`. A kept connection the server has closed meanwhile is replaced
+    /// once; a busy server is asked again as the reqwest path does.
     pub(crate) fn post(
         &self,
         path: &str,
+        content_type: &str,
         headers: &[(&'static str, String)],
         body: &[u8],
         read: &mut dyn FnMut(&mut dyn Read) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
-        let request = self.request(path, headers, body);
+        let request = self.head(path, content_type, headers, body.len());
         let unreachable = |e: io::Error| ClientError::Unreachable(e.to_string());
         let mut busy = 0;
         loop {
@@ -159,7 +163,7 @@ impl Bulk {
                 Some(conn) => conn,
                 None => self.connect().map_err(unreachable)?,
             };
-            let head = match send(&mut conn, &request) {
+            let head = match send(&mut conn, &request, body) {
                 Ok(head) => head,
                 // The server closed the kept connection: ask again on a new one.
                 Err(_) if reused => continue,
@@ -202,13 +206,17 @@ impl Bulk {
         }
     }
 
-    fn request(&self, path: &str, headers: &[(&'static str, String)], body: &[u8]) -> Vec<u8> {
+    fn head(
+        &self,
+        path: &str,
+        content_type: &str,
+        headers: &[(&'static str, String)],
+        length: usize,
+    ) -> Vec<u8> {
         let mut head = format!(
-            "POST {}{path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
-             content-length: {}\r\n",
-            self.prefix,
-            self.host,
-            body.len()
+            "POST {}{path} HTTP/1.1\r\nhost: {}\r\ncontent-type: {content_type}\r\n\
+             content-length: {length}\r\n",
+            self.prefix, self.host,
         );
         for (name, value) in headers {
             head.push_str(name);
@@ -217,15 +225,14 @@ impl Bulk {
             head.push_str("\r\n");
         }
         head.push_str("\r\n");
-        let mut request = head.into_bytes();
-        request.extend_from_slice(body);
-        request
+        head.into_bytes()
     }
 }
 
-/// Writes `request` and reads the answer's head.
-fn send(conn: &mut BufReader<Stream>, request: &[u8]) -> io::Result<Head> {
-    conn.get_mut().write_all(request)?;
+/// Writes a request (`head` and `body`) and reads the answer's head.
+fn send(conn: &mut BufReader<Stream>, head: &[u8], body: &[u8]) -> io::Result<Head> {
+    conn.get_mut().write_all(head)?;
+    conn.get_mut().write_all(body)?;
     conn.get_mut().flush()?;
     let mut line = String::new();
     if conn.read_line(&mut line)? == 0 {

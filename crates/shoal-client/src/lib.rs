@@ -82,6 +82,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// The content type of chunk bundles.
+const OCTETS: &str = "application/octet-stream";
 
 /// Talks to one hub as one device.
 #[derive(Clone)]
@@ -399,12 +401,20 @@ impl HubClient {
 
     /// Puts many chunks in one request (a bundle made with `shoal_protocol::bundle_chunk`) to
     /// the chunk location `location`.
-    pub fn put_chunk_bundle(&self, location: &str, bundle: Vec<u8>) -> Result<(), ClientError> {
-        // Shared, so a retry resends the same bytes without copying them.
-        let bundle = bytes::Bytes::from(bundle);
+    pub fn put_chunk_bundle(&self, location: &str, bundle: &[u8]) -> Result<(), ClientError> {
+        if let Some(bulk) = self.bulk.as_ref().filter(|_| !location.starts_with("http")) {
+            let headers = self.request_headers();
+            return bulk.post(location, OCTETS, &headers, bundle, &mut |answer| {
+                std::io::copy(answer, &mut std::io::sink())
+                    .map(drop)
+                    .map_err(|e| ClientError::Unreachable(e.to_string()))
+            });
+        }
+        // Shared, so a retry resends the same bytes without copying them again.
+        let bundle = bytes::Bytes::copy_from_slice(bundle);
         self.send(|| {
             self.request(reqwest::Method::POST, location)
-                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .header(reqwest::header::CONTENT_TYPE, OCTETS)
                 .body(bundle.clone())
         })?;
         Ok(())
@@ -475,7 +485,8 @@ impl HubClient {
         if let Some(bulk) = self.bulk.as_ref().filter(|_| !path.starts_with("http")) {
             let body = serde_json::to_vec(body)
                 .map_err(|e| ClientError::Config(format!("a request that is not JSON: {e}")))?;
-            return bulk.post(&path, &self.request_headers(), &body, &mut |answer| {
+            let headers = self.request_headers();
+            return bulk.post(&path, "application/json", &headers, &body, &mut |answer| {
                 read_frames(answer, sink)
             });
         }
