@@ -25,8 +25,8 @@ const ALIGN: u64 = 4096;
 /// made W2 and W4 p2p 0.1-0.2 s slower.
 const SLICE: usize = (1 << 20) + (256 << 10);
 
-/// At most this many scratch buffers per file. Direct writes into a file's new blocks go to
-/// the disk about one at a time anyway, and each buffer is memory a transfer holds.
+/// At most this many scratch buffers per file. Four were no faster (W4's rebuild, blocks
+/// preallocated), and each buffer is memory a transfer holds.
 const SCRATCH_MAX: usize = 2;
 
 /// A file of known size written in pieces, in any order, from several threads.
@@ -49,6 +49,11 @@ impl LargeFile {
     pub fn create(path: &Path, size: u64) -> io::Result<LargeFile> {
         let file = File::create(path)?;
         file.set_len(size)?;
+        // Its blocks taken now: ext4 lets one direct write at a time into a file's holes (and
+        // holds the others while the disk works), but runs aligned ones into blocks already
+        // taken side by side. W4's rebuild of 512 MiB took about 0.09 s less. A filesystem
+        // that cannot preallocate keeps the sparse file.
+        let _ = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size);
         // Not every filesystem takes direct writes (tmpfs on older kernels, some FUSE ones):
         // then everything goes through the cache as before.
         let direct = OpenOptions::new()
@@ -366,6 +371,23 @@ mod tests {
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .is_ok()
+    }
+
+    #[test]
+    fn a_large_file_takes_its_blocks_when_made() -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir()?;
+        let probe = File::create(dir.path().join("probe"))?;
+        let flags = rustix::fs::FallocateFlags::empty();
+        if rustix::fs::fallocate(&probe, flags, 0, 4096).is_err() {
+            return Ok(()); // this filesystem cannot preallocate: nothing to check
+        }
+        let size = 8u64 << 20;
+        let path = dir.path().join("large");
+        let _file = LargeFile::create(&path, size)?;
+        let taken = fs::metadata(&path)?.blocks() * 512;
+        assert!(taken >= size, "{taken} bytes taken of {size}");
+        Ok(())
     }
 
     /// Cuts `len` bytes into pieces of odd sizes at odd offsets, in a scrambled order.
