@@ -82,6 +82,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// The credentials' header.
+const AUTHORIZATION: &str = "authorization";
 /// The content type of chunk bundles.
 const OCTETS: &str = "application/octet-stream";
 
@@ -182,7 +184,14 @@ impl HubClient {
         };
         let mut builder = self.http.request(method, url);
         for (name, value) in self.request_headers() {
-            builder = builder.header(name, value);
+            builder = match reqwest::header::HeaderValue::from_str(&value) {
+                // Kept out of reqwest's debug output, as `bearer_auth` would.
+                Ok(mut value) if name == AUTHORIZATION => {
+                    value.set_sensitive(true);
+                    builder.header(name, value)
+                }
+                _ => builder.header(name, value),
+            };
         }
         builder
     }
@@ -197,7 +206,7 @@ impl HubClient {
             (headers::CORRELATION, self.correlation.clone()),
         ];
         if let Some(token) = &self.token {
-            pairs.push(("authorization", format!("Bearer {token}")));
+            pairs.push((AUTHORIZATION, format!("Bearer {token}")));
         }
         if let Some((replica, epoch)) = self.identity {
             pairs.push((headers::REPLICA, replica.to_string()));
