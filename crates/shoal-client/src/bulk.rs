@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 
-use crate::ClientError;
+use crate::{BUSY_PAUSE, BUSY_RETRIES, ClientError};
 
 /// The connection's read buffer: enough for an answer's head and a frame's header. A chunk
 /// (16 KiB to 256 KiB) is then read past it, straight from the socket (or the TLS session's
@@ -23,9 +23,6 @@ const READ_BUFFER: usize = 8 << 10;
 const IDLE_MAX: usize = 8;
 /// The most of an error answer that is read.
 const ERROR_BODY_MAX: u64 = 64 << 10;
-/// How long a busy server (202) is waited for, as the reqwest path does.
-const BUSY_RETRIES: usize = 60;
-const BUSY_PAUSE: Duration = Duration::from_millis(200);
 
 /// Where bundles are fetched from, and the connections kept to it.
 pub(crate) struct Bulk {

@@ -82,6 +82,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often, and how far apart, a busy server (202) is asked again.
+const BUSY_RETRIES: usize = 60;
+const BUSY_PAUSE: Duration = Duration::from_millis(200);
 /// The credentials' header.
 const AUTHORIZATION: &str = "authorization";
 /// The content type of chunk bundles.
@@ -196,6 +199,12 @@ impl HubClient {
         builder
     }
 
+    /// The connections of its own for a request to `path` of this client's base (a full URL
+    /// may name another server: reqwest takes those).
+    fn bulk_for(&self, path: &str) -> Option<&bulk::Bulk> {
+        self.bulk.as_deref().filter(|_| !path.starts_with("http"))
+    }
+
     /// The headers every request carries: protocol, correlation, credentials, identity.
     fn request_headers(&self) -> Vec<(&'static str, String)> {
         let mut pairs = vec![
@@ -223,12 +232,12 @@ impl HubClient {
 
     /// Sends, retrying while the hub answers 202 (busy).
     fn send(&self, build: impl Fn() -> RequestBuilder) -> Result<Response, ClientError> {
-        for attempt in 0..60 {
+        for attempt in 0..BUSY_RETRIES {
             let response = build()
                 .send()
                 .map_err(|e| ClientError::Unreachable(e.to_string()))?;
-            if response.status() == StatusCode::ACCEPTED && attempt < 59 {
-                std::thread::sleep(Duration::from_millis(200));
+            if response.status() == StatusCode::ACCEPTED && attempt + 1 < BUSY_RETRIES {
+                std::thread::sleep(BUSY_PAUSE);
                 continue;
             }
             return check(response);
@@ -411,7 +420,7 @@ impl HubClient {
     /// Puts many chunks in one request (a bundle made with `shoal_protocol::bundle_chunk`) to
     /// the chunk location `location`.
     pub fn put_chunk_bundle(&self, location: &str, bundle: &[u8]) -> Result<(), ClientError> {
-        if let Some(bulk) = self.bulk.as_ref().filter(|_| !location.starts_with("http")) {
+        if let Some(bulk) = self.bulk_for(location) {
             let headers = self.request_headers();
             return bulk.post(location, OCTETS, &headers, bundle, &mut |answer| {
                 std::io::copy(answer, &mut std::io::sink())
@@ -491,7 +500,7 @@ impl HubClient {
         sink: &mut dyn ChunkSink,
     ) -> Result<(), ClientError> {
         let path = format!("{location}/fetch");
-        if let Some(bulk) = self.bulk.as_ref().filter(|_| !path.starts_with("http")) {
+        if let Some(bulk) = self.bulk_for(&path) {
             let body = serde_json::to_vec(body)
                 .map_err(|e| ClientError::Config(format!("a request that is not JSON: {e}")))?;
             let headers = self.request_headers();
@@ -580,7 +589,7 @@ impl HubClient {
             };
             if response.status() == StatusCode::ACCEPTED {
                 // Busy: not chunk bytes. Wait and ask again.
-                std::thread::sleep(Duration::from_millis(200));
+                std::thread::sleep(BUSY_PAUSE);
                 continue;
             }
             if !bytes.is_empty() && response.status() != StatusCode::PARTIAL_CONTENT {
@@ -819,28 +828,6 @@ mod tests {
         }
     }
 
-    /// Answers one request on 127.0.0.1 with `body` as a bundle; the address to fetch from.
-    fn answer_once(body: Vec<u8>) -> std::io::Result<String> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let address = listener.local_addr()?;
-        std::thread::spawn(move || {
-            let Ok((mut stream, _)) = listener.accept() else {
-                return;
-            };
-            // The request is small; read what came and answer.
-            let mut request = [0u8; 8192];
-            let _ = stream.read(&mut request);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\
-                 content-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes());
-            let _ = stream.write_all(&body);
-        });
-        Ok(format!("http://{address}"))
-    }
-
     /// Serves `status` answers with `body` on 127.0.0.1, each connection answering at most
     /// `per_connection` requests and then closing without saying so; the address, and how
     /// many connections were opened.
@@ -899,7 +886,7 @@ mod tests {
     }
 
     fn fetch(body: Vec<u8>, sink: &mut Places) -> Result<(), ClientError> {
-        let base = answer_once(body).map_err(|e| ClientError::Config(e.to_string()))?;
+        let (base, _) = serve("200 OK", body, 1).map_err(|e| ClientError::Config(e.to_string()))?;
         let client = HubClient::new(&base, None)?;
         let hashes: Vec<ContentHash> = sink.expected.keys().copied().collect();
         client.fetch_chunks_into("/v1/workspaces/w/chunks", &hashes, sink)
