@@ -399,15 +399,19 @@ impl WorkspaceReplica {
                         content.size, version.entry.size
                     )));
                 }
-                // One pass, each chunk looked for only where one of its length is kept.
-                let mut listed = HashSet::new();
+                let mut seen = HashSet::new();
+                let listed: Vec<(ContentHash, u32)> = content
+                    .chunks
+                    .iter()
+                    .filter(|chunk| seen.insert(chunk.hash))
+                    .map(|chunk| (chunk.hash, chunk.len))
+                    .collect();
+                let held = self.chunks.stored_lens_listed(&listed)?;
                 let mut missing_bytes = 0u64;
-                for chunk in &content.chunks {
-                    if listed.insert(chunk.hash)
-                        && !self.chunks.holds_listed(&chunk.hash, chunk.len)
-                    {
-                        missing.push(hex32(&chunk.hash.0));
-                        missing_bytes += u64::from(chunk.len);
+                for ((hash, len), stored) in listed.iter().zip(held) {
+                    if stored.is_none() {
+                        missing.push(hex32(&hash.0));
+                        missing_bytes += u64::from(*len);
                     }
                 }
                 if missing_bytes >= ARRIVING_MIN && missing_bytes >= content.size / 4 * 3 {
@@ -507,11 +511,17 @@ impl WorkspaceReplica {
         if !content.is_consistent() {
             return Ok(false);
         }
-        for chunk in &content.chunks {
-            match self.chunks.stored_len_listed(&chunk.hash, chunk.len)? {
-                Some(len) if len == u64::from(chunk.len) => {}
+        let listed: Vec<(ContentHash, u32)> = content
+            .chunks
+            .iter()
+            .map(|chunk| (chunk.hash, chunk.len))
+            .collect();
+        let stored = self.chunks.stored_lens_listed(&listed)?;
+        for ((hash, len), stored) in listed.iter().zip(stored) {
+            match stored {
+                Some(stored) if stored == u64::from(*len) => {}
                 Some(_) => {
-                    self.chunks.remove(&chunk.hash)?;
+                    self.chunks.remove(hash)?;
                     return Ok(false);
                 }
                 None => return Ok(false),

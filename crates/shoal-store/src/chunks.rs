@@ -521,6 +521,16 @@ struct Packed {
     len: u64,
 }
 
+impl Packed {
+    fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Packed> {
+        Ok(Packed {
+            pack: row.get(0)?,
+            offset: row.get::<_, i64>(1)?.unsigned_abs(),
+            len: row.get::<_, i64>(2)?.unsigned_abs(),
+        })
+    }
+}
+
 impl ChunkStore {
     /// Opens (creating) a chunk store at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<ChunkStore, ChunkError> {
@@ -591,13 +601,7 @@ impl ChunkStore {
         Ok(self
             .table()?
             .prepare_cached("SELECT pack, offset, len FROM packed WHERE hash = ?1")?
-            .query_row([&hash.0[..]], |row| {
-                Ok(Packed {
-                    pack: row.get(0)?,
-                    offset: row.get::<_, i64>(1)?.unsigned_abs(),
-                    len: row.get::<_, i64>(2)?.unsigned_abs(),
-                })
-            })
+            .query_row([&hash.0[..]], Packed::from_row)
             .optional()?)
     }
 
@@ -629,11 +633,23 @@ impl ChunkStore {
         let Some(file) = self.pack_file(at.pack)? else {
             return Ok((0, None));
         };
-        let pack_len = file
-            .metadata()
-            .map_err(Self::io(&self.pack_path(at.pack)))?
-            .len();
+        let pack_len = self.opened_pack_len(at.pack, &file)?;
         Ok((at.len.min(pack_len.saturating_sub(at.offset)), Some(file)))
+    }
+
+    /// How long a pack is on disk (0 if it is gone).
+    fn pack_len(&self, pack: i64) -> Result<u64, ChunkError> {
+        match self.pack_file(pack)? {
+            Some(file) => self.opened_pack_len(pack, &file),
+            None => Ok(0),
+        }
+    }
+
+    fn opened_pack_len(&self, pack: i64, file: &fs::File) -> Result<u64, ChunkError> {
+        Ok(file
+            .metadata()
+            .map_err(Self::io(&self.pack_path(pack)))?
+            .len())
     }
 
     /// A packed chunk's bytes as they are on disk (short if the pack was cut short).
@@ -661,25 +677,60 @@ impl ChunkStore {
         }
     }
 
-    /// As [`ChunkStore::stored_len`] for a chunk listed with length `len`, looked for only
-    /// where a chunk of that length is kept: one lookup instead of two for a chunk that is
-    /// missing (most of them, in a first upload).
-    pub fn stored_len_listed(
+    /// As [`ChunkStore::stored_len`] for each listed chunk (its hash and listed length), in
+    /// order. Each is looked for only where a chunk of its length is kept (one lookup instead
+    /// of two for a missing one), and all in one read transaction with each pack's length
+    /// read once: a large file's thousands of chunks would otherwise cost a lock, a
+    /// transaction and a file status each.
+    pub fn stored_lens_listed(
         &self,
-        hash: &ContentHash,
-        len: u32,
-    ) -> Result<Option<u64>, ChunkError> {
-        if (len as usize) < SMALL_BELOW {
-            self.small_len(hash)
-        } else {
-            self.large_len(hash)
+        listed: &[(ContentHash, u32)],
+    ) -> Result<Vec<Option<u64>>, ChunkError> {
+        let table = self.table()?;
+        let tx = table.unchecked_transaction()?;
+        let mut small = tx.prepare_cached("SELECT length(bytes) FROM small WHERE hash = ?1")?;
+        let mut packed =
+            tx.prepare_cached("SELECT pack, offset, len FROM packed WHERE hash = ?1")?;
+        let mut pack_lens: HashMap<i64, u64> = HashMap::new();
+        let mut lens = Vec::with_capacity(listed.len());
+        for (hash, len) in listed {
+            let stored = if (*len as usize) < SMALL_BELOW {
+                let small: Option<i64> = small
+                    .query_row([&hash.0[..]], |row| row.get(0))
+                    .optional()?;
+                small.map(i64::unsigned_abs)
+            } else if let Some(at) = packed
+                .query_row([&hash.0[..]], Packed::from_row)
+                .optional()?
+            {
+                // A pack only grows: a length read earlier is read again only when it falls
+                // short of this chunk.
+                let pack_len = match pack_lens.get(&at.pack) {
+                    Some(&known) if known >= at.offset + at.len => known,
+                    _ => {
+                        let now = self.pack_len(at.pack)?;
+                        pack_lens.insert(at.pack, now);
+                        now
+                    }
+                };
+                Some(at.len.min(pack_len.saturating_sub(at.offset)))
+            } else if self.chunk_files {
+                self.file_len(hash)?
+            } else {
+                None
+            };
+            lens.push(stored);
         }
+        Ok(lens)
     }
 
     /// Whether a chunk listed with length `len` is stored (see
-    /// [`ChunkStore::stored_len_listed`]).
+    /// [`ChunkStore::stored_lens_listed`]).
     pub fn holds_listed(&self, hash: &ContentHash, len: u32) -> bool {
-        matches!(self.stored_len_listed(hash, len), Ok(Some(_)))
+        matches!(
+            self.stored_lens_listed(&[(*hash, len)]).as_deref(),
+            Ok([Some(_)])
+        )
     }
 
     fn small_len(&self, hash: &ContentHash) -> Result<Option<u64>, ChunkError> {
@@ -698,6 +749,11 @@ impl ChunkStore {
         if !self.chunk_files {
             return Ok(None);
         }
+        self.file_len(hash)
+    }
+
+    /// The length of a large chunk kept as a file of its own (as earlier versions kept them).
+    fn file_len(&self, hash: &ContentHash) -> Result<Option<u64>, ChunkError> {
         let path = self.file_path(hash);
         match fs::metadata(&path) {
             Ok(meta) if meta.is_file() => Ok(Some(meta.len())),
@@ -733,10 +789,21 @@ impl ChunkStore {
         for (hash, bytes) in chunks {
             if bytes.len() < SMALL_BELOW {
                 small.push((hash, bytes));
-            } else if seen.insert(*hash) && self.large_len(hash)?.is_none() {
+            } else if seen.insert(*hash) {
                 large.push((hash, bytes));
             }
         }
+        // The length only says where to look, and these are all large.
+        let listed: Vec<(ContentHash, u32)> = large
+            .iter()
+            .map(|(hash, bytes)| (**hash, u32::try_from(bytes.len()).unwrap_or(u32::MAX)))
+            .collect();
+        let held = self.stored_lens_listed(&listed)?;
+        let large: Vec<_> = large
+            .into_iter()
+            .zip(held)
+            .filter_map(|(chunk, stored)| stored.is_none().then_some(chunk))
+            .collect();
         let placed = self.append(&large)?;
         let mut stored = 0;
         let mut table = self.table()?;
@@ -1301,6 +1368,27 @@ pub(crate) mod tests {
         assert!(store.holds_listed(&large_hash, CHUNK_MIN as u32));
         assert!(!store.holds_listed(&small_hash, CHUNK_MIN as u32));
         assert!(!store.holds_listed(&large_hash, 4096));
+        let missing = ContentHash::of(b"never stored");
+        assert_eq!(
+            store.stored_lens_listed(&[
+                (large_hash, CHUNK_MIN as u32),
+                (missing, CHUNK_MIN as u32),
+                (small_hash, 4096),
+                (other_hash, CHUNK_MAX as u32),
+                (missing, 4096),
+                (small_hash, CHUNK_MIN as u32),
+                (large_hash, CHUNK_MIN as u32),
+            ])?,
+            [
+                Some(CHUNK_MIN as u64),
+                None,
+                Some(4096),
+                Some(CHUNK_MAX as u64),
+                None,
+                None,
+                Some(CHUNK_MIN as u64),
+            ]
+        );
         assert_eq!(store.get(&small_hash)?, Some(small.clone()));
         assert_eq!(store.get(&large_hash)?, Some(large));
         assert_eq!(store.get(&other_hash)?, Some(other));
@@ -1439,6 +1527,15 @@ pub(crate) mod tests {
             .set_len(len - 100)?;
         assert_eq!(store.stored_len(&last_hash)?, Some(CHUNK_AVG as u64 - 100));
         assert_eq!(store.stored_len(&first_hash)?, Some(CHUNK_AVG as u64));
+        // Looked up together, the pack's length read once: the same.
+        let listed = [
+            (last_hash, CHUNK_AVG as u32),
+            (first_hash, CHUNK_AVG as u32),
+        ];
+        assert_eq!(
+            store.stored_lens_listed(&listed)?,
+            [Some(CHUNK_AVG as u64 - 100), Some(CHUNK_AVG as u64)]
+        );
         assert!(matches!(store.get(&last_hash), Err(ChunkError::Corrupt(_))));
         assert_eq!(
             store.stored_len(&last_hash)?,
