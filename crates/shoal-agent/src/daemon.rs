@@ -53,6 +53,9 @@ pub struct AgentOptions {
     /// After a file event, act once the folder has been quiet this long (a burst of events,
     /// such as a copy, coalesces into one scan)...
     pub debounce: Duration,
+    /// ...or this long, when every file written has been closed since (a file saved, or moved
+    /// in whole, is complete: waiting longer only delays it)...
+    pub debounce_closed: Duration,
     /// ...or once this much time has passed since the first event, whichever comes first.
     pub debounce_max: Duration,
     /// Where the protocol server for peers listens.
@@ -66,6 +69,7 @@ impl Default for AgentOptions {
         AgentOptions {
             rescan: Duration::from_secs(300),
             debounce: Duration::from_millis(50),
+            debounce_closed: Duration::from_millis(10),
             debounce_max: Duration::from_secs(1),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             peers: true,
@@ -81,6 +85,8 @@ pub(crate) enum Signal {
     Files {
         workspace: String,
         queued: Option<Arc<AtomicBool>>,
+        /// Whether the folder's files may still be being written (None: not watched).
+        writes: Option<Arc<crate::watch::Writes>>,
     },
     /// The hub's knowledge of a workspace.
     Hub { workspace: String, compact: String },
@@ -175,11 +181,40 @@ fn listen_presence(client: HubClient, signals: Sender<Signal>) {
 
 /// Notes a workspace whose files changed and lets its watcher signal again: events from now
 /// on may be after the scan this signal leads to.
-fn take_files(files: &mut BTreeSet<String>, workspace: String, queued: Option<Arc<AtomicBool>>) {
-    if let Some(queued) = queued {
-        queued.store(false, Ordering::Release);
+/// Files signalled so far in one turn of the loop: which workspaces, and whether any of their
+/// folders may still be being written.
+#[derive(Default)]
+struct FileSignals {
+    workspaces: BTreeSet<String>,
+    writes: Vec<Arc<crate::watch::Writes>>,
+}
+
+impl FileSignals {
+    fn take(
+        &mut self,
+        workspace: String,
+        queued: Option<Arc<AtomicBool>>,
+        writes: Option<Arc<crate::watch::Writes>>,
+    ) {
+        if let Some(queued) = queued {
+            queued.store(false, Ordering::Release);
+        }
+        self.workspaces.insert(workspace);
+        if let Some(writes) = writes
+            && !self.writes.iter().any(|w| Arc::ptr_eq(w, &writes))
+        {
+            self.writes.push(writes);
+        }
     }
-    files.insert(workspace);
+
+    /// How long the folders must be quiet before they are scanned.
+    fn quiet_for(&self, options: &AgentOptions) -> Duration {
+        if self.writes.iter().any(|w| w.open()) {
+            options.debounce
+        } else {
+            options.debounce_closed
+        }
+    }
 }
 
 /// Watches a workspace's folder: any change (or a lost event, which calls for a rescan) marks
@@ -191,12 +226,14 @@ fn watch(
 ) -> Result<crate::watch::FolderWatch, AgentError> {
     let id = workspace.id.clone();
     let queued = Arc::new(AtomicBool::new(false));
-    crate::watch::watch_folder(&workspace.path, move || {
+    let writes = Arc::new(crate::watch::Writes::default());
+    crate::watch::watch_folder(&workspace.path, writes.clone(), move || {
         dirty.store(true, Ordering::Release);
         if !queued.swap(true, Ordering::AcqRel) {
             let _ = signals.send(Signal::Files {
                 workspace: id.clone(),
                 queued: Some(queued.clone()),
+                writes: Some(writes.clone()),
             });
         }
     })
@@ -809,6 +846,7 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
         let _ = signals.send(Signal::Files {
             workspace: workspace.id.clone(),
             queued: None,
+            writes: None,
         });
     }
     let mut last_state = None;
@@ -832,24 +870,32 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
             .flatten()
             .min()
             .unwrap_or(tick);
-        let mut files: BTreeSet<String> = BTreeSet::new();
+        let mut signalled = FileSignals::default();
         let mut other = Vec::new();
         match inbox.recv_timeout(wake.saturating_duration_since(Instant::now())) {
-            Ok(Signal::Files { workspace, queued }) => {
-                take_files(&mut files, workspace, queued);
+            Ok(Signal::Files {
+                workspace,
+                queued,
+                writes,
+            }) => {
+                signalled.take(workspace, queued, writes);
                 // Coalesce a burst of file events until the folder is quiet; keep other
                 // signals for after.
                 let cap = Instant::now() + options.debounce_max;
-                let mut quiet_until = Instant::now() + options.debounce;
+                let mut quiet_until = Instant::now() + signalled.quiet_for(options);
                 while let Ok(signal) = inbox.recv_timeout(
                     quiet_until
                         .min(cap)
                         .saturating_duration_since(Instant::now()),
                 ) {
                     match signal {
-                        Signal::Files { workspace, queued } => {
-                            take_files(&mut files, workspace, queued);
-                            quiet_until = Instant::now() + options.debounce;
+                        Signal::Files {
+                            workspace,
+                            queued,
+                            writes,
+                        } => {
+                            signalled.take(workspace, queued, writes);
+                            quiet_until = Instant::now() + signalled.quiet_for(options);
                         }
                         signal => other.push(signal),
                     }
@@ -864,12 +910,15 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
         // acting on each stale one would start a round of its own.
         while let Ok(signal) = inbox.try_recv() {
             match signal {
-                Signal::Files { workspace, queued } => {
-                    take_files(&mut files, workspace, queued);
-                }
+                Signal::Files {
+                    workspace,
+                    queued,
+                    writes,
+                } => signalled.take(workspace, queued, writes),
                 signal => other.push(signal),
             }
         }
+        let mut files = signalled.workspaces;
         let other = latest_knowledge_only(other);
         let now = Instant::now();
         if now >= next_rescan {

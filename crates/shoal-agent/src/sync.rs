@@ -144,25 +144,38 @@ impl Stamp {
 /// as the scan recorded it (`stamp`) before and after the reads holds the bytes the scan
 /// hashed, so they are not hashed again; otherwise each piece is checked against its hash.
 /// Returns false, with `bundle` as it was, when a piece cannot be read or does not match.
+/// Moves `handle`'s position: it must be the caller's own.
 pub(crate) fn bundle_pieces<P: std::borrow::Borrow<ChunkRef>>(
     bundle: &mut Vec<u8>,
     handle: &File,
     stamp: Stamp,
     pieces: &[P],
 ) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
     let start = bundle.len();
     let as_scanned = || Stamp::of(handle) == Some(stamp);
     let trusted = as_scanned();
     let mut bodies = Vec::with_capacity(pieces.len());
+    // Read by appending: bytes read into a bundle's spare room need not be zeroed first, as
+    // a slice to read into would.
+    let mut reader = handle;
+    let mut position = None;
     for piece in pieces {
         let piece = piece.borrow();
-        let at = shoal_protocol::bundle_frame(bundle, &piece.hash, piece.len);
-        if std::os::unix::fs::FileExt::read_exact_at(handle, &mut bundle[at..], piece.offset)
-            .is_err()
-        {
+        shoal_protocol::bundle_frame_header(bundle, &piece.hash, piece.len);
+        let at = bundle.len();
+        let len = u64::from(piece.len);
+        let read = if position == Some(piece.offset) {
+            Ok(piece.offset)
+        } else {
+            reader.seek(SeekFrom::Start(piece.offset))
+        }
+        .and_then(|_| reader.take(len).read_to_end(bundle));
+        if !matches!(read, Ok(n) if n as u64 == len) {
             bundle.truncate(start);
             return false;
         }
+        position = Some(piece.offset + len);
         bodies.push(at);
     }
     if trusted && as_scanned() {

@@ -8,8 +8,11 @@
 //! overflowed), only marks the folder for a scan.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 
@@ -33,10 +36,41 @@ pub(crate) struct FolderWatch {
     _reader: std::thread::JoinHandle<()>,
 }
 
+/// A file modified and not closed since is taken to be still being written for this long
+/// after its last write (a file truncated by name, or written by a process that keeps it
+/// open, is never closed).
+const WRITING_WINDOW: Duration = Duration::from_secs(1);
+
+/// Whether a file in the watched folder may still be being written: one was modified and has
+/// not been closed, moved away or deleted since. A folder whose writes are all closed can be
+/// scanned at once; one being written is better left until it is quiet.
+#[derive(Debug, Default)]
+pub(crate) struct Writes {
+    /// Until when the last unclosed write counts (None: every write was closed).
+    open_until: Mutex<Option<Instant>>,
+}
+
+impl Writes {
+    /// Whether a write may still be going on.
+    pub(crate) fn open(&self) -> bool {
+        self.open_until
+            .lock()
+            .map_or(true, |until| until.is_some_and(|t| Instant::now() < t))
+    }
+
+    fn set(&self, until: Option<Instant>) {
+        if let Ok(mut open_until) = self.open_until.lock() {
+            *open_until = until;
+        }
+    }
+}
+
 /// Watches `root` and every directory below it except `root/.shoal`, calling `changed` after
-/// each read of events that holds a change (or when events may have been lost).
+/// each read of events that holds a change (or when events may have been lost), and keeping
+/// `writes` up to date before each call.
 pub(crate) fn watch_folder(
     root: &Path,
+    writes: Arc<Writes>,
     changed: impl Fn() + Send + 'static,
 ) -> std::io::Result<FolderWatch> {
     let inotify = Inotify::init()?;
@@ -45,7 +79,7 @@ pub(crate) fn watch_folder(
     let root = root.to_path_buf();
     let reader = std::thread::Builder::new()
         .name("shoal-watch".into())
-        .spawn(move || read_events(inotify, dirs, &root, changed))?;
+        .spawn(move || read_events(inotify, dirs, &root, &writes, changed))?;
     Ok(FolderWatch { _reader: reader })
 }
 
@@ -53,9 +87,12 @@ fn read_events(
     mut inotify: Inotify,
     mut dirs: HashMap<WatchDescriptor, PathBuf>,
     root: &Path,
+    writes: &Writes,
     changed: impl Fn(),
 ) {
     let mut buffer = vec![0u8; 64 << 10];
+    // Files modified and not closed since, with the time of their last write.
+    let mut unclosed: HashMap<(WatchDescriptor, OsString), Instant> = HashMap::new();
     loop {
         let events = match inotify.read_events_blocking(&mut buffer) {
             Ok(events) => events,
@@ -68,12 +105,17 @@ fn read_events(
         };
         let mut change = false;
         let mut new_dirs = Vec::new();
+        let now = Instant::now();
         for event in events {
             if event.mask.contains(EventMask::IGNORED) {
                 dirs.remove(&event.wd);
+                unclosed.retain(|(wd, _), _| *wd != event.wd);
                 continue;
             }
             if event.mask.contains(EventMask::Q_OVERFLOW) {
+                // Closes may have been lost with the rest: writes count as open a while.
+                unclosed.clear();
+                unclosed.insert((event.wd.clone(), OsString::new()), now);
                 change = true;
                 continue;
             }
@@ -87,6 +129,20 @@ fn read_events(
                 continue;
             }
             change = true;
+            if let Some(name) = event
+                .name
+                .filter(|_| !event.mask.contains(EventMask::ISDIR))
+            {
+                let key = (event.wd.clone(), name.to_os_string());
+                if event.mask.contains(EventMask::MODIFY) {
+                    unclosed.insert(key, now);
+                } else if event
+                    .mask
+                    .intersects(EventMask::CLOSE_WRITE | EventMask::DELETE | EventMask::MOVED_FROM)
+                {
+                    unclosed.remove(&key);
+                }
+            }
             // A folder made or moved in is watched too, with whatever it already holds.
             if event.mask.contains(EventMask::ISDIR)
                 && event
@@ -101,6 +157,8 @@ fn read_events(
             // Gone again, or out of watches: the scan still finds what it holds.
             let _ = add_tree(&mut inotify.watches(), &mut dirs, &dir, root);
         }
+        unclosed.retain(|_, last| now.duration_since(*last) < WRITING_WINDOW);
+        writes.set(unclosed.values().max().map(|last| *last + WRITING_WINDOW));
         if change {
             changed();
         }
@@ -169,7 +227,7 @@ mod tests {
         std::fs::create_dir_all(root.join("a/b"))?;
         std::fs::write(root.join("a/b/old.txt"), "old")?;
         let (tx, rx) = mpsc::channel();
-        let _watch = watch_folder(root, move || {
+        let _watch = watch_folder(root, Arc::default(), move || {
             let _ = tx.send(());
         })?;
 
@@ -211,6 +269,56 @@ mod tests {
             std::fs::Permissions::from_mode(0o755),
         )?;
         assert!(next(&rx));
+        Ok(())
+    }
+
+    #[test]
+    fn a_file_counts_as_being_written_until_it_is_closed() -> Result<(), Box<dyn std::error::Error>>
+    {
+        use std::io::Write;
+        let dir = tempfile::tempdir()?;
+        let root = dir.path();
+        let writes = Arc::new(Writes::default());
+        let (tx, rx) = mpsc::channel();
+        let _watch = watch_folder(root, writes.clone(), move || {
+            let _ = tx.send(());
+        })?;
+        assert!(!writes.open());
+
+        let mut file = std::fs::File::create(root.join("doc.txt"))?;
+        file.write_all(b"first half")?;
+        assert!(next(&rx));
+        while !quiet(&rx) {}
+        assert!(writes.open(), "written and still open");
+        file.write_all(b", second half")?;
+        drop(file);
+        assert!(next(&rx));
+        while !quiet(&rx) {}
+        assert!(!writes.open(), "closed");
+
+        // Moved in whole, or deleted: nothing left open.
+        let outside = tempfile::tempdir()?;
+        std::fs::write(outside.path().join("whole.bin"), b"all of it")?;
+        std::fs::rename(outside.path().join("whole.bin"), root.join("whole.bin"))?;
+        assert!(next(&rx));
+        while !quiet(&rx) {}
+        assert!(!writes.open(), "moved in");
+        let mut file = std::fs::File::create(root.join("gone.txt"))?;
+        file.write_all(b"x")?;
+        std::fs::remove_file(root.join("gone.txt"))?;
+        assert!(next(&rx));
+        while !quiet(&rx) {}
+        assert!(!writes.open(), "deleted while open");
+
+        // A file kept open counts only for a while after its last write.
+        file.write_all(b"into the deleted file")?;
+        let mut kept = std::fs::File::create(root.join("log.txt"))?;
+        kept.write_all(b"line")?;
+        assert!(next(&rx));
+        while !quiet(&rx) {}
+        assert!(writes.open());
+        std::thread::sleep(WRITING_WINDOW);
+        assert!(!writes.open(), "no write for a while");
         Ok(())
     }
 }

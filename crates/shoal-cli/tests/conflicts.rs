@@ -288,7 +288,11 @@ fn every_kind_made_peer_to_peer_is_listed_alike_and_settled_peer_to_peer() -> Te
     });
     assert!(
         settled,
-        "not settled on both:\n{}\n{}",
+        "not settled on both:\n{:?}\n{:?}\n{:?}\n{:?}\n{}\n{}",
+        conflicts(&laptop),
+        conflicts(&phone),
+        laptop.tree(),
+        phone.tree(),
         agents[0].log(),
         agents[1].log()
     );

@@ -53,6 +53,9 @@ pub enum FolderError {
     /// A name from another replica cannot be written here.
     #[error("refused name: {0}")]
     Name(#[from] NameError),
+    /// Another process kept writing this replica while its folder was scanned.
+    #[error("the replica kept changing during the scan (another shoal process is writing it)")]
+    ChangedMeanwhile,
     /// No conflict is listed at that path.
     #[error("no conflict at {0:?}; see `shoal conflicts`")]
     NoConflict(String),

@@ -537,9 +537,26 @@ impl FolderReplica {
         options: &ScanOptions,
         progress: &dyn Progress,
     ) -> Result<ScanReport, FolderError> {
+        let mut attempts = 1;
+        loop {
+            match self.scan_once(options, progress) {
+                Err(FolderError::ChangedMeanwhile) if attempts < SCAN_ATTEMPTS => attempts += 1,
+                done => return done,
+            }
+        }
+    }
+
+    /// One scan, refused (`ChangedMeanwhile`) if another process wrote the replica after
+    /// the records the scan decides from were read.
+    fn scan_once(
+        &mut self,
+        options: &ScanOptions,
+        progress: &dyn Progress,
+    ) -> Result<ScanReport, FolderError> {
         if !self.root.is_dir() {
             return Err(FolderError::RootMissing(self.root.clone()));
         }
+        let seen = self.store.data_version()?;
         progress.start("scan", 0);
         let skipped = Mutex::new(Vec::new());
         let started = std::time::Instant::now();
@@ -683,6 +700,7 @@ impl FolderReplica {
             }
         };
         let walked = Walked {
+            seen,
             found: &found,
             stats,
             record_of: &record_of,
@@ -714,8 +732,13 @@ impl FolderReplica {
     }
 }
 
+/// How many times a scan starts again when another process writes the replica meanwhile.
+const SCAN_ATTEMPTS: usize = 5;
+
 /// What a scan's walk found, paired with the records: what `record_changes` decides from.
 struct Walked<'a> {
+    /// The replica's data version when its records were read.
+    seen: i64,
     found: &'a [(String, Found)],
     stats: &'a [LocalStat],
     record_of: &'a [Option<usize>],
@@ -741,6 +764,7 @@ fn record_changes(
     started: std::time::Instant,
 ) -> Result<(), FolderError> {
     let Walked {
+        seen,
         found,
         stats,
         record_of,
@@ -760,6 +784,11 @@ fn record_changes(
     }
     let now = now_ns();
     let mut tx = store.begin()?;
+    // A command (such as `resolve`) that wrote meanwhile may have moved files and their
+    // records: versions decided from the records read before would contradict its own.
+    if tx.data_version()? != seen {
+        return Err(FolderError::ChangedMeanwhile);
+    }
     // Removed first: a path whose kind changed gets its new record below.
     for path in &removed_paths {
         tx.remove_local_file(path)?;

@@ -559,3 +559,43 @@ fn a_batch_staged_while_the_one_before_commits_copies_no_content_twice() -> Test
     }
     Ok(())
 }
+
+/// Another process writing the replica (as `shoal resolve` does while the agent runs) after a
+/// scan read the records but before it writes: the scan starts again from the new records,
+/// instead of recording a version beside the other writer's as if the two were concurrent.
+#[test]
+fn a_scan_overtaken_by_another_writer_starts_again() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("a");
+    fs::create_dir_all(&root)?;
+    fs::write(root.join("doomed.txt"), "soon gone")?;
+    fs::write(root.join("stays.txt"), "here to stay")?;
+    let mut scanner = FolderReplica::open(&root, "a")?;
+    scanner.scan(&ScanOptions::default(), &NoProgress)?;
+
+    let mut other = FolderReplica::open(&root, "a")?;
+    let items = other.store().load_items()?;
+    let (item, state) = items
+        .iter()
+        .find(|(_, state)| state.winner().entry.name == "doomed.txt")
+        .ok_or("the file has no item")?;
+    let item = *item;
+    let mut entry = state.winner().entry.clone();
+    entry.deleted = true;
+    entry.content = None;
+    let context = state.winner().history();
+    // The other writer deletes the file and its record in a transaction it holds...
+    fs::remove_file(root.join("doomed.txt"))?;
+    let mut tx = other.store_mut().begin()?;
+    let deleted = tx.write_local(item, entry, context, 1)?;
+    tx.remove_local_file("doomed.txt")?;
+    // ...while the scan reads the records as they were and waits to write.
+    let scanning = std::thread::spawn(move || scanner.scan(&ScanOptions::default(), &NoProgress));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    tx.commit()?;
+    let report = scanning.join().map_err(|_| "the scan panicked")??;
+    assert!(!report.changed(), "{report:?}");
+    let items = other.store().load_items()?;
+    assert_eq!(items[&item].versions(), std::slice::from_ref(&deleted));
+    Ok(())
+}

@@ -15,9 +15,9 @@ pub use convert::{WireError, hex16, hex32, parse_hash, parse_item, parse_replica
 pub use delta::{DELTA_BASES, DELTA_MIN_CHUNKS};
 pub use messages::*;
 pub use plan::{
-    CHUNK_BUNDLE_MAX, FRAME_HEADER, bundle_chunk, bundle_frame, dot_path, frame_header, frame_len,
-    parse_dot_path, parse_held, refusals_tag, unbundle_chunks, upload_batch, wire_batch,
-    wire_batches,
+    CHUNK_BUNDLE_MAX, FRAME_HEADER, bundle_chunk, bundle_frame, bundle_frame_header, dot_path,
+    frame_header, frame_len, parse_dot_path, parse_held, refusals_tag, unbundle_chunks,
+    upload_batch, wire_batch, wire_batches,
 };
 
 /// The protocol version, sent as the `shoal-protocol` header.

@@ -166,19 +166,23 @@ pub fn frame_len(len: u32) -> usize {
 /// Appends one chunk to a bundle: its BLAKE3 hash (32 bytes), its length (4 bytes, big
 /// endian), its bytes.
 pub fn bundle_chunk(bundle: &mut Vec<u8>, hash: &shoal_core::ContentHash, bytes: &[u8]) {
-    bundle.extend_from_slice(&hash.0);
-    bundle.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    bundle_frame_header(bundle, hash, bytes.len() as u32);
     bundle.extend_from_slice(bytes);
 }
 
 /// Appends the frame of a chunk of `len` bytes with its bytes zeroed, to be read into in
 /// place; returns where its bytes start.
 pub fn bundle_frame(bundle: &mut Vec<u8>, hash: &shoal_core::ContentHash, len: u32) -> usize {
-    bundle.extend_from_slice(&hash.0);
-    bundle.extend_from_slice(&len.to_be_bytes());
+    bundle_frame_header(bundle, hash, len);
     let at = bundle.len();
     bundle.resize(at + len as usize, 0);
     at
+}
+
+/// Appends only the header of a chunk's frame: its `len` bytes are to be appended next.
+pub fn bundle_frame_header(bundle: &mut Vec<u8>, hash: &shoal_core::ContentHash, len: u32) {
+    bundle.extend_from_slice(&hash.0);
+    bundle.extend_from_slice(&len.to_be_bytes());
 }
 
 /// The chunk hash and length a bundle frame's header (`FRAME_HEADER` bytes) announces,

@@ -329,12 +329,16 @@ impl Store {
 
     /// Everything this replica has seen.
     pub fn knowledge(&self) -> Result<Knowledge> {
-        let bytes: Vec<u8> =
-            self.conn
-                .query_row("SELECT value FROM meta WHERE key = 'knowledge'", [], |r| {
-                    r.get(0)
-                })?;
-        Ok(Knowledge::from_bytes(&bytes)?)
+        read_knowledge(&self.conn)
+    }
+
+    /// A number that changes whenever another connection (another process, such as the agent
+    /// or a command) commits to this replica: what was read before a transaction began is
+    /// still current if it is the same inside it.
+    pub fn data_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
     /// A vector covering every tombstone this replica has forgotten.
@@ -349,12 +353,7 @@ impl Store {
 
     /// The last tick handed out in the current epoch.
     pub fn tick(&self) -> Result<u64> {
-        let tick: i64 =
-            self.conn
-                .query_row("SELECT value FROM meta WHERE key = 'tick'", [], |r| {
-                    r.get(0)
-                })?;
-        Ok(tick as u64)
+        read_tick(&self.conn)
     }
 
     /// Whether item states changed since the folder last matched its layout (a batch was
@@ -763,11 +762,13 @@ impl Store {
 
     /// Starts a transaction: every change to the replica goes through one.
     pub fn begin(&mut self) -> Result<Transaction<'_>> {
-        let knowledge = self.knowledge()?;
-        let tick = self.tick()?;
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Read under the write lock: another process on this replica (the agent, a command)
+        // may have written since, and its ticks must not be handed out again.
+        let knowledge = read_knowledge(&tx)?;
+        let tick = read_tick(&tx)?;
         Ok(Transaction {
             tx,
             identity: &mut self.identity,
@@ -776,6 +777,21 @@ impl Store {
             knowledge_dirty: false,
         })
     }
+}
+
+fn read_knowledge(conn: &Connection) -> Result<Knowledge> {
+    let bytes: Vec<u8> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'knowledge'", [], |r| {
+            r.get(0)
+        })?;
+    Ok(Knowledge::from_bytes(&bytes)?)
+}
+
+fn read_tick(conn: &Connection) -> Result<u64> {
+    let tick: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'tick'", [], |r| {
+        r.get(0)
+    })?;
+    Ok(tick.unsigned_abs())
 }
 
 const LOCAL_FILE_COLUMNS: &str =
@@ -950,6 +966,11 @@ impl Transaction<'_> {
     /// The last tick handed out.
     pub fn tick(&self) -> u64 {
         self.tick
+    }
+
+    /// As [`Store::data_version`], seen from inside this transaction.
+    pub fn data_version(&self) -> Result<i64> {
+        Ok(self.tx.query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
     /// Starts a new epoch: after a restore, new writes must not reuse dots handed out before.

@@ -234,3 +234,38 @@ fn a_read_transaction_ends_however_its_work_ends() {
     tx.commit().expect("commit");
     assert_eq!(store.tick().expect("tick"), 1);
 }
+
+/// Two processes writing one replica (the agent's scan and a command such as `resolve`) never
+/// hand out one dot twice, nor lose each other's knowledge: a transaction reads the last tick
+/// and the knowledge once it holds the write lock, not before it waits for it.
+#[test]
+fn a_write_waiting_for_another_process_comes_after_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("state.db");
+    let mut first = Store::open(&path, "store").expect("open");
+    let mut second = Store::open(&path, "store").expect("open again");
+    let mut tx = first.begin().expect("begin");
+    let one = tx
+        .write_new(ItemId([1; 16]), entry(1, 1, false), 1)
+        .expect("write");
+    let waiting = std::thread::spawn(move || {
+        // Waits for the write lock `first` holds.
+        let mut tx = second.begin()?;
+        let two = tx.write_new(ItemId([2; 16]), entry(2, 2, false), 2)?;
+        tx.commit()?;
+        Ok::<_, shoal_store::StoreError>(two)
+    });
+    // Time for the second writer to start waiting; starting later, it would only read after
+    // the commit anyway.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    tx.commit().expect("commit");
+    let two = waiting
+        .join()
+        .expect("writer thread")
+        .expect("the waiting write");
+    assert_eq!((one.dot.tick, two.dot.tick), (1, 2));
+    let store = Store::open(&path, "store").expect("reopen");
+    assert_eq!(store.tick().expect("tick"), 2);
+    let knowledge = store.knowledge().expect("knowledge");
+    assert!(knowledge.contains(&one.dot) && knowledge.contains(&two.dot));
+}
