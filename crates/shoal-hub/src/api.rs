@@ -946,26 +946,21 @@ async fn fetch_chunk_bundle(
         // growing by doubling would copy the bundle and hold it twice.
         let mut bundle = Vec::with_capacity(shoal_protocol::CHUNK_BUNDLE_MAX);
         let mut count = 0u64;
-        for hash in &wanted {
+        let located = store.locate_many(&wanted)?;
+        for (hash, located) in wanted.iter().zip(located) {
+            let Some(located) = located else {
+                continue;
+            };
+            let len = u32::try_from(located.len()).unwrap_or(u32::MAX);
+            if bundle.len() + shoal_protocol::frame_len(len) > shoal_protocol::CHUNK_BUNDLE_MAX {
+                break;
+            }
             // Unchecked: the receiver checks every chunk as it arrives and asks again, chunk
             // by chunk (a checked read), for any that fails. Read straight into the bundle: a
             // download of 512 MiB is then not copied once more.
-            let frames = &mut bundle;
-            let read = store.read_unchecked_into(hash, move |len| {
-                let frames = frames; // moved, so the slice may outlive the call
-                if frames.len() + shoal_protocol::frame_len(len as u32)
-                    > shoal_protocol::CHUNK_BUNDLE_MAX
-                {
-                    return None;
-                }
-                let at = shoal_protocol::bundle_frame(frames, hash, len as u32);
-                Some(&mut frames[at..])
-            })?;
-            match read {
-                Some(true) => count += 1,
-                Some(false) => break,
-                None => {}
-            }
+            let at = shoal_protocol::bundle_frame(&mut bundle, hash, len);
+            store.read_located_into(&located, &mut bundle[at..])?;
+            count += 1;
         }
         Ok((bundle, count))
     })

@@ -380,43 +380,61 @@ impl WorkspaceReplica {
             };
             contents.insert(content.hash, content);
         }
-        let mut items = Vec::with_capacity(versions.len());
-        let mut arriving = HashSet::new();
+        // Every chunk of every content wanted, looked up at once: a batch of a thousand
+        // small files is a thousand lookups in one transaction, not a thousand transactions.
+        let mut wanted: Vec<Option<&ChunkedContent>> = Vec::with_capacity(versions.len());
         for (_, version) in &versions {
-            let mut missing = Vec::new();
             // A reader's versions are refused at commit: no content is asked for.
-            let wanted = version
+            let Some(hash) = version
                 .entry
                 .content
-                .filter(|_| !version.entry.deleted && role != Role::Reader);
-            if let Some(hash) = wanted {
-                let content = contents.get(&hash).ok_or_else(|| {
-                    HubError::BadRequest(format!("no chunk list sent for content {hash}"))
-                })?;
-                if content.size != version.entry.size {
-                    return Err(HubError::BadRequest(format!(
-                        "content {hash} has size {}, the version says {}",
-                        content.size, version.entry.size
-                    )));
-                }
-                let mut seen = HashSet::new();
-                let listed: Vec<(ContentHash, u32)> = content
-                    .chunks
+                .filter(|_| !version.entry.deleted && role != Role::Reader)
+            else {
+                wanted.push(None);
+                continue;
+            };
+            let content = contents.get(&hash).ok_or_else(|| {
+                HubError::BadRequest(format!("no chunk list sent for content {hash}"))
+            })?;
+            if content.size != version.entry.size {
+                return Err(HubError::BadRequest(format!(
+                    "content {hash} has size {}, the version says {}",
+                    content.size, version.entry.size
+                )));
+            }
+            wanted.push(Some(content));
+        }
+        let mut listed: Vec<(ContentHash, u32)> = Vec::new();
+        let mut spans = Vec::with_capacity(wanted.len());
+        for content in &wanted {
+            let start = listed.len();
+            let mut seen = HashSet::new();
+            listed.extend(
+                content
                     .iter()
+                    .flat_map(|c| &c.chunks)
                     .filter(|chunk| seen.insert(chunk.hash))
-                    .map(|chunk| (chunk.hash, chunk.len))
-                    .collect();
-                let held = self.chunks.stored_lens_listed(&listed)?;
-                let mut missing_bytes = 0u64;
-                for ((hash, len), stored) in listed.iter().zip(held) {
-                    if stored.is_none() {
-                        missing.push(hex32(&hash.0));
-                        missing_bytes += u64::from(*len);
-                    }
+                    .map(|chunk| (chunk.hash, chunk.len)),
+            );
+            spans.push(start..listed.len());
+        }
+        let held = self.chunks.stored_lens_listed(&listed)?;
+        let mut items = Vec::with_capacity(versions.len());
+        let mut arriving = HashSet::new();
+        for (((_, version), content), span) in versions.iter().zip(&wanted).zip(spans) {
+            let mut missing = Vec::new();
+            let mut missing_bytes = 0u64;
+            for ((hash, len), stored) in listed[span.clone()].iter().zip(&held[span]) {
+                if stored.is_none() {
+                    missing.push(hex32(&hash.0));
+                    missing_bytes += u64::from(*len);
                 }
-                if missing_bytes >= ARRIVING_MIN && missing_bytes >= content.size / 4 * 3 {
-                    arriving.insert(hash);
-                }
+            }
+            if let Some(content) = content
+                && missing_bytes >= ARRIVING_MIN
+                && missing_bytes >= content.size / 4 * 3
+            {
+                arriving.insert(content.hash);
             }
             items.push(UploadPlanItem {
                 dot: WireDot::from(&version.dot),
@@ -504,30 +522,41 @@ impl WorkspaceReplica {
         self.chunks.contains(hash)
     }
 
-    /// Whether every chunk of `content` is held and its name is that of its chunk list. Each
-    /// chunk was checked against its hash when stored, so only its length is looked at: a
-    /// chunk cut short (a power cut before its flush) is removed, so the next upload sends it.
-    fn complete(&self, content: &ChunkedContent) -> Result<bool, HubError> {
-        if !content.is_consistent() {
-            return Ok(false);
-        }
-        let listed: Vec<(ContentHash, u32)> = content
-            .chunks
+    /// Which of `contents` the hub holds every chunk of, at full length and consistent with
+    /// their names, all their chunks looked up at once. A chunk found short (its pack cut by a
+    /// power cut) is dropped, so that it is asked for again.
+    fn complete_contents<'a>(
+        &self,
+        contents: impl IntoIterator<Item = &'a ChunkedContent>,
+    ) -> Result<HashSet<ContentHash>, HubError> {
+        let contents: Vec<&ChunkedContent> =
+            contents.into_iter().filter(|c| c.is_consistent()).collect();
+        let listed: Vec<(ContentHash, u32)> = contents
             .iter()
-            .map(|chunk| (chunk.hash, chunk.len))
+            .flat_map(|c| c.chunks.iter().map(|chunk| (chunk.hash, chunk.len)))
             .collect();
         let stored = self.chunks.stored_lens_listed(&listed)?;
-        for ((hash, len), stored) in listed.iter().zip(stored) {
-            match stored {
-                Some(stored) if stored == u64::from(*len) => {}
-                Some(_) => {
-                    self.chunks.remove(hash)?;
-                    return Ok(false);
+        let mut complete = HashSet::new();
+        let mut at = 0;
+        for content in contents {
+            let span = at..at + content.chunks.len();
+            at = span.end;
+            let mut whole = true;
+            for ((hash, len), stored) in listed[span.clone()].iter().zip(&stored[span]) {
+                match stored {
+                    Some(stored) if *stored == u64::from(*len) => {}
+                    Some(_) => {
+                        self.chunks.remove(hash)?;
+                        whole = false;
+                    }
+                    None => whole = false,
                 }
-                None => return Ok(false),
+            }
+            if whole {
+                complete.insert(content.hash);
             }
         }
-        Ok(true)
+        Ok(complete)
     }
 
     /// Commits an upload batch: applies every version whose content arrived, refuses what
@@ -558,6 +587,22 @@ impl WorkspaceReplica {
         };
         let mut quota_counted: HashSet<ContentHash> = HashSet::new();
         let started = std::time::Instant::now();
+        // Which contents are held already, and which arrived whole: all looked up at once.
+        let held: HashSet<ContentHash> = self.store.reading(|store| {
+            let mut held = HashSet::new();
+            for hash in pending.contents.keys() {
+                if store.content(hash)?.is_some() {
+                    held.insert(*hash);
+                }
+            }
+            Ok::<_, HubError>(held)
+        })?;
+        let complete = self.complete_contents(
+            pending
+                .contents
+                .values()
+                .filter(|content| !held.contains(&content.hash)),
+        )?;
         for (_, version) in &pending.versions {
             let dot = version.dot;
             if let Some(reason) = own_refusal(version, pending.role, authors, rules) {
@@ -568,7 +613,7 @@ impl WorkspaceReplica {
             if let (Some(quota), Some(hash)) = (
                 rules.quota_bytes,
                 version.entry.content.filter(|_| !version.entry.deleted),
-            ) && self.store.content(&hash)?.is_none()
+            ) && !held.contains(&hash)
                 && !quota_counted.contains(&hash)
             {
                 if stored + version.entry.size > quota {
@@ -588,12 +633,10 @@ impl WorkspaceReplica {
             }
             let content_ok = match version.entry.content.filter(|_| !version.entry.deleted) {
                 None => true,
-                Some(hash) => match pending.contents.get(&hash) {
-                    Some(content) => {
-                        self.store.content(&hash)?.is_some() || self.complete(content)?
-                    }
-                    None => false,
-                },
+                Some(hash) => {
+                    pending.contents.contains_key(&hash)
+                        && (held.contains(&hash) || complete.contains(&hash))
+                }
             };
             if content_ok {
                 arrived.insert(dot);
@@ -788,21 +831,32 @@ mod tests {
     fn a_content_is_complete_only_when_its_chunks_are_held_whole_and_name_it() -> TestResult {
         let dir = tempfile::tempdir()?;
         let replica = WorkspaceReplica::open(dir.path(), "00")?;
+        let complete = |content: &ChunkedContent| -> Result<bool, HubError> {
+            Ok(replica
+                .complete_contents([content])?
+                .contains(&content.hash))
+        };
         let bytes = noise(1_000_000, 0x2545_f491_4f6c_dd1d);
         let content = shoal_store::chunk_bytes(&bytes);
         assert!(content.chunks.len() > 1);
-        assert!(!replica.complete(&content)?, "nothing held yet");
+        assert!(!complete(&content)?, "nothing held yet");
         for chunk in &content.chunks {
             let start = chunk.offset as usize;
             replica
                 .chunks
                 .put(&chunk.hash, &bytes[start..start + chunk.len as usize])?;
         }
-        assert!(replica.complete(&content)?);
+        assert!(complete(&content)?);
+        // Looked up together with a content that did not arrive, each is judged on its own.
+        let missing = shoal_store::chunk_bytes(&noise(300_000, 0x9e37_79b9_7f4a_7c15));
+        assert_eq!(
+            replica.complete_contents([&missing, &content])?,
+            HashSet::from([content.hash])
+        );
         // A name that is not its chunk list's is never complete.
         let mut misnamed = content.clone();
         misnamed.hash = ContentHash::of(&bytes);
-        assert!(!replica.complete(&misnamed)?);
+        assert!(!complete(&misnamed)?);
         // The pack cut short on disk (a power cut before the flush) takes the end of the last
         // chunk written with it: the content is not complete, and the bad chunk goes.
         let damaged = content.chunks.last().ok_or("no chunks")?;
@@ -813,7 +867,7 @@ mod tests {
             .path();
         let file = std::fs::OpenOptions::new().write(true).open(&pack)?;
         file.set_len(file.metadata()?.len() - 10)?;
-        assert!(!replica.complete(&content)?);
+        assert!(!complete(&content)?);
         assert!(
             !replica.chunks.contains(&damaged.hash),
             "the damaged chunk was kept"

@@ -515,10 +515,38 @@ struct PackWriter {
 }
 
 /// Where a large chunk's bytes lie.
+#[derive(Debug)]
 struct Packed {
     pack: i64,
     offset: u64,
     len: u64,
+}
+
+/// Where a chunk is stored, as [`ChunkStore::locate_many`] found it.
+#[derive(Debug)]
+pub struct Located(Place);
+
+#[derive(Debug)]
+enum Place {
+    /// A small chunk's bytes (or a chunk file's, from an earlier version), read already.
+    Small(Vec<u8>),
+    /// A packed chunk, and how much of it the pack holds (less after a power cut).
+    Packed { at: Packed, on_disk: u64 },
+}
+
+impl Located {
+    /// How many bytes the chunk has on disk.
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            Place::Small(bytes) => bytes.len(),
+            Place::Packed { on_disk, .. } => usize::try_from(*on_disk).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// Whether the chunk has no bytes on disk.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Packed {
@@ -936,35 +964,73 @@ impl ChunkStore {
         self.file_get(hash)
     }
 
-    /// As [`ChunkStore::get_unchecked`], read straight into the slice `place` gives for the
-    /// chunk's length (a frame of a bundle being built) instead of a buffer of its own.
-    /// Returns `None` if the chunk is not stored, `Some(false)` if `place` gave no slice.
-    pub fn read_unchecked_into<'a>(
-        &self,
-        hash: &ContentHash,
-        place: impl FnOnce(usize) -> Option<&'a mut [u8]>,
-    ) -> Result<Option<bool>, ChunkError> {
-        if let Some(at) = self.packed(hash)? {
-            let (on_disk, file) = self.packed_on_disk(&at)?;
-            let Some(out) = place(on_disk as usize) else {
-                return Ok(Some(false));
-            };
-            if let Some(file) = file {
-                file.read_exact_at(out, at.offset)
-                    .map_err(Self::io(&self.pack_path(at.pack)))?;
+    /// Where each of `hashes` is stored (None: not stored), all looked up in one read
+    /// transaction with each pack's length read once, to be read with
+    /// [`ChunkStore::read_located_into`]: a bundle of thousands of small chunks would
+    /// otherwise cost two queries, each taking and dropping the database's locks, per chunk.
+    pub fn locate_many(&self, hashes: &[ContentHash]) -> Result<Vec<Option<Located>>, ChunkError> {
+        let table = self.table()?;
+        let tx = table.unchecked_transaction()?;
+        let mut small = tx.prepare_cached("SELECT bytes FROM small WHERE hash = ?1")?;
+        let mut packed =
+            tx.prepare_cached("SELECT pack, offset, len FROM packed WHERE hash = ?1")?;
+        let mut pack_lens: HashMap<i64, u64> = HashMap::new();
+        let mut located = Vec::with_capacity(hashes.len());
+        for hash in hashes {
+            let bytes: Option<Vec<u8>> = small
+                .query_row([&hash.0[..]], |row| row.get(0))
+                .optional()?;
+            if let Some(bytes) = bytes {
+                located.push(Some(Located(Place::Small(bytes))));
+                continue;
             }
-            return Ok(Some(true));
+            if let Some(at) = packed
+                .query_row([&hash.0[..]], Packed::from_row)
+                .optional()?
+            {
+                let pack_len = match pack_lens.get(&at.pack) {
+                    Some(&known) if known >= at.offset + at.len => known,
+                    _ => {
+                        let now = self.pack_len(at.pack)?;
+                        pack_lens.insert(at.pack, now);
+                        now
+                    }
+                };
+                let on_disk = at.len.min(pack_len.saturating_sub(at.offset));
+                located.push(Some(Located(Place::Packed { at, on_disk })));
+                continue;
+            }
+            located.push(
+                self.file_get(hash)?
+                    .map(|bytes| Located(Place::Small(bytes))),
+            );
         }
-        let Some(bytes) = self.get_unchecked(hash)? else {
-            return Ok(None);
-        };
-        Ok(Some(match place(bytes.len()) {
-            Some(out) => {
-                out.copy_from_slice(&bytes);
-                true
+        Ok(located)
+    }
+
+    /// Reads a located chunk's bytes, as they are on disk and unchecked (see
+    /// [`ChunkStore::get_unchecked`]), into `out`, which must be [`Located::len`] long.
+    pub fn read_located_into(&self, located: &Located, out: &mut [u8]) -> Result<(), ChunkError> {
+        match &located.0 {
+            Place::Small(bytes) => {
+                if out.len() != bytes.len() {
+                    return Err(ChunkError::Io {
+                        path: self.root.clone(),
+                        source: io::Error::other(
+                            "a located chunk read into a place of another size",
+                        ),
+                    });
+                }
+                out.copy_from_slice(bytes);
             }
-            None => false,
-        }))
+            Place::Packed { at, .. } => {
+                if let Some(file) = self.pack_file(at.pack)? {
+                    file.read_exact_at(out, at.offset)
+                        .map_err(Self::io(&self.pack_path(at.pack)))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn file_get(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>, ChunkError> {
@@ -1478,7 +1544,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn chunks_are_read_into_a_given_place_as_they_are_stored()
+    fn chunks_are_located_together_and_read_into_a_given_place()
     -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let store = ChunkStore::open(dir.path())?;
@@ -1486,27 +1552,20 @@ pub(crate) mod tests {
         for bytes in [&small, &large] {
             store.put(&ContentHash::of(bytes), bytes)?;
         }
+        let missing = ContentHash::of(b"never stored");
+        let hashes = [ContentHash::of(&large), missing, ContentHash::of(&small)];
+        let located = store.locate_many(&hashes)?;
+        assert!(located[1].is_none());
         let mut out = vec![0xee; 3];
-        for bytes in [&small, &large] {
-            let hash = ContentHash::of(bytes);
+        for (found, bytes) in [(&located[0], &large), (&located[2], &small)] {
+            let found = found.as_ref().ok_or("a stored chunk was not found")?;
+            assert_eq!(found.len(), bytes.len());
             let start = out.len();
-            let place = &mut out;
-            let read = store.read_unchecked_into(&hash, move |len| {
-                let place = place;
-                place.resize(start + len, 0);
-                Some(&mut place[start..])
-            })?;
-            assert_eq!(read, Some(true));
+            out.resize(start + found.len(), 0);
+            store.read_located_into(found, &mut out[start..])?;
             assert_eq!(&out[start..], &bytes[..]);
         }
         assert_eq!(&out[..3], &[0xee; 3]);
-        let declined = store.read_unchecked_into(&ContentHash::of(&large), |len| {
-            assert_eq!(len, CHUNK_MAX);
-            None
-        })?;
-        assert_eq!(declined, Some(false));
-        let missing = ContentHash::of(b"never stored");
-        assert_eq!(store.read_unchecked_into(&missing, |_| None)?, None);
         Ok(())
     }
 
@@ -1536,6 +1595,8 @@ pub(crate) mod tests {
             store.stored_lens_listed(&listed)?,
             [Some(CHUNK_AVG as u64 - 100), Some(CHUNK_AVG as u64)]
         );
+        let located = store.locate_many(&[last_hash])?;
+        assert_eq!(located[0].as_ref().map(Located::len), Some(CHUNK_AVG - 100));
         assert!(matches!(store.get(&last_hash), Err(ChunkError::Corrupt(_))));
         assert_eq!(
             store.stored_len(&last_hash)?,

@@ -9,7 +9,8 @@ mod db;
 mod direct;
 
 pub use chunks::{
-    ChunkError, ChunkStore, OneWriter, chunk_bytes, chunk_reader, rechunk_reader, start_writeback,
+    ChunkError, ChunkStore, Located, OneWriter, chunk_bytes, chunk_reader, rechunk_reader,
+    start_writeback,
 };
 pub use db::{
     ContentIndex, Identity, LocalFile, LocalRecords, LocalStat, Store, StoreError, Transaction,
