@@ -179,8 +179,6 @@ fn listen_presence(client: HubClient, signals: Sender<Signal>) {
     }
 }
 
-/// Notes a workspace whose files changed and lets its watcher signal again: events from now
-/// on may be after the scan this signal leads to.
 /// Files signalled so far in one turn of the loop: which workspaces, and whether any of their
 /// folders may still be being written.
 #[derive(Default)]
@@ -190,6 +188,8 @@ struct FileSignals {
 }
 
 impl FileSignals {
+    /// Notes a workspace whose files changed and lets its watcher signal again: events from
+    /// now on may be after the scan this signal leads to.
     fn take(
         &mut self,
         workspace: String,

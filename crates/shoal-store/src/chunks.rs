@@ -522,6 +522,26 @@ struct Packed {
     len: u64,
 }
 
+/// Pack lengths read during one lookup of many chunks. A pack only grows, so a length read
+/// earlier is read again only when a chunk reaches past it.
+#[derive(Default)]
+struct PackLens(HashMap<i64, u64>);
+
+impl PackLens {
+    /// How much of the packed chunk `at` its pack holds (less after a power cut).
+    fn on_disk(&mut self, store: &ChunkStore, at: &Packed) -> Result<u64, ChunkError> {
+        let pack_len = match self.0.get(&at.pack) {
+            Some(&known) if known >= at.offset + at.len => known,
+            _ => {
+                let now = store.pack_len(at.pack)?;
+                self.0.insert(at.pack, now);
+                now
+            }
+        };
+        Ok(at.len.min(pack_len.saturating_sub(at.offset)))
+    }
+}
+
 /// Where a chunk is stored, as [`ChunkStore::locate_many`] found it.
 #[derive(Debug)]
 pub struct Located(Place);
@@ -719,7 +739,7 @@ impl ChunkStore {
         let mut small = tx.prepare_cached("SELECT length(bytes) FROM small WHERE hash = ?1")?;
         let mut packed =
             tx.prepare_cached("SELECT pack, offset, len FROM packed WHERE hash = ?1")?;
-        let mut pack_lens: HashMap<i64, u64> = HashMap::new();
+        let mut pack_lens = PackLens::default();
         let mut lens = Vec::with_capacity(listed.len());
         for (hash, len) in listed {
             let stored = if (*len as usize) < SMALL_BELOW {
@@ -731,17 +751,7 @@ impl ChunkStore {
                 .query_row([&hash.0[..]], Packed::from_row)
                 .optional()?
             {
-                // A pack only grows: a length read earlier is read again only when it falls
-                // short of this chunk.
-                let pack_len = match pack_lens.get(&at.pack) {
-                    Some(&known) if known >= at.offset + at.len => known,
-                    _ => {
-                        let now = self.pack_len(at.pack)?;
-                        pack_lens.insert(at.pack, now);
-                        now
-                    }
-                };
-                Some(at.len.min(pack_len.saturating_sub(at.offset)))
+                Some(pack_lens.on_disk(self, &at)?)
             } else if self.chunk_files {
                 self.file_len(hash)?
             } else {
@@ -974,7 +984,7 @@ impl ChunkStore {
         let mut small = tx.prepare_cached("SELECT bytes FROM small WHERE hash = ?1")?;
         let mut packed =
             tx.prepare_cached("SELECT pack, offset, len FROM packed WHERE hash = ?1")?;
-        let mut pack_lens: HashMap<i64, u64> = HashMap::new();
+        let mut pack_lens = PackLens::default();
         let mut located = Vec::with_capacity(hashes.len());
         for hash in hashes {
             let bytes: Option<Vec<u8>> = small
@@ -988,15 +998,7 @@ impl ChunkStore {
                 .query_row([&hash.0[..]], Packed::from_row)
                 .optional()?
             {
-                let pack_len = match pack_lens.get(&at.pack) {
-                    Some(&known) if known >= at.offset + at.len => known,
-                    _ => {
-                        let now = self.pack_len(at.pack)?;
-                        pack_lens.insert(at.pack, now);
-                        now
-                    }
-                };
-                let on_disk = at.len.min(pack_len.saturating_sub(at.offset));
+                let on_disk = pack_lens.on_disk(self, &at)?;
                 located.push(Some(Located(Place::Packed { at, on_disk })));
                 continue;
             }
