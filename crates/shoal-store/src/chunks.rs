@@ -762,15 +762,6 @@ impl ChunkStore {
         Ok(lens)
     }
 
-    /// Whether a chunk listed with length `len` is stored (see
-    /// [`ChunkStore::stored_lens_listed`]).
-    pub fn holds_listed(&self, hash: &ContentHash, len: u32) -> bool {
-        matches!(
-            self.stored_lens_listed(&[(*hash, len)]).as_deref(),
-            Ok([Some(_)])
-        )
-    }
-
     fn small_len(&self, hash: &ContentHash) -> Result<Option<u64>, ChunkError> {
         let small: Option<i64> = self
             .table()?
@@ -1432,10 +1423,10 @@ pub(crate) mod tests {
         assert_eq!(store.stored_len(&small_hash)?, Some(4096));
         assert_eq!(store.stored_len(&other_hash)?, Some(CHUNK_MAX as u64));
         // Listed with their lengths, each is looked for where its length puts it.
-        assert!(store.holds_listed(&small_hash, 4096));
-        assert!(store.holds_listed(&large_hash, CHUNK_MIN as u32));
-        assert!(!store.holds_listed(&small_hash, CHUNK_MIN as u32));
-        assert!(!store.holds_listed(&large_hash, 4096));
+        assert!(store.stored_lens_listed(&[(small_hash, 4096)])?[0].is_some());
+        assert!(store.stored_lens_listed(&[(large_hash, CHUNK_MIN as u32)])?[0].is_some());
+        assert!(store.stored_lens_listed(&[(small_hash, CHUNK_MIN as u32)])?[0].is_none());
+        assert!(store.stored_lens_listed(&[(large_hash, 4096)])?[0].is_none());
         let missing = ContentHash::of(b"never stored");
         assert_eq!(
             store.stored_lens_listed(&[
@@ -1622,7 +1613,7 @@ pub(crate) mod tests {
         fs::create_dir_all(dir.path().join(&name[..2]))?;
         fs::write(dir.path().join(&name[..2]).join(&name[2..]), &bytes)?;
         let store = ChunkStore::open(dir.path())?;
-        assert!(store.holds_listed(&hash, CHUNK_AVG as u32));
+        assert!(store.stored_lens_listed(&[(hash, CHUNK_AVG as u32)])?[0].is_some());
         assert!(!store.put(&hash, &bytes)?, "stored again beside its file");
         assert_eq!(store.get(&hash)?, Some(bytes));
         assert!(packs_under(dir.path()).is_empty());
