@@ -18,7 +18,7 @@ use std::io::BufRead;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use notify::{RecursiveMode, Watcher};
@@ -109,6 +109,11 @@ pub(crate) enum Signal {
         workspace: String,
         contents: Vec<String>,
     },
+    /// Large files another device found changed in place and is reading again.
+    Changing {
+        workspace: String,
+        paths: Vec<String>,
+    },
 }
 
 fn now_ns() -> i64 {
@@ -142,11 +147,21 @@ fn listen_presence(client: HubClient, signals: Sender<Signal>) {
                             from,
                             workspace,
                             compact,
+                            ..
                         } if from == "hub" => Signal::Hub { workspace, compact },
+                        PresenceEvent::Negotiate {
+                            workspace,
+                            changing,
+                            ..
+                        } if !changing.is_empty() => Signal::Changing {
+                            workspace,
+                            paths: changing,
+                        },
                         PresenceEvent::Negotiate {
                             from,
                             workspace,
                             compact,
+                            ..
                         } => Signal::Peer {
                             workspace,
                             device: from,
@@ -437,6 +452,26 @@ impl Agent {
             .unwrap_or_default()
     }
 
+    /// What it takes to tell the other devices sharing `ws` something.
+    fn teller(&mut self, ws: &str) -> Teller {
+        let own = self.device.device.clone();
+        let recipients = self
+            .contacts_sharing(ws)
+            .into_iter()
+            .filter(|peer| peer.device != own)
+            .map(|peer| Recipient {
+                direct: self.peer_client(&peer),
+                online: peer.status != Availability::Offline,
+                device: peer.device,
+            })
+            .collect();
+        Teller {
+            recipients,
+            hub: self.hub_connected.then(|| self.hub.clone()),
+            counters: self.counters.clone(),
+        }
+    }
+
     /// Tells the devices sharing `ws` this device's knowledge, if it changed since last told.
     fn announce(&mut self, ws: &str) {
         let ours = self.ours(ws);
@@ -453,32 +488,10 @@ impl Agent {
             workspace: ws.to_owned(),
             compact: ours.clone(),
             to: Vec::new(),
+            changing: Vec::new(),
         };
-        let mut relay = Vec::new();
-        for peer in self.contacts_sharing(ws) {
-            if peer.device == self.device.device {
-                continue;
-            }
-            let direct = self
-                .peer_client(&peer)
-                .map(|client| client.negotiate(&message, false));
-            match direct {
-                Some(Ok(())) => AgentCounters::bump(&self.counters.negotiations_sent, 1),
-                _ if peer.status != Availability::Offline => relay.push(peer.device.clone()),
-                _ => {}
-            }
-        }
-        tracing::debug!(workspace = %ws, relay = relay.len(), "announced");
-        if !relay.is_empty() && self.hub_connected {
-            let relayed = Negotiation {
-                to: relay,
-                ..message
-            };
-            match self.hub.negotiate(&relayed, true) {
-                Ok(()) => AgentCounters::bump(&self.counters.negotiations_sent, 1),
-                Err(error) => tracing::warn!(%error, "cannot relay a negotiation"),
-            }
-        }
+        let relayed = self.teller(ws).tell(message);
+        tracing::debug!(workspace = %ws, relay = relayed, "announced");
         self.views.entry(ws.to_owned()).or_default().announced = ours;
         self.publish_presence();
     }
@@ -497,7 +510,14 @@ impl Agent {
         let Some(entry) = self.entry(ws) else { return };
         let before = self.ours(ws);
         self.take_dirty(ws);
-        if let Err(error) = scan_workspace(&self.device, &entry) {
+        // Before the scan reads a large changed file again, the others may start copying
+        // their version of it, to build the new one in.
+        let heads_up = HeadsUp {
+            workspace: ws.to_owned(),
+            compact: before.clone(),
+            teller: Mutex::new(Some(self.teller(ws)).filter(|t| !t.recipients.is_empty())),
+        };
+        if let Err(error) = scan_workspace(&self.device, &entry, &heads_up) {
             tracing::warn!(workspace = %entry.name, %error, "scan failed");
             return;
         }
@@ -646,6 +666,11 @@ impl Agent {
         self.early.start(&self.hub, ws, &entry.path, hashes);
     }
 
+    fn on_changing(&mut self, ws: &str, paths: &[String]) {
+        let Some(entry) = self.entry(ws) else { return };
+        self.early.bases.start(ws, &entry.path, paths);
+    }
+
     fn schedule_hub(&mut self, ws: &str, delay: Duration) {
         let view = self.views.entry(ws.to_owned()).or_default();
         let at = Instant::now() + delay;
@@ -771,6 +796,8 @@ impl Agent {
             counters: Counters {
                 early_fetched: self.early.fetched.load(Ordering::Relaxed),
                 early_claimed: self.early.claimed.load(Ordering::Relaxed),
+                bases_copied: self.early.bases.copied.load(Ordering::Relaxed),
+                bases_used: self.early.bases.used.load(Ordering::Relaxed),
                 ..self.counters.snapshot()
             },
         };
@@ -944,6 +971,7 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
                     workspace,
                     contents,
                 } => agent.on_arriving(&workspace, &contents),
+                Signal::Changing { workspace, paths } => agent.on_changing(&workspace, &paths),
             }
         }
         for ws in files {
@@ -958,7 +986,94 @@ pub fn run_agent(home: &Home, options: &AgentOptions) -> Result<(), AgentError> 
         for ws in due {
             agent.hub_sync(&ws);
         }
+        agent.early.bases.sweep();
         agent.save_state(&mut last_state);
+    }
+}
+
+/// Another device sharing a workspace, as this one can reach it.
+struct Recipient {
+    device: String,
+    online: bool,
+    /// A client calling it directly, when it can be.
+    direct: Option<HubClient>,
+}
+
+/// Tells the other devices sharing a workspace: directly where it can, through the hub to the
+/// others online.
+struct Teller {
+    recipients: Vec<Recipient>,
+    hub: Option<HubClient>,
+    counters: Arc<AgentCounters>,
+}
+
+impl Teller {
+    /// Sends `message`; returns how many devices it asked the hub to relay it to.
+    fn tell(&self, message: Negotiation) -> usize {
+        let mut relay = Vec::new();
+        for recipient in &self.recipients {
+            let direct = recipient
+                .direct
+                .as_ref()
+                .map(|client| client.negotiate(&message, false));
+            match direct {
+                Some(Ok(())) => AgentCounters::bump(&self.counters.negotiations_sent, 1),
+                _ if recipient.online => relay.push(recipient.device.clone()),
+                _ => {}
+            }
+        }
+        let count = relay.len();
+        if let Some(hub) = self.hub.as_ref().filter(|_| !relay.is_empty()) {
+            let relayed = Negotiation {
+                to: relay,
+                ..message
+            };
+            match hub.negotiate(&relayed, true) {
+                Ok(()) => AgentCounters::bump(&self.counters.negotiations_sent, 1),
+                Err(error) => tracing::warn!(%error, "cannot relay a negotiation"),
+            }
+        }
+        count
+    }
+}
+
+/// Watches a scan for large files changed in place, and tells the other devices of them
+/// before the scan reads them (`Negotiation::changing`), once per scan.
+struct HeadsUp {
+    workspace: String,
+    /// This device's knowledge before the scan: the heads-up carries no change yet.
+    compact: String,
+    teller: Mutex<Option<Teller>>,
+}
+
+impl shoal_folder::Progress for HeadsUp {
+    fn start(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn finish(&self) {}
+
+    fn rereading(&self, files: &[(&str, u64)]) {
+        let changing: Vec<String> = files
+            .iter()
+            .filter(|(_, size)| *size >= crate::basis::BASIS_MIN)
+            .map(|(path, _)| (*path).to_owned())
+            .take(shoal_protocol::CHANGING_MAX)
+            .collect();
+        let teller = self
+            .teller
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(teller) = teller.filter(|_| !changing.is_empty() && !self.compact.is_empty())
+        else {
+            return;
+        };
+        tracing::debug!(workspace = %self.workspace, files = changing.len(), "telling of files changing");
+        teller.tell(Negotiation {
+            workspace: self.workspace.clone(),
+            compact: self.compact.clone(),
+            to: Vec::new(),
+            changing,
+        });
     }
 }
 

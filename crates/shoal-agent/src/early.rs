@@ -38,7 +38,7 @@ const RETRY_AFTER: Duration = Duration::from_millis(20);
 
 /// Where a folder's early contents are kept: outside the staging folder, which materialize
 /// clears of anything it did not list.
-fn early_dir(root: &Path) -> PathBuf {
+pub(crate) fn early_dir(root: &Path) -> PathBuf {
     root.join(STATE_DIR_NAME).join("early")
 }
 
@@ -65,6 +65,8 @@ pub(crate) struct Early {
     /// Contents fetched whole, and those a download took.
     pub(crate) fetched: AtomicU64,
     pub(crate) claimed: AtomicU64,
+    /// Large files copied ahead of their change.
+    pub(crate) bases: Arc<crate::basis::Bases>,
 }
 
 impl Early {

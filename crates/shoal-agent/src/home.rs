@@ -268,4 +268,10 @@ pub struct Counters {
     /// Of those, the ones a download took instead of fetching them again.
     #[serde(default)]
     pub early_claimed: u64,
+    /// Large files copied when another device said it was changing them.
+    #[serde(default)]
+    pub bases_copied: u64,
+    /// Of those, the ones a download built the new version in.
+    #[serde(default)]
+    pub bases_used: u64,
 }

@@ -6,6 +6,7 @@
 //! for by the hub), watches folders, follows the hub's presence stream, exchanges
 //! negotiation messages, and syncs with whoever holds what it lacks.
 
+mod basis;
 mod daemon;
 mod early;
 mod home;

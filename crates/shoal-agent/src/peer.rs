@@ -567,11 +567,21 @@ async fn negotiate(
             "the message must name this workspace and a 64-hex compact knowledge".into(),
         ));
     }
+    message
+        .check_changing()
+        .map_err(|e| PeerError(StatusCode::BAD_REQUEST, e.to_string()))?;
     AgentCounters::bump(&server.counters.negotiations_received, 1);
-    let signal = Signal::Peer {
-        workspace: ws,
-        device,
-        compact: message.compact,
+    let signal = if message.changing.is_empty() {
+        Signal::Peer {
+            workspace: ws,
+            device,
+            compact: message.compact,
+        }
+    } else {
+        Signal::Changing {
+            workspace: ws,
+            paths: message.changing,
+        }
     };
     if let Ok(signals) = server.signals.lock() {
         let _ = signals.send(signal);

@@ -121,7 +121,7 @@ pub(crate) struct Stamp {
 }
 
 impl Stamp {
-    fn of(file: &File) -> Option<Stamp> {
+    pub(crate) fn of(file: &File) -> Option<Stamp> {
         use std::os::unix::fs::MetadataExt;
         let meta = file.metadata().ok()?;
         Some(Stamp {
@@ -129,6 +129,10 @@ impl Stamp {
             mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
             inode: meta.ino(),
         })
+    }
+
+    pub(crate) fn size(&self) -> u64 {
+        self.size
     }
 
     pub(crate) fn recorded(file: &LocalFile) -> Stamp {
@@ -210,7 +214,7 @@ fn release_freed_memory() {
 }
 
 /// Copies `len` bytes between two files inside the kernel (no pass through this process).
-fn copy_range(source: &File, mut from: u64, dest: &File, mut to: u64, len: u64) -> bool {
+pub(crate) fn copy_range(source: &File, mut from: u64, dest: &File, mut to: u64, len: u64) -> bool {
     let mut left = len;
     while left > 0 {
         let want = usize::try_from(left.min(1 << 30)).unwrap_or(1 << 30);
@@ -661,8 +665,21 @@ impl ContentSource for HubSource<'_> {
                 }
             }
         };
+        // A large file may be built in a copy of its earlier version made while the other
+        // device read the change: the chunks still in place there are not written again.
+        let mut in_place = HashSet::new();
         let large = if content.size >= LARGE_CONTENT_MIN {
-            match shoal_store::LargeFile::create(dest, content.size) {
+            let basis = self
+                .early
+                .and_then(|early| early.bases.take(self.workspace, content, dest));
+            let opened = match basis {
+                Some(placed) => {
+                    in_place = placed;
+                    shoal_store::LargeFile::reopen(dest, content.size)
+                }
+                None => shoal_store::LargeFile::create(dest, content.size),
+            };
+            match opened {
                 Ok(large) => Some(large),
                 Err(_) => return false,
             }
@@ -699,6 +716,9 @@ impl ContentSource for HubSource<'_> {
                 let (Some((_, first)), Some((_, last))) = (group.first(), group.last()) else {
                     continue;
                 };
+                if !in_place.is_empty() && group.iter().all(|(_, c)| in_place.contains(&c.offset)) {
+                    continue;
+                }
                 let span = (
                     first.offset,
                     last.offset + u64::from(last.len) - first.offset,
@@ -1153,9 +1173,10 @@ pub(crate) fn pull_from_peer_with(
 pub fn scan_workspace(
     device: &DeviceConfig,
     entry: &WorkspaceEntry,
+    progress: &dyn shoal_folder::Progress,
 ) -> Result<ScanReport, AgentError> {
     let mut folder = open_folder(device, entry)?;
-    Ok(folder.scan(&ScanOptions::default(), &shoal_folder::NoProgress)?)
+    Ok(folder.scan(&ScanOptions::default(), progress)?)
 }
 
 /// The compact knowledge of a workspace's replica on this device (hex).

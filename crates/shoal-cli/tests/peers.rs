@@ -670,3 +670,68 @@ fn a_large_upload_is_fetched_as_it_arrives_and_the_download_takes_it() -> TestRe
     assert!(left.is_empty(), "fetched-early files stayed: {left:?}");
     Ok(())
 }
+
+#[test]
+fn a_large_file_changed_in_place_is_built_in_a_copy_made_while_it_was_read() -> TestResult {
+    for (mode, flags) in [
+        ("through the hub", &["--no-peers"][..]),
+        ("peer to peer", &[]),
+    ] {
+        let root = tempfile::tempdir()?;
+        let (_hub, laptop, _desktop, phone) = team(root.path())?;
+        let agents = [Agent::start(&laptop, flags)?, Agent::start(&phone, flags)?];
+        if flags.is_empty() {
+            wait_for_contacts(&agents.iter().collect::<Vec<_>>(), 1)?;
+        }
+
+        // Large enough to be copied ahead (16 MiB and up).
+        let mut bytes = noise(24 << 20, 43);
+        let staged = root.path().join("large.bin");
+        std::fs::write(&staged, &bytes)?;
+        std::fs::rename(&staged, laptop.folder.join("large.bin"))?;
+        let on_phone = phone.folder.join("large.bin");
+        let holds = |expected: &[u8]| std::fs::read(&on_phone).is_ok_and(|b| b == expected);
+        assert!(
+            wait_for(Duration::from_secs(60), || holds(&bytes)),
+            "{mode}: the file did not arrive whole:\n{}",
+            agents[1].log()
+        );
+
+        // One megabyte rewritten in the middle, in place.
+        let middle = 11 << 20;
+        bytes[middle..middle + (1 << 20)].copy_from_slice(&noise(1 << 20, 44));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(laptop.folder.join("large.bin"))?;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(middle as u64))?;
+        std::io::Write::write_all(&mut file, &bytes[middle..middle + (1 << 20)])?;
+        drop(file);
+        assert!(
+            wait_for(Duration::from_secs(60), || holds(&bytes)),
+            "{mode}: the change did not arrive:\n{}",
+            agents[1].log()
+        );
+        // Counters reach agent.json within a second.
+        let used = wait_for(Duration::from_secs(5), || {
+            agents[1].counter("bases_copied") == 1 && agents[1].counter("bases_used") == 1
+        });
+        assert!(
+            used,
+            "{mode}: the phone did not copy its version ahead and build the new one in it \
+             (copied {}, used {}):\n{}\n{}",
+            agents[1].counter("bases_copied"),
+            agents[1].counter("bases_used"),
+            agents[0].log(),
+            agents[1].log()
+        );
+        assert_eq!(
+            agents[0].counter("bases_copied"),
+            0,
+            "{mode}: the laptop copied"
+        );
+        let early = phone.folder.join(".shoal").join("early");
+        let left: Vec<_> = std::fs::read_dir(&early)?.collect();
+        assert!(left.is_empty(), "{mode}: copies stayed: {left:?}");
+    }
+    Ok(())
+}

@@ -556,6 +556,14 @@ fn negotiations_are_relayed_to_members_only() -> TestResult {
     let next = yuri.until("the marker", relayed)?;
     assert_eq!(next["compact"], marker.as_str());
     assert_eq!(next["from"], xena_id.as_str());
+    // A heads-up about large files being read again travels with it.
+    let (status, _) = w.negotiate(
+        &w.xena,
+        json!({"workspace": w.ws1, "compact": marker, "changing": ["video/cut.mov"]}),
+    )?;
+    assert_eq!(status, 200);
+    let heads_up = yuri.until("the heads-up", relayed)?;
+    assert_eq!(heads_up["changing"], json!(["video/cut.mov"]));
     yuri.close()?;
     Ok(())
 }
@@ -627,6 +635,21 @@ fn bad_presence_input_is_refused_and_changes_nothing() -> TestResult {
         (
             "negotiate to",
             json!({"workspace": w.ws1, "compact": c1, "to": ["12"]}),
+            400,
+        ),
+        (
+            "changing outside the folder",
+            json!({"workspace": w.ws1, "compact": c1, "changing": ["a/../../etc/passwd"]}),
+            400,
+        ),
+        (
+            "changing absolute",
+            json!({"workspace": w.ws1, "compact": c1, "changing": ["/etc/passwd"]}),
+            400,
+        ),
+        (
+            "65 changing",
+            json!({"workspace": w.ws1, "compact": c1, "changing": (0..65).map(|i| format!("f{i}")).collect::<Vec<_>>()}),
             400,
         ),
     ] {

@@ -8,6 +8,10 @@ pub trait Progress: Sync {
     fn advance(&self, units: u64);
     /// The current phase is over.
     fn finish(&self);
+    /// A scan is about to read again these files of at least 1 MiB, each `(path, size)`,
+    /// which changed in place since it last read them. Called before their reading starts, so
+    /// that whoever holds a copy can get ready for the change.
+    fn rereading(&self, _files: &[(&str, u64)]) {}
 }
 
 /// Reports nothing.

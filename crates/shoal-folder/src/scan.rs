@@ -640,6 +640,14 @@ impl FolderReplica {
                 earlier.insert(i, content);
             }
         }
+        if !earlier.is_empty() {
+            let mut rereading: Vec<(&str, u64)> = earlier
+                .keys()
+                .map(|&i| (found[i].0.as_str(), found[i].1.size))
+                .collect();
+            rereading.sort_unstable();
+            progress.rereading(&rereading);
+        }
         if unchanged && to_hash.is_empty() {
             progress.finish();
             return Ok(report);

@@ -133,6 +133,56 @@ fn a_renamed_file_is_not_read_again_but_a_renamed_and_edited_one_is() -> TestRes
     Ok(())
 }
 
+/// Records what a scan says it is about to read again.
+#[derive(Default)]
+struct Rereading(std::sync::Mutex<Vec<(String, u64)>>);
+
+impl shoal_folder::Progress for Rereading {
+    fn start(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn finish(&self) {}
+    fn rereading(&self, files: &[(&str, u64)]) {
+        if let Ok(mut seen) = self.0.lock() {
+            seen.extend(files.iter().map(|(path, size)| ((*path).to_owned(), *size)));
+        }
+    }
+}
+
+#[test]
+fn a_scan_says_which_large_files_changed_in_place_before_reading_them() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("a");
+    fs::create_dir_all(root.join("sub"))?;
+    let bytes: Vec<u8> = (0..2u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    fs::write(root.join("sub/big.bin"), &bytes)?;
+    fs::write(root.join("kept.bin"), &bytes)?;
+    fs::write(root.join("small.txt"), b"small")?;
+    let mut replica = FolderReplica::open(&root, "a")?;
+    let first = Rereading::default();
+    replica.scan(&ScanOptions::default(), &first)?;
+    assert!(
+        first.0.lock().map_err(|_| "poisoned")?.is_empty(),
+        "new files are not read again"
+    );
+
+    // Edited in place (a large and a small file), a large file added, one left alone.
+    let mut edited = bytes.clone();
+    edited[1 << 20] ^= 1;
+    edited.extend_from_slice(b"longer");
+    fs::write(root.join("sub/big.bin"), &edited)?;
+    fs::write(root.join("small.txt"), b"smaller")?;
+    fs::write(root.join("added.bin"), &bytes)?;
+    let second = Rereading::default();
+    replica.scan(&ScanOptions::default(), &second)?;
+    assert_eq!(
+        *second.0.lock().map_err(|_| "poisoned")?,
+        [("sub/big.bin".to_owned(), edited.len() as u64)]
+    );
+    Ok(())
+}
+
 /// Every file of a folder but shoal's state, with its bytes.
 type Tree = Vec<(String, Vec<u8>)>;
 

@@ -1167,6 +1167,8 @@ async fn negotiate(
             return Err(HubError::NotFound);
         }
         let compact = presence::parse_compact(&body.compact)?;
+        body.check_changing()
+            .map_err(|e| HubError::BadRequest(e.to_string()))?;
         if body.to.len() > presence::MAX_RECIPIENTS {
             return Err(HubError::TooLarge(format!(
                 "{} recipients; at most {}",
@@ -1179,8 +1181,14 @@ async fn negotiate(
             .iter()
             .map(|id| presence::parse_id("to", id))
             .collect::<Result<Vec<_>, _>>()?;
-        hub.presence
-            .relay(&accounts, device.id, workspace, &compact, &to)
+        hub.presence.relay(
+            &accounts,
+            device.id,
+            workspace,
+            &compact,
+            &to,
+            &body.changing,
+        )
     })
     .await?;
     metrics

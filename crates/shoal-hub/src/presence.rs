@@ -373,6 +373,7 @@ impl Presence {
                     from: FROM_HUB.into(),
                     workspace: hex16(workspace),
                     compact: tag.clone(),
+                    changing: Vec::new(),
                 });
             }
         }
@@ -440,6 +441,7 @@ impl Presence {
         workspace: [u8; 16],
         compact: &str,
         to: &[[u8; 16]],
+        changing: &[String],
     ) -> Result<usize, HubError> {
         let state = self.state()?;
         let mut joined = Joined::new(accounts);
@@ -447,6 +449,7 @@ impl Presence {
             from: hex16(&from),
             workspace: hex16(&workspace),
             compact: compact.to_owned(),
+            changing: changing.to_vec(),
         };
         let targets: Vec<[u8; 16]> = if to.is_empty() {
             state
@@ -517,6 +520,7 @@ impl Presence {
             from: FROM_HUB.into(),
             workspace: hex16(&workspace),
             compact: tag.to_owned(),
+            changing: Vec::new(),
         };
         for entry in state.devices.values_mut() {
             if entry.connected() && joined.of(entry.card.user)?.contains(&workspace) {
@@ -670,16 +674,26 @@ mod tests {
         assert!(matches!(&first[..], [PresenceEvent::Peer(p)] if p.status == Availability::Online));
 
         // Relays reach members only; the hub's tags reach every member's devices.
+        let changing = ["videos/big.mov".to_owned()];
         assert_eq!(
-            presence.relay(&accounts, ann, own, &"33".repeat(32), &[bob])?,
+            presence.relay(&accounts, ann, own, &"33".repeat(32), &[bob], &changing)?,
             0
         );
         assert_eq!(
-            presence.relay(&accounts, ann, shared, &"33".repeat(32), &[])?,
+            presence.relay(&accounts, ann, shared, &"33".repeat(32), &[], &changing)?,
             1
         );
+        // The heads-up about files being read again travels with the knowledge.
+        let relayed = drain(&mut bobs);
+        assert!(matches!(
+            &relayed[..],
+            [PresenceEvent::Negotiate { changing: c, .. }] if c[..] == changing
+        ));
         presence.hub_changed(&accounts, own, &"44".repeat(32))?;
-        assert_eq!(drain(&mut bobs).len(), 1);
+        assert!(
+            drain(&mut bobs).is_empty(),
+            "bob is no member of ann's own workspace"
+        );
         assert_eq!(drain(&mut anns).len(), 1);
         // A tag read before a live one is not sent after it.
         presence.send_hub_tags(ann, anns.stream, &[(own, "55".repeat(32))])?;

@@ -497,6 +497,32 @@ pub struct Negotiation {
     /// Devices to relay to (ids, hex); ignored by a peer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to: Vec<String>,
+    /// Large files the sender found changed in place and is reading again (paths): a
+    /// receiver holding them may start the copy that their new version will be built in.
+    /// The knowledge is then the sender's current one; the change itself follows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changing: Vec<String>,
+}
+
+/// At most this many paths in one [`Negotiation::changing`].
+pub const CHANGING_MAX: usize = 64;
+
+impl Negotiation {
+    /// Checks `changing`: at most [`CHANGING_MAX`] relative paths, each of acceptable names.
+    pub fn check_changing(&self) -> Result<(), crate::WireError> {
+        if self.changing.len() > CHANGING_MAX {
+            return Err(crate::WireError::Invalid(format!(
+                "{} changing files; at most {CHANGING_MAX}",
+                self.changing.len()
+            )));
+        }
+        for path in &self.changing {
+            path.split('/')
+                .try_for_each(shoal_core::validate_name)
+                .map_err(|e| crate::WireError::Invalid(format!("changing: {e}")))?;
+        }
+        Ok(())
+    }
 }
 
 /// `POST /v1/negotiate`'s answer: how many devices the hub delivered to.
@@ -520,6 +546,9 @@ pub enum PresenceEvent {
         workspace: String,
         /// The sender's compact knowledge.
         compact: String,
+        /// Large files the sender is reading again ([`Negotiation::changing`]).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        changing: Vec<String>,
     },
     /// Large contents another device has begun uploading to a workspace (hex hashes). A device
     /// may fetch their chunks as they arrive (`GET …/contents/{hash}` gives the chunk list),
@@ -581,4 +610,44 @@ pub struct ContentChunks {
     pub content: String,
     /// Hashes (hex) of the chunks wanted from it.
     pub chunks: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heads_up_names_at_most_64_paths_inside_the_folder() {
+        let with = |changing: Vec<String>| Negotiation {
+            workspace: "00".repeat(16),
+            compact: "11".repeat(32),
+            to: Vec::new(),
+            changing,
+        };
+        assert!(
+            with(vec!["video/cut.mov".into(), "disk.img".into()])
+                .check_changing()
+                .is_ok()
+        );
+        assert!(
+            with((0..64).map(|i| format!("f{i}")).collect())
+                .check_changing()
+                .is_ok()
+        );
+        for bad in [
+            "../etc/passwd",
+            "/etc/passwd",
+            "a//b",
+            "a/./b",
+            "",
+            "a\u{0}b",
+        ] {
+            assert!(with(vec![bad.into()]).check_changing().is_err(), "{bad:?}");
+        }
+        assert!(
+            with((0..65).map(|i| format!("f{i}")).collect())
+                .check_changing()
+                .is_err()
+        );
+    }
 }

@@ -110,13 +110,19 @@ pub fn rechunk_reader<R: Read + Send>(
     };
     let mut data = Vec::new();
     let mut end = fill(&mut reader, &mut data, BLOCK + CHUNK_MAX)?;
+    // One buffer for every further block: a fresh one each time costs a page fault per 4 KiB
+    // while the kernel copies into it, which took longer than the hashing.
+    let mut next = Vec::new();
+    if !end {
+        next.reserve_exact(BLOCK);
+    }
     loop {
         if end {
             state.block(&data, true)?;
             break;
         }
         // The next block is read while this one is cut and hashed.
-        let mut next = Vec::new();
+        next.clear();
         let (used, read) = rayon::join(
             || state.block(&data, false),
             || fill(&mut reader, &mut next, BLOCK),

@@ -878,6 +878,19 @@ impl ContentIndex {
         local_file_with(&self.connection(), hash)
     }
 
+    /// The recorded file at `path` (slash-separated, relative to the root), if any.
+    pub fn file_at(&self, path: &str) -> Result<Option<LocalFile>> {
+        let conn = self.connection();
+        let mut statement = conn.prepare_cached(&format!(
+            "SELECT {LOCAL_FILE_COLUMNS} FROM local_files WHERE path = ?1"
+        ))?;
+        let mut rows = statement.query(params![path])?;
+        match rows.next()? {
+            Some(row) => Ok(Some(local_file_from(row)?)),
+            None => Ok(None),
+        }
+    }
+
     /// The chunk list of the content `hash`, if the store knows it.
     pub fn content(&self, hash: &ContentHash) -> Result<Option<ChunkedContent>> {
         read_content(&self.connection(), hash)

@@ -47,7 +47,15 @@ pub struct LargeFile {
 impl LargeFile {
     /// Creates (or truncates) `path` at `size` bytes, ready for pieces.
     pub fn create(path: &Path, size: u64) -> io::Result<LargeFile> {
-        let file = File::create(path)?;
+        Self::sized(path, File::create(path)?, size)
+    }
+
+    /// Opens the existing `path` for more pieces, keeping its bytes (sized to `size`).
+    pub fn reopen(path: &Path, size: u64) -> io::Result<LargeFile> {
+        Self::sized(path, OpenOptions::new().write(true).open(path)?, size)
+    }
+
+    fn sized(path: &Path, file: File, size: u64) -> io::Result<LargeFile> {
         file.set_len(size)?;
         // Its blocks taken now: ext4 lets one direct write at a time into a file's holes (and
         // holds the others while the disk works), but runs aligned ones into blocks already
