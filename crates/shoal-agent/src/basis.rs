@@ -90,22 +90,29 @@ impl Bases {
             if !self.reserve(ws, hash, old, &dest) {
                 continue;
             }
-            let (bases, workspace) = (self.clone(), ws.to_owned());
+            let done = Finish {
+                bases: self.clone(),
+                ws: ws.to_owned(),
+                hash,
+                copied: false,
+            };
             let spawned = std::thread::Builder::new()
                 .name("basis-copy".into())
                 .spawn(move || {
+                    // The whole guard moves here, not just the field set below.
+                    let mut done = done;
                     let started = Instant::now();
-                    let copied = copy(&source, recorded, &dest);
+                    done.copied = copy(&source, recorded, &dest);
                     tracing::debug!(
                         content = %hash,
-                        copied,
+                        copied = done.copied,
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "copied ahead of a change"
                     );
-                    bases.finish(&workspace, &hash, copied);
                 });
-            if spawned.is_err() {
-                self.finish(ws, &hash, false);
+            // Not started: the dropped closure's `Finish` ended the slot.
+            if let Err(error) = spawned {
+                tracing::debug!(%error, "cannot copy ahead");
             }
         }
     }
@@ -190,6 +197,21 @@ impl Bases {
             }
             !stale
         });
+    }
+}
+
+/// Ends a copy's slot when its thread ends, however it ends: a download waiting for the copy
+/// must not wait for ever.
+struct Finish {
+    bases: Arc<Bases>,
+    ws: String,
+    hash: ContentHash,
+    copied: bool,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.bases.finish(&self.ws, &self.hash, self.copied);
     }
 }
 

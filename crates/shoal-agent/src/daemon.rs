@@ -516,8 +516,12 @@ impl Agent {
             workspace: ws.to_owned(),
             compact: before.clone(),
             teller: Mutex::new(Some(self.teller(ws)).filter(|t| !t.recipients.is_empty())),
+            sending: Mutex::new(None),
         };
-        if let Err(error) = scan_workspace(&self.device, &entry, &heads_up) {
+        let scanned = scan_workspace(&self.device, &entry, &heads_up);
+        // Sent before what the scan found is announced, so that it arrives first.
+        heads_up.wait();
+        if let Err(error) = scanned {
             tracing::warn!(workspace = %entry.name, %error, "scan failed");
             return;
         }
@@ -1038,12 +1042,28 @@ impl Teller {
 }
 
 /// Watches a scan for large files changed in place, and tells the other devices of them
-/// before the scan reads them (`Negotiation::changing`), once per scan.
+/// (`Negotiation::changing`) while the scan reads them, once per scan.
 struct HeadsUp {
     workspace: String,
     /// This device's knowledge before the scan: the heads-up carries no change yet.
     compact: String,
     teller: Mutex<Option<Teller>>,
+    /// The thread sending it: a peer that does not answer holds it, not the scan.
+    sending: Mutex<Option<std::thread::JoinHandle<usize>>>,
+}
+
+impl HeadsUp {
+    /// Waits until the heads-up, if any, is sent.
+    fn wait(&self) {
+        let sending = self
+            .sending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(sending) = sending {
+            let _ = sending.join();
+        }
+    }
 }
 
 impl shoal_folder::Progress for HeadsUp {
@@ -1068,12 +1088,24 @@ impl shoal_folder::Progress for HeadsUp {
             return;
         };
         tracing::debug!(workspace = %self.workspace, files = changing.len(), "telling of files changing");
-        teller.tell(Negotiation {
+        let message = Negotiation {
             workspace: self.workspace.clone(),
             compact: self.compact.clone(),
             to: Vec::new(),
             changing,
-        });
+        };
+        let spawned = std::thread::Builder::new()
+            .name("heads-up".into())
+            .spawn(move || teller.tell(message));
+        match spawned {
+            Ok(handle) => {
+                *self
+                    .sending
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
+            }
+            Err(error) => tracing::debug!(%error, "cannot send a heads-up"),
+        }
     }
 }
 
