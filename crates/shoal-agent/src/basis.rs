@@ -286,17 +286,8 @@ fn copy(source: &Path, recorded: Stamp, dest: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_bytes::noise;
     use shoal_folder::{FolderReplica, NoProgress, ScanOptions};
-
-    /// Incompressible bytes: BLAKE3's extendable output for a seed.
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut bytes = vec![0u8; len];
-        blake3::Hasher::new()
-            .update(&seed.to_le_bytes())
-            .finalize_xof()
-            .fill(&mut bytes);
-        bytes
-    }
 
     fn wait_until(done: impl Fn() -> bool) -> bool {
         let until = Instant::now() + Duration::from_secs(20);

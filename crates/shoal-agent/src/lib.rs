@@ -15,6 +15,8 @@ mod peers;
 mod sinks;
 mod status;
 mod sync;
+#[cfg(test)]
+mod test_bytes;
 mod tls;
 mod watch;
 

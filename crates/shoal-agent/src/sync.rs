@@ -1796,18 +1796,9 @@ fn commit(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_bytes::noise;
     use std::path::Path;
     use std::time::Duration;
-
-    /// Incompressible bytes: BLAKE3's extendable output for a seed.
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut bytes = vec![0u8; len];
-        blake3::Hasher::new()
-            .update(&seed.to_le_bytes())
-            .finalize_xof()
-            .fill(&mut bytes);
-        bytes
-    }
 
     /// Writes `bytes` to `path` with the byte at `at` flipped, dated later: a change the
     /// scan's record no longer matches.
