@@ -110,8 +110,8 @@ pub fn rechunk_reader<R: Read + Send>(
     };
     let mut data = Vec::new();
     let mut end = fill(&mut reader, &mut data, BLOCK + CHUNK_MAX)?;
-    // One buffer for every further block: a fresh one each time costs a page fault per 4 KiB
-    // while the kernel copies into it, which took longer than the hashing.
+    // One buffer for every further block: a fresh one is faulted in a page at a time while
+    // the kernel copies into it.
     let mut next = Vec::new();
     if !end {
         next.reserve_exact(BLOCK);
